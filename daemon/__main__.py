@@ -1,0 +1,51 @@
+"""`python -m daemon [--config PATH] [--host H] [--port P]`: start the daemon on its own port."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from aiohttp import web
+
+from daemon import __version__
+from daemon.config import FORBIDDEN_PORTS, ConfigError, load_or_create
+from daemon.web.app import create_app
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m daemon", description="Character LoRA training daemon")
+    parser.add_argument("--config", type=Path, help="config YAML (default: the per-user config dir)")
+    parser.add_argument("--host", help="address to bind (overrides the config)")
+    parser.add_argument("--port", type=int, help="port to listen on (overrides the config)")
+    parser.add_argument("--version", action="version", version=__version__)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config, path, created = load_or_create(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.host:
+        config = replace(config, host=args.host)
+    if args.port is not None:
+        if not 1 <= args.port <= 65535 or args.port in FORBIDDEN_PORTS:
+            print(f"error: --port {args.port} is not usable (1-65535, not 9000/7860/8188)", file=sys.stderr)
+            return 2
+        config = replace(config, port=args.port)
+    if created:
+        print(f"Wrote a default config to {path}", flush=True)
+    print(f"Config: {path}", flush=True)
+    print(f"Character LoRA daemon {__version__} listening on {config.url}", flush=True)
+    web.run_app(create_app(config), host=config.host, port=config.port, print=None, shutdown_timeout=10)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""The daemon's YAML configuration: defaults, path expansion, validation, first-start writing.
+
+Every setting is declared once in SETTINGS (name, default, help) so the README and the validator
+cannot drift apart (tests/test_docs.py checks the README names each one).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+import yaml
+
+APP_NAME = "ed-character-lora"
+# 9000 is ED, 7860 Forge/A1111 (and ED's v3.5/v4 backends), 8188 ComfyUI, 8000/8080 common dev servers.
+DEFAULT_PORT = 9131
+FORBIDDEN_PORTS = frozenset({9000, 7860, 8188})
+DEFAULT_ORIGINS = ("http://localhost:9000", "http://127.0.0.1:9000")
+
+
+class ConfigError(Exception):
+    """An invalid setting: `key` names it, the message says what is wrong and what is allowed."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"config key '{key}': {message}")
+        self.key = key
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    default: Any
+    help: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("host", "127.0.0.1", "address to bind; keep 127.0.0.1 unless you know why"),
+    Setting("port", DEFAULT_PORT, "TCP port (never 9000/7860/8188: those belong to ED, Forge and ComfyUI)"),
+    Setting("token", None, "secret every mutating call must send; generated and saved on first start"),
+    Setting("data_dir", None, "jobs, uploads and the SQLite database (default: the per-user data dir)"),
+    Setting("ed_lora_dir", None, "where finished LoRAs are published: ED's models/lora (default: <data_dir>/lora)"),
+    Setting("ed_models_dir", None, "ED's models folder; base models are looked up in its stable-diffusion/"),
+    Setting("base_model", None, "default base checkpoint (.safetensors/.ckpt) when a job names none"),
+    Setting("allowed_origins", list(DEFAULT_ORIGINS), "browser origins allowed to call the daemon (CORS)"),
+    Setting("allow_cpu", False, "train on the CPU when no CUDA GPU is found (very slow; for tests)"),
+    Setting("max_image_mb", 25, "largest accepted upload, per image, in MiB"),
+    Setting("max_request_mb", 400, "largest accepted /train request, in MiB"),
+    Setting("kohya.script_path", None, "sd-scripts' train_network.py"),
+    Setting("kohya.workspace", None, "the sd-scripts folder (the trainer's working directory)"),
+    Setting("kohya.accelerate_bin", "accelerate", "the `accelerate` launcher of the kohya venv"),
+    Setting("kohya.python", None, "the kohya venv's python; when set the script is run with it directly"),
+    Setting("kohya.tokenizer_cache_dir", None, "folder holding openai_clip-vit-large-patch14 for offline runs"),
+    Setting("kohya.extra_args", [], "extra train_network.py arguments appended last (list of strings)"),
+)
+
+_TOP_KEYS = {s.name for s in SETTINGS if "." not in s.name} | {"kohya"}
+_KOHYA_KEYS = {s.name.split(".", 1)[1] for s in SETTINGS if s.name.startswith("kohya.")}
+
+
+@dataclass(frozen=True)
+class KohyaConfig:
+    script_path: Path | None = None
+    workspace: Path | None = None
+    accelerate_bin: str = "accelerate"
+    python: Path | None = None
+    tokenizer_cache_dir: Path | None = None
+    extra_args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str
+    port: int
+    token: str
+    data_dir: Path
+    ed_lora_dir: Path
+    ed_models_dir: Path | None
+    base_model: Path | None
+    allowed_origins: tuple[str, ...]
+    allow_cpu: bool
+    max_image_bytes: int
+    max_request_bytes: int
+    kohya: KohyaConfig = field(default_factory=KohyaConfig)
+    path: Path | None = None
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "jobs.sqlite3"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+
+def default_config_path() -> Path:
+    return Path(platformdirs.user_config_dir(APP_NAME, appauthor=False)) / "config.yaml"
+
+
+def default_data_dir() -> Path:
+    return Path(platformdirs.user_data_dir(APP_NAME, appauthor=False))
+
+
+_WIN_VAR = re.compile(r"%([A-Za-z_][A-Za-z0-9_]*)%")
+
+
+def expand_path(value: str, base_dir: Path | None) -> Path:
+    """`~`, `$VAR`, `${VAR}` and `%VAR%` on every OS; relative paths resolve against the config's folder."""
+    text = _WIN_VAR.sub(lambda m: os.environ.get(m.group(1), m.group(0)), value)
+    text = os.path.expanduser(os.path.expandvars(text))
+    path = Path(text)
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    return path
+
+
+def _opt_path(raw: Mapping[str, Any], key: str, base_dir: Path | None, label: str | None = None) -> Path | None:
+    value = raw.get(key)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(label or key, f"expected a path (text), got {type(value).__name__}")
+    return expand_path(value, base_dir)
+
+
+def _bool(raw: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = raw.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(key, f"expected true or false, got {value!r}")
+    return value
+
+
+def _int(raw: Mapping[str, Any], key: str, default: int, lo: int, hi: int) -> int:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ConfigError(key, f"expected a whole number from {lo} to {hi}, got {value!r}")
+    return value
+
+
+def parse_config(raw: Mapping[str, Any], *, base_dir: Path | None, path: Path | None = None) -> Config:
+    """Validate a loaded YAML mapping. Raises ConfigError naming the first bad key."""
+    unknown = sorted(set(raw) - _TOP_KEYS)
+    if unknown:
+        raise ConfigError(unknown[0], f"unknown setting; known settings are {', '.join(sorted(_TOP_KEYS))}")
+
+    host = raw.get("host", "127.0.0.1")
+    if not isinstance(host, str) or not host.strip():
+        raise ConfigError("host", "expected an address such as 127.0.0.1")
+    port = _int(raw, "port", DEFAULT_PORT, 1, 65535)
+    if port in FORBIDDEN_PORTS:
+        raise ConfigError("port", f"{port} belongs to Easy Diffusion, Forge/A1111 or ComfyUI; pick another")
+    token = raw.get("token")
+    if not isinstance(token, str) or len(token) < 16:
+        raise ConfigError("token", "expected a secret of at least 16 characters (delete it to get a new one)")
+
+    data_dir = _opt_path(raw, "data_dir", base_dir) or default_data_dir()
+    ed_lora_dir = _opt_path(raw, "ed_lora_dir", base_dir) or data_dir / "lora"
+    origins = raw.get("allowed_origins", list(DEFAULT_ORIGINS))
+    if not isinstance(origins, list) or not all(isinstance(o, str) and o.startswith("http") for o in origins):
+        raise ConfigError("allowed_origins", "expected a list of origins such as http://localhost:9000")
+
+    kohya_raw = raw.get("kohya") or {}
+    if not isinstance(kohya_raw, Mapping):
+        raise ConfigError("kohya", "expected a section with script_path, workspace, ...")
+    unknown = sorted(set(kohya_raw) - _KOHYA_KEYS)
+    if unknown:
+        raise ConfigError(f"kohya.{unknown[0]}", f"unknown setting; known: {', '.join(sorted(_KOHYA_KEYS))}")
+    extra = kohya_raw.get("extra_args") or []
+    if not isinstance(extra, list) or not all(isinstance(a, str) for a in extra):
+        raise ConfigError("kohya.extra_args", "expected a list of strings such as ['--noise_offset', '0.05']")
+    accelerate_bin = kohya_raw.get("accelerate_bin") or "accelerate"
+    if not isinstance(accelerate_bin, str):
+        raise ConfigError("kohya.accelerate_bin", "expected a program name or path")
+    if any(sep in accelerate_bin for sep in ("/", "\\")) or accelerate_bin.startswith(("~", "$", "%", ".")):
+        accelerate_bin = str(expand_path(accelerate_bin, base_dir))
+
+    kohya = KohyaConfig(
+        script_path=_opt_path(kohya_raw, "script_path", base_dir, "kohya.script_path"),
+        workspace=_opt_path(kohya_raw, "workspace", base_dir, "kohya.workspace"),
+        accelerate_bin=accelerate_bin,
+        python=_opt_path(kohya_raw, "python", base_dir, "kohya.python"),
+        tokenizer_cache_dir=_opt_path(kohya_raw, "tokenizer_cache_dir", base_dir, "kohya.tokenizer_cache_dir"),
+        extra_args=tuple(extra),
+    )
+    if kohya.workspace is None and kohya.script_path is not None:
+        kohya = KohyaConfig(**{**kohya.__dict__, "workspace": kohya.script_path.parent})
+
+    return Config(
+        host=host.strip(),
+        port=port,
+        token=token,
+        data_dir=data_dir,
+        ed_lora_dir=ed_lora_dir,
+        ed_models_dir=_opt_path(raw, "ed_models_dir", base_dir),
+        base_model=_opt_path(raw, "base_model", base_dir),
+        allowed_origins=tuple(origins),
+        allow_cpu=_bool(raw, "allow_cpu", False),
+        max_image_bytes=_int(raw, "max_image_mb", 25, 1, 500) * 1024 * 1024,
+        max_request_bytes=_int(raw, "max_request_mb", 400, 1, 10_000) * 1024 * 1024,
+        kohya=kohya,
+        path=path,
+    )
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError("(file)", f"{path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("(file)", f"{path} must hold a mapping of settings")
+    return data
+
+
+def write_yaml_atomic(path: Path, data: Mapping[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".config-", suffix=".yaml", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            yaml.safe_dump(dict(data), fh, sort_keys=False, allow_unicode=True)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def default_settings() -> dict[str, Any]:
+    """What a first start writes: every top-level setting, so the file documents itself."""
+    return {
+        "host": "127.0.0.1",
+        "port": DEFAULT_PORT,
+        "token": secrets.token_urlsafe(32),
+        "data_dir": str(default_data_dir()),
+        "ed_lora_dir": None,
+        "ed_models_dir": None,
+        "base_model": None,
+        "allowed_origins": list(DEFAULT_ORIGINS),
+        "allow_cpu": False,
+        "kohya": {
+            "script_path": None,
+            "workspace": None,
+            "accelerate_bin": "accelerate",
+            "python": None,
+            "tokenizer_cache_dir": None,
+            "extra_args": [],
+        },
+    }
+
+
+def update_config_file(path: Path, updates: Mapping[str, Any]) -> None:
+    """Merge `updates` into the YAML at `path` (nested `kohya:` merged key by key), keeping other keys."""
+    data = read_yaml(path) or default_settings()
+    for key, value in updates.items():
+        if key == "kohya" and isinstance(value, Mapping):
+            section = dict(data.get("kohya") or {})
+            section.update(value)
+            data["kohya"] = section
+        else:
+            data[key] = value
+    write_yaml_atomic(path, data)
+
+
+def load_config(path: Path) -> Config:
+    """Load and validate; a missing token is generated and saved (first start with a hand-written file)."""
+    raw = read_yaml(path)
+    if not raw.get("token"):
+        raw["token"] = secrets.token_urlsafe(32)
+        update_config_file(path, {"token": raw["token"]})
+    return parse_config(raw, base_dir=path.parent, path=path)
+
+
+def load_or_create(path: Path | None) -> tuple[Config, Path, bool]:
+    """The config at `path` (default: the per-user config dir), written with defaults if it is missing."""
+    path = path or default_config_path()
+    created = False
+    if not path.exists():
+        write_yaml_atomic(path, default_settings())
+        created = True
+    return load_config(path), path, created

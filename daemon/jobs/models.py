@@ -1,0 +1,105 @@
+"""The job as the daemon stores it and shows it: plain dataclasses, no I/O."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+class JobState(str, enum.Enum):
+    QUEUED = "queued"
+    PREPPING = "prepping"
+    TRAINING = "training"
+    COPYING = "copying"
+    DONE = "done"
+    ERROR = "error"
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"
+
+    @property
+    def finished(self) -> bool:
+        return self in FINISHED_STATES
+
+    @property
+    def active(self) -> bool:
+        return self in (JobState.PREPPING, JobState.TRAINING, JobState.COPYING)
+
+
+FINISHED_STATES = frozenset({JobState.DONE, JobState.ERROR, JobState.CANCELLED, JobState.INTERRUPTED})
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    total: int | None = None
+    epoch: int = 0
+    epochs: int | None = None
+    loss: float | None = None
+    rate: float | None = None  # optimisation steps per second
+    eta_s: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> Progress:
+        if not data:
+            return cls()
+        return cls(**{k: data.get(k) for k in cls.__dataclass_fields__ if k in data})
+
+
+@dataclass(frozen=True)
+class JobError:
+    """Why a job failed, classified so the UI can say what to do about it."""
+
+    kind: str  # out_of_memory, no_data, model_not_found, bad_arguments, trainer_crashed, ...
+    message: str
+    hint: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"kind": self.kind, "message": self.message, "hint": self.hint}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> JobError | None:
+        if not data:
+            return None
+        return cls(kind=str(data["kind"]), message=str(data["message"]), hint=str(data.get("hint", "")))
+
+
+@dataclass
+class Job:
+    id: str
+    name: str
+    trigger: str
+    class_token: str
+    base_model: str  # absolute path of the checkpoint the job trains on
+    params: dict[str, Any]  # the resolved training parameters (TrainParams.to_json())
+    image_count: int
+    state: JobState = JobState.QUEUED
+    progress: Progress = field(default_factory=Progress)
+    artifact: str | None = None
+    lora_id: str | None = None  # ED's model id of the published LoRA (path under models/lora, no extension)
+    error: JobError | None = None
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    logs: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "trigger": self.trigger,
+            "class_token": self.class_token,
+            "base_model": self.base_model,
+            "params": self.params,
+            "image_count": self.image_count,
+            "state": self.state.value,
+            "progress": self.progress.to_json(),
+            "logs": list(self.logs),
+            "artifact": self.artifact,
+            "lora_id": self.lora_id,
+            "error": self.error.to_json() if self.error else None,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        }

@@ -1,0 +1,217 @@
+"""SQLite persistence for jobs, their log lines and their event history.
+
+One connection, one lock: the daemon is a single process and writes are small (a state change, a
+throttled progress row, a batch of log lines), so a lock is simpler than a writer thread and callers
+on the event loop hop here with `asyncio.to_thread`. WAL keeps readers from blocking the writer.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from daemon.events import Event
+from daemon.jobs.models import Job, JobError, JobState, Progress
+
+SCHEMA_VERSION = 1
+LOG_TAIL = 60
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    trigger TEXT NOT NULL,
+    class_token TEXT NOT NULL,
+    base_model TEXT NOT NULL,
+    params TEXT NOT NULL,
+    image_count INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    progress TEXT NOT NULL,
+    artifact TEXT,
+    lora_id TEXT,
+    error TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    pid INTEGER,
+    pid_started REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created_at);
+CREATE TABLE IF NOT EXISTS log_lines (
+    job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+    n INTEGER NOT NULL,
+    line TEXT NOT NULL,
+    PRIMARY KEY (job_id, n)
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT REFERENCES jobs (id) ON DELETE CASCADE,
+    type TEXT NOT NULL,
+    data TEXT NOT NULL,
+    ts INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_job ON events (job_id, id);
+"""
+
+
+class JobStore:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"{path} was written by a newer version of the daemon (schema {version}); upgrade the daemon"
+                )
+            self._db.executescript(_SCHEMA)
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- jobs -------------------------------------------------------------------------------------
+
+    def insert(self, job: Job) -> None:
+        now = time.time()
+        job.created_at = job.created_at or now
+        job.updated_at = now
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO jobs (id, name, trigger, class_token, base_model, params, image_count, state,"
+                " progress, artifact, lora_id, error, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    job.id, job.name, job.trigger, job.class_token, job.base_model, json.dumps(job.params),
+                    job.image_count, job.state.value, json.dumps(job.progress.to_json()), job.artifact,
+                    job.lora_id, _dump_error(job.error), job.created_at, job.updated_at,
+                ),
+            )
+
+    def save(self, job: Job) -> None:
+        """Write the mutable part of a job (state, progress, result)."""
+        job.updated_at = time.time()
+        with self._lock:
+            self._db.execute(
+                "UPDATE jobs SET state=?, progress=?, artifact=?, lora_id=?, error=?, updated_at=? WHERE id=?",
+                (
+                    job.state.value, json.dumps(job.progress.to_json()), job.artifact, job.lora_id,
+                    _dump_error(job.error), job.updated_at, job.id,
+                ),
+            )
+
+    def set_process(self, job_id: str, pid: int | None, started: float | None) -> None:
+        with self._lock:
+            self._db.execute("UPDATE jobs SET pid=?, pid_started=? WHERE id=?", (pid, started, job_id))
+
+    def process_of(self, job_id: str) -> tuple[int, float] | None:
+        with self._lock:
+            row = self._db.execute("SELECT pid, pid_started FROM jobs WHERE id=?", (job_id,)).fetchone()
+        if row is None or row["pid"] is None:
+            return None
+        return int(row["pid"]), float(row["pid_started"] or 0.0)
+
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None:
+                return None
+            return self._job(row, self._tail(job_id))
+
+    def list(self) -> list[Job]:
+        """Newest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM jobs ORDER BY created_at DESC, rowid DESC").fetchall()
+            return [self._job(row, self._tail(row["id"])) for row in rows]
+
+    def ids_in_states(self, states: Iterable[JobState]) -> list[str]:
+        values = [s.value for s in states]
+        marks = ",".join("?" * len(values))
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT id FROM jobs WHERE state IN ({marks}) ORDER BY created_at, rowid", values
+            ).fetchall()
+        return [row["id"] for row in rows]
+
+    def delete(self, job_id: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM jobs WHERE id=?", (job_id,))
+
+    # -- logs and events --------------------------------------------------------------------------
+
+    def append_logs(self, job_id: str, lines: list[str]) -> None:
+        if not lines:
+            return
+        with self._lock:
+            start = self._db.execute(
+                "SELECT COALESCE(MAX(n), -1) + 1 FROM log_lines WHERE job_id=?", (job_id,)
+            ).fetchone()[0]
+            self._db.executemany(
+                "INSERT INTO log_lines (job_id, n, line) VALUES (?, ?, ?)",
+                [(job_id, start + i, line) for i, line in enumerate(lines)],
+            )
+
+    def logs(self, job_id: str, limit: int | None = None) -> list[str]:
+        with self._lock:
+            if limit is None:
+                rows = self._db.execute(
+                    "SELECT line FROM log_lines WHERE job_id=? ORDER BY n", (job_id,)
+                ).fetchall()
+                return [r["line"] for r in rows]
+            return self._tail(job_id, limit)
+
+    def append_event(self, event: Event) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO events (job_id, type, data, ts) VALUES (?, ?, ?, ?)",
+                (event.job_id, event.type.value, json.dumps(event.data), event.ts),
+            )
+
+    def events(self, job_id: str) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT type, data, ts FROM events WHERE job_id=? ORDER BY id", (job_id,)
+            ).fetchall()
+        return [{"type": r["type"], "data": json.loads(r["data"]), "ts": r["ts"]} for r in rows]
+
+    # -- helpers (lock held) ----------------------------------------------------------------------
+
+    def _tail(self, job_id: str, limit: int = LOG_TAIL) -> list[str]:
+        rows = self._db.execute(
+            "SELECT line FROM log_lines WHERE job_id=? ORDER BY n DESC LIMIT ?", (job_id, limit)
+        ).fetchall()
+        return [r["line"] for r in reversed(rows)]
+
+    @staticmethod
+    def _job(row: sqlite3.Row, logs: list[str]) -> Job:
+        return Job(
+            id=row["id"],
+            name=row["name"],
+            trigger=row["trigger"],
+            class_token=row["class_token"],
+            base_model=row["base_model"],
+            params=json.loads(row["params"]),
+            image_count=row["image_count"],
+            state=JobState(row["state"]),
+            progress=Progress.from_json(json.loads(row["progress"])),
+            artifact=row["artifact"],
+            lora_id=row["lora_id"],
+            error=JobError.from_json(json.loads(row["error"]) if row["error"] else None),
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+            logs=logs,
+        )
+
+
+def _dump_error(error: JobError | None) -> str | None:
+    return json.dumps(error.to_json()) if error else None

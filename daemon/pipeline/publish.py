@@ -1,0 +1,132 @@
+"""Checking the trained LoRA and publishing it into ED's lora folder under a name nobody else has.
+
+ED caches a LoRA by path, so a name is never reused; ED scans the folder, so the file appears only
+once it is complete (written under a hidden temporary name, then linked/renamed into place).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors import safe_open
+
+from daemon.errors import DaemonError
+
+
+class PublishError(DaemonError):
+    """The trained file is not a usable LoRA, or the lora folder cannot take it."""
+
+
+@dataclass(frozen=True)
+class LoraSummary:
+    tensors: int
+    unet_modules: int
+    te_modules: int
+    alphas: int
+    metadata: dict[str, str]
+
+
+def verify_lora(path: Path) -> LoraSummary:
+    """Kohya layout: `lora_unet_*` / `lora_te*` modules, each with lora_down, lora_up and .alpha."""
+    try:
+        with safe_open(str(path), framework="numpy") as fh:
+            keys = list(fh.keys())
+            metadata = dict(fh.metadata() or {})
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise PublishError(
+            f"The trained file {path.name} cannot be read as safetensors: {exc}",
+            hint="The trainer may have been stopped while saving; run the job again.",
+        ) from exc
+    modules: dict[str, set[str]] = {}
+    for key in keys:
+        module, _, part = key.partition(".")
+        modules.setdefault(module, set()).add(part)
+    unet = [m for m in modules if m.startswith("lora_unet_")]
+    te = [m for m in modules if m.startswith("lora_te")]
+    if not unet and not te:
+        raise PublishError(
+            f"{path.name} holds no kohya LoRA weights (no lora_unet_*/lora_te* keys).",
+            hint="Check that kohya.script_path points at sd-scripts' train_network.py.",
+        )
+    missing_alpha = [m for m in unet + te if "alpha" not in modules[m]]
+    if missing_alpha:
+        raise PublishError(
+            f"{path.name} has LoRA modules without .alpha (e.g. {missing_alpha[0]}); Easy Diffusion would load"
+            " it far too weak.",
+            hint="Use kohya's networks.lora module.",
+        )
+    incomplete = [m for m in unet + te if not {"lora_down.weight", "lora_up.weight"} <= modules[m]]
+    if incomplete:
+        raise PublishError(f"{path.name} has incomplete LoRA modules (e.g. {incomplete[0]}).")
+    return LoraSummary(
+        tensors=len(keys),
+        unet_modules=len(unet),
+        te_modules=len(te),
+        alphas=sum(1 for m in unet + te if "alpha" in modules[m]),
+        metadata=metadata,
+    )
+
+
+def slugify(name: str) -> str:
+    """A file-name stem from a job name: ASCII letters, digits, - and _ only."""
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "_", name.strip()).strip("_-")
+    return (slug or "lora")[:64]
+
+
+def _claim(tmp: Path, target: Path) -> bool:
+    """Move `tmp` to `target` only if `target` does not exist. True on success."""
+    if sys.platform == "win32":
+        try:
+            os.rename(tmp, target)  # fails with FileExistsError instead of overwriting
+            return True
+        except FileExistsError:
+            return False
+    try:
+        os.link(tmp, target)  # atomic and never overwrites
+    except FileExistsError:
+        return False
+    except OSError:
+        # Filesystems without hard links (exFAT, some network shares): best effort.
+        if target.exists():
+            return False
+        os.replace(tmp, target)
+        return True
+    tmp.unlink()
+    return True
+
+
+def publish(source: Path, lora_dir: Path, stem: str) -> Path:
+    """Copy `source` into `lora_dir` as `<stem>.safetensors`, `<stem>-2.safetensors`, ...; returns the path."""
+    try:
+        lora_dir.mkdir(parents=True, exist_ok=True)
+        tmp = lora_dir / f".{stem}.{secrets.token_hex(4)}.partial"
+        with source.open("rb") as src, tmp.open("xb") as dst:
+            shutil.copyfileobj(src, dst, 1024 * 1024)
+            dst.flush()
+            os.fsync(dst.fileno())
+    except OSError as exc:
+        raise PublishError(
+            f"Could not write into the LoRA folder {lora_dir}: {exc.strerror or exc}",
+            hint="Check ed_lora_dir in the daemon config and that the disk has room.",
+        ) from exc
+    try:
+        for n in range(1, 10_000):
+            target = lora_dir / (f"{stem}.safetensors" if n == 1 else f"{stem}-{n}.safetensors")
+            if _claim(tmp, target):
+                return target
+        raise PublishError(f"No free file name for {stem} in {lora_dir}.")
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def lora_id(path: Path, lora_dir: Path) -> str:
+    """ED's id for a LoRA: its path under models/lora without extension, with forward slashes."""
+    return path.relative_to(lora_dir).with_suffix("").as_posix()

@@ -1,0 +1,344 @@
+"""One job through the pipeline: prepping → training → copying → done (or error / cancelled).
+
+Every state change, progress update, log batch and checkpoint goes through the JobReporter, which
+saves it in SQLite and then publishes it, so what a client sees is what a restart finds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from daemon.config import Config
+from daemon.errors import DaemonError
+from daemon.events import EventType
+from daemon.hub import EventHub
+from daemon.jobs.models import Job, JobError, JobState, Progress
+from daemon.jobs.store import JobStore
+from daemon.pipeline import dataset, kohya, publish
+from daemon.pipeline.env_check import GpuInfo, check_script, check_workspace
+from daemon.pipeline.failure import classify_failure
+from daemon.pipeline.params import TrainParams
+from daemon.pipeline.process import TrainerProcess, start_trainer
+from daemon.pipeline.progress import (
+    CheckpointSaved,
+    EpochStarted,
+    LineSplitter,
+    ProgressTracker,
+    SampleImagesStarted,
+    StepProgress,
+    TotalSteps,
+)
+
+log = logging.getLogger(__name__)
+
+PROGRESS_INTERVAL_S = 0.25
+LOG_FLUSH_INTERVAL_S = 0.3
+_BAR_MARK = "%|"  # tqdm bars ("steps:  50%|█████     | 8/16 ..."): shown as progress, not as log lines
+
+
+class JobFailed(Exception):
+    def __init__(self, error: JobError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+@dataclass(frozen=True)
+class JobPaths:
+    root: Path
+
+    @property
+    def uploads(self) -> Path:
+        return self.root / "uploads"
+
+    @property
+    def images(self) -> Path:
+        return self.root / "dataset" / "img"
+
+    @property
+    def dataset_config(self) -> Path:
+        return self.root / "dataset" / "dataset.toml"
+
+    @property
+    def output(self) -> Path:
+        return self.root / "output"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def trainer_log(self) -> Path:
+        return self.root / "trainer.log"
+
+
+def job_paths(config: Config, job_id: str) -> JobPaths:
+    return JobPaths(config.jobs_dir / job_id)
+
+
+def output_name(job: Job) -> str:
+    return publish.slugify(job.name)
+
+
+class JobReporter:
+    """Persist, then publish: the single way a running job tells the world anything."""
+
+    def __init__(self, job: Job, store: JobStore, hub: EventHub) -> None:
+        self.job = job
+        self._store = store
+        self._hub = hub
+        self._last_progress = 0.0
+        self._pending_logs: list[str] = []
+        self._last_log_flush = 0.0
+
+    async def state(self, state: JobState) -> None:
+        self.job.state = state
+        await asyncio.to_thread(self._store.save, self.job)
+        await self._hub.emit(EventType.STATE, self.job.id, self._state_data())
+
+    async def progress(self, progress: Progress, *, force: bool = False) -> None:
+        self.job.progress = progress
+        now = time.monotonic()
+        if not force and now - self._last_progress < PROGRESS_INTERVAL_S:
+            return
+        self._last_progress = now
+        await asyncio.to_thread(self._store.save, self.job)
+        await self._hub.emit(EventType.PROGRESS, self.job.id, progress.to_json())
+
+    async def log_lines(self, lines: list[str], *, force: bool = False) -> None:
+        self._pending_logs.extend(lines)
+        now = time.monotonic()
+        if not self._pending_logs or (not force and now - self._last_log_flush < LOG_FLUSH_INTERVAL_S):
+            return
+        batch, self._pending_logs = self._pending_logs, []
+        self._last_log_flush = now
+        await asyncio.to_thread(self._store.append_logs, self.job.id, batch)
+        await self._hub.emit(EventType.LOG, self.job.id, {"lines": batch})
+
+    async def checkpoint(self, path: str) -> None:
+        await self._hub.emit(EventType.CHECKPOINT, self.job.id, {"file": Path(path).name})
+
+    async def finish(self, state: JobState, *, error: JobError | None = None) -> None:
+        await self.log_lines([], force=True)
+        await self.progress(self.job.progress, force=True)
+        self.job.error = error
+        await self.state(state)
+        await self._hub.emit(EventType.RESULT, self.job.id, self._state_data())
+
+    def _state_data(self) -> dict[str, object]:
+        return {
+            "state": self.job.state.value,
+            "error": self.job.error.to_json() if self.job.error else None,
+            "artifact": self.job.artifact,
+            "lora_id": self.job.lora_id,
+        }
+
+
+GpuProvider = Callable[[], Awaitable[GpuInfo]]
+
+
+class JobRunner:
+    def __init__(self, config: Config, store: JobStore, hub: EventHub, gpu: GpuProvider) -> None:
+        self._config = config
+        self._store = store
+        self._hub = hub
+        self._gpu = gpu
+        self.process: TrainerProcess | None = None
+
+    async def run(self, job: Job, cancel: asyncio.Event) -> None:
+        reporter = JobReporter(job, self._store, self._hub)
+        paths = job_paths(self._config, job.id)
+        try:
+            await reporter.state(JobState.PREPPING)
+            params = TrainParams.from_json(job.params)
+            cpu = await self._device(job)
+            await asyncio.to_thread(self._prepare, job, params, paths)
+            if cancel.is_set():
+                await reporter.finish(JobState.CANCELLED)
+                return
+            await reporter.state(JobState.TRAINING)
+            result = await self._train(job, params, paths, cpu, reporter, cancel)
+            if cancel.is_set():
+                await reporter.finish(JobState.CANCELLED)
+                return
+            await reporter.state(JobState.COPYING)
+            final = await asyncio.to_thread(self._publish, job, result)
+            job.artifact = str(final)
+            job.lora_id = publish.lora_id(final, self._config.ed_lora_dir)
+            await reporter.log_lines([f"LoRA published: {final}"], force=True)
+            await reporter.finish(JobState.DONE)
+        except JobFailed as exc:
+            await reporter.finish(JobState.ERROR, error=exc.error)
+        except DaemonError as exc:
+            await reporter.finish(JobState.ERROR, error=JobError("setup", exc.message, exc.hint or ""))
+        except asyncio.CancelledError:
+            # The daemon is shutting down: the trainer was killed by the queue; the job was interrupted.
+            job.error = JobError("interrupted", "The daemon stopped while this job was running.",
+                                 "Start the job again.")
+            job.state = JobState.INTERRUPTED
+            await asyncio.to_thread(self._store.save, job)
+            raise
+        except Exception as exc:
+            log.exception("job %s failed unexpectedly", job.id)
+            await reporter.finish(JobState.ERROR, error=JobError(
+                "internal", f"The daemon hit an unexpected error: {type(exc).__name__}: {exc}",
+                "See the daemon's console output; please report this."))
+
+    async def _device(self, job: Job) -> bool:
+        """True when training runs on the CPU. Fails the job when there is no GPU and CPU is not allowed."""
+        gpu = await self._gpu()
+        if gpu.cuda:
+            return False
+        if self._config.allow_cpu:
+            return True
+        raise JobFailed(JobError(
+            "no_gpu", f"No CUDA GPU was found ({gpu.error or 'torch sees no CUDA device'}).",
+            "Install a CUDA build of torch in the kohya venv, or set allow_cpu: true in the daemon config."))
+
+    def _prepare(self, job: Job, params: TrainParams, paths: JobPaths) -> None:
+        for check in (check_script(self._config), check_workspace(self._config)):
+            if not check.ok:
+                raise JobFailed(JobError("setup", f"kohya is not set up: {check.detail}.", check.fix))
+        if not Path(job.base_model).exists():
+            raise JobFailed(JobError("model_not_found", f"The base model {job.base_model} no longer exists.",
+                                     "Pick another base model and start again."))
+        uploads = [dataset.Upload(p, p.name) for p in sorted(paths.uploads.iterdir()) if p.is_file()]
+        if paths.images.exists():
+            shutil.rmtree(paths.images)
+        dataset.prepare_images(uploads, paths.images, size=params.resolution,
+                               text=dataset.caption(job.trigger, job.class_token))
+        config = kohya.dataset_config(image_dir=str(paths.images), class_tokens=job.class_token, params=params)
+        kohya.write_dataset_config(paths.dataset_config, config)
+        if paths.output.exists():
+            shutil.rmtree(paths.output)
+        paths.output.mkdir(parents=True)
+        paths.logs.mkdir(parents=True, exist_ok=True)
+
+    def _launch(self, job: Job, paths: JobPaths, cpu: bool) -> kohya.KohyaLaunch:
+        k = self._config.kohya
+        assert k.script_path is not None and k.workspace is not None  # checked in _prepare
+        return kohya.KohyaLaunch(
+            script_path=str(k.script_path),
+            workspace=str(k.workspace),
+            accelerate_bin=k.accelerate_bin,
+            python=str(k.python) if k.python else None,
+            base_model=job.base_model,
+            dataset_config=str(paths.dataset_config),
+            output_dir=str(paths.output),
+            output_name=output_name(job),
+            logging_dir=str(paths.logs),
+            tokenizer_cache_dir=str(k.tokenizer_cache_dir) if k.tokenizer_cache_dir else None,
+            extra_args=tuple(k.extra_args),
+            cpu=cpu,
+            trigger=job.trigger,
+            job_id=job.id,
+        )
+
+    async def _train(self, job: Job, params: TrainParams, paths: JobPaths, cpu: bool,
+                     reporter: JobReporter, cancel: asyncio.Event) -> Path:
+        launch = self._launch(job, paths, cpu)
+        argv = kohya.build_command(params, launch)
+        env = kohya.build_env(os.environ, tokenizer_cache_dir=launch.tokenizer_cache_dir, cpu=cpu)
+        await reporter.log_lines([f"$ {' '.join(argv)}"], force=True)
+        try:
+            proc = await start_trainer(argv, cwd=launch.workspace, env=env)
+        except OSError as exc:
+            raise JobFailed(JobError("setup", f"The trainer could not be started: {exc}",
+                                     "Check kohya.python / kohya.accelerate_bin in the daemon config.")) from exc
+        self.process = proc
+        await asyncio.to_thread(self._store.set_process, job.id, proc.pid, proc.started)
+        watcher = asyncio.create_task(self._kill_on_cancel(proc, cancel))
+        tracker = ProgressTracker()
+        splitters = {"stdout": LineSplitter(), "stderr": LineSplitter()}
+        progress = Progress(epochs=params.epochs)
+        try:
+            with paths.trainer_log.open("a", encoding="utf-8") as raw_log:
+                async for chunk in proc.output():
+                    raw_log.write(chunk.text)
+                    await self._consume(splitters[chunk.stream].feed(chunk.text), tracker, progress, reporter)
+                for splitter in splitters.values():
+                    await self._consume(splitter.flush(), tracker, progress, reporter)
+            exit_code = await proc.wait()
+        finally:
+            watcher.cancel()
+            if proc.returncode is None:  # shutdown or an error in this loop: never leave the trainer behind
+                await proc.terminate_tree()
+            self.process = None
+            await asyncio.to_thread(self._store.set_process, job.id, None, None)
+        await reporter.progress(progress, force=True)
+        final = paths.output / f"{output_name(job)}.safetensors"
+        failure = classify_failure(
+            exit_code=exit_code,
+            cancelled=cancel.is_set(),
+            model_saved=tracker.model_saved,
+            output_exists=final.is_file(),
+            errors=tracker.errors,
+            tail=job_tail(paths.trainer_log),
+        )
+        if cancel.is_set():
+            return final
+        if failure is not None:
+            await reporter.log_lines([f"trainer exited with code {exit_code}"], force=True)
+            raise JobFailed(JobError(failure.kind, failure.message, failure.hint))
+        return final
+
+    async def _consume(self, lines: list[str], tracker: ProgressTracker, progress: Progress,
+                       reporter: JobReporter) -> None:
+        log_lines: list[str] = []
+        changed = False
+        for line in lines:
+            for event in tracker.feed_line(line):
+                if isinstance(event, TotalSteps):
+                    progress.total = event.total
+                    changed = True
+                elif isinstance(event, EpochStarted):
+                    progress.epoch, progress.epochs = event.epoch, event.epochs
+                    changed = True
+                elif isinstance(event, StepProgress):
+                    progress.step, progress.total = event.step, event.total
+                    progress.rate = event.rate
+                    progress.eta_s = event.eta_s
+                    if event.loss is not None and not math.isnan(event.loss):
+                        progress.loss = event.loss
+                    changed = True
+                elif isinstance(event, CheckpointSaved):
+                    await reporter.checkpoint(event.path)
+                elif isinstance(event, SampleImagesStarted):
+                    pass
+            if _BAR_MARK not in line:
+                log_lines.append(line.rstrip())
+        if log_lines:
+            await reporter.log_lines(log_lines)
+        if changed:
+            await reporter.progress(progress)
+
+    @staticmethod
+    async def _kill_on_cancel(proc: TrainerProcess, cancel: asyncio.Event) -> None:
+        await cancel.wait()
+        await proc.terminate_tree()
+
+    def _publish(self, job: Job, result: Path) -> Path:
+        try:
+            publish.verify_lora(result)
+            return publish.publish(result, self._config.ed_lora_dir, output_name(job))
+        except publish.PublishError as exc:
+            raise JobFailed(JobError("publish_failed", exc.message, exc.hint or "")) from exc
+
+
+def job_tail(path: Path, lines: int = 40) -> list[str]:
+    try:
+        with path.open("rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - 64 * 1024))
+            text = fh.read().decode("utf-8", errors="replace")
+    except OSError:
+        return []
+    return [ln for ln in text.replace("\r", "\n").split("\n") if ln.strip()][-lines:]

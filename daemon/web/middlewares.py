@@ -1,0 +1,114 @@
+"""Security and error shaping, applied to every request before any handler runs.
+
+Order: errors (outermost, so every failure below becomes JSON) → host/origin (DNS rebinding, foreign
+pages) → CORS → token.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from daemon.config import Config
+from daemon.errors import DaemonError, Forbidden, Unauthorized
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+PUBLIC_ROUTES = frozenset({("GET", "/health")})
+CORS_METHODS = "GET, POST, DELETE, OPTIONS"
+CORS_HEADERS = "Authorization, Content-Type"
+
+
+def allowed_hosts(config: Config) -> frozenset[str]:
+    names = {config.host, "localhost", "127.0.0.1", "[::1]"}
+    if ":" in config.host and not config.host.startswith("["):
+        names.add(f"[{config.host}]")
+    return frozenset(f"{name}:{config.port}".lower() for name in names)
+
+
+def error_middleware() -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except (DaemonError, web.HTTPException) as exc:
+            return error_response(exc)
+        except Exception:
+            log.exception("unhandled error in %s %s", request.method, request.path)
+            return web.json_response(
+                {"error": "The daemon hit an unexpected error; see its console output."}, status=500
+            )
+
+    return middleware
+
+
+def error_response(exc: DaemonError | web.HTTPException) -> web.StreamResponse:
+    """Every error as JSON `{"error": sentence, ...}`; redirects and successes pass through."""
+    if isinstance(exc, DaemonError):
+        return web.json_response(exc.to_json(), status=exc.status)
+    if exc.status < 400:
+        raise exc
+    message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
+    headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+    return web.json_response({"error": message}, status=exc.status, headers=headers)
+
+
+def security_middleware(config: Config) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    hosts = allowed_hosts(config)
+    origins = frozenset(o.rstrip("/") for o in config.allowed_origins)
+    own_origins = frozenset(f"http://{h}" for h in hosts)
+    token = config.token.encode()
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        host = (request.headers.get("Host") or "").lower()
+        if host not in hosts:
+            raise Forbidden(f"Host '{host}' is not this daemon's address.",
+                            hint=f"Call the daemon as {config.url}.")
+        origin = request.headers.get("Origin")
+        if origin is not None and origin.rstrip("/") not in origins | own_origins:
+            raise Forbidden(f"Origin '{origin}' may not use this daemon.",
+                            hint="Add the page's origin to allowed_origins in the daemon config.")
+        cors = origin is not None and origin.rstrip("/") in origins
+
+        if request.method == "OPTIONS":
+            response: web.StreamResponse = web.Response(status=204)
+            if cors:
+                response.headers["Access-Control-Allow-Methods"] = CORS_METHODS
+                response.headers["Access-Control-Allow-Headers"] = CORS_HEADERS
+                response.headers["Access-Control-Max-Age"] = "600"
+                if request.headers.get("Access-Control-Request-Private-Network") == "true":
+                    response.headers["Access-Control-Allow-Private-Network"] = "true"
+        else:
+            try:
+                if (request.method, request.path) not in PUBLIC_ROUTES:
+                    _check_token(request, token)
+                response = await handler(request)
+            except (DaemonError, web.HTTPException) as exc:
+                response = error_response(exc)
+        if cors and not response.prepared:
+            response.headers["Access-Control-Allow-Origin"] = origin  # type: ignore[assignment]
+            response.headers["Vary"] = "Origin"
+        return response
+
+    return middleware
+
+
+def _check_token(request: web.Request, token: bytes) -> None:
+    sent = ""
+    auth = request.headers.get("Authorization", "")
+    if auth.lower().startswith("bearer "):
+        sent = auth[7:].strip()
+    elif request.path == "/ws":
+        # Browsers cannot set headers on a WebSocket handshake.
+        sent = request.query.get("token", "")
+    if not sent:
+        raise Unauthorized("This call needs the daemon token.",
+                           hint="Send 'Authorization: Bearer <token>' (the token is in the daemon config).")
+    if not hmac.compare_digest(sent.encode(), token):
+        raise Unauthorized("The daemon token is wrong.", hint="Use the token from the daemon config file.")

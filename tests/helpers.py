@@ -1,0 +1,80 @@
+"""Small builders shared by the tests: pictures, a tiny SD1-shaped checkpoint, a test config."""
+
+from __future__ import annotations
+
+import io
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from safetensors.numpy import save_file
+
+from daemon.config import Config, parse_config
+
+REPO = Path(__file__).resolve().parent.parent
+KOHYA_DOUBLE = REPO / "tests" / "kohya_double" / "train_network.py"
+TOKEN = "test-token-0123456789abcdef"
+
+
+def picture_bytes(index: int, *, size: tuple[int, int] = (96, 128), fmt: str = "PNG", mode: str = "RGB") -> bytes:
+    colour = ((index * 67) % 256, (index * 131) % 256, (index * 29) % 256)
+    img = Image.new(mode, size, colour if mode == "RGB" else (*colour, 128))
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def write_sd1_checkpoint(path: Path) -> Path:
+    """Not a model: just the key layout detect_arch reads (SD1: cond_stage_model.transformer.*)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {
+            "cond_stage_model.transformer.text_model.embeddings.position_ids": np.zeros((1, 4), dtype=np.int64),
+            "model.diffusion_model.input_blocks.0.0.weight": np.zeros((4, 4), dtype=np.float16),
+        },
+        str(path),
+    )
+    return path
+
+
+def write_sdxl_checkpoint(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"conditioner.embedders.0.transformer.x": np.zeros((2,), dtype=np.float16)}, str(path))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def make_config(root: Path, *, port: int, **overrides: Any) -> Config:
+    """A daemon config that trains with the kohya test double, entirely under `root`."""
+    models = root / "ed" / "models"
+    write_sd1_checkpoint(models / "stable-diffusion" / "sd-test.safetensors")
+    workspace = root / "workspace"
+    workspace.mkdir(parents=True, exist_ok=True)
+    raw: dict[str, Any] = {
+        "port": port,
+        "token": TOKEN,
+        "data_dir": str(root / "data"),
+        "ed_lora_dir": str(models / "lora"),
+        "ed_models_dir": str(models),
+        "base_model": str(models / "stable-diffusion" / "sd-test.safetensors"),
+        "allow_cpu": True,
+        "kohya": {
+            "python": sys.executable,
+            "script_path": str(KOHYA_DOUBLE),
+            "workspace": str(workspace),
+        },
+    }
+    for key, value in overrides.items():
+        if key == "kohya":
+            raw["kohya"].update(value)
+        else:
+            raw[key] = value
+    return parse_config(raw, base_dir=root)

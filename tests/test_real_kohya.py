@@ -1,0 +1,69 @@
+"""Opt-in: one real training through the daemon with the real kohya sd-scripts (CPU is fine).
+
+Set, e.g. after `eval "$(bash ../shared/harness/real_kohya.sh env)"`:
+    KOHYA_SD=$KH_SD KOHYA_PYTHON=$KH_PY KOHYA_MODEL=$KH_MODEL KOHYA_TOKENIZER_CACHE=$KH_TOK_CACHE
+Takes about a minute on 2 CPU cores (256 px, 4 steps).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from tests.conftest import train_form, wait_for_state
+from tests.helpers import free_port, make_config
+
+ENV = ("KOHYA_SD", "KOHYA_PYTHON", "KOHYA_MODEL", "KOHYA_TOKENIZER_CACHE")
+missing = [name for name in ENV if not os.environ.get(name)]
+
+pytestmark = [
+    pytest.mark.real_kohya,
+    pytest.mark.skipif(bool(missing), reason=f"real kohya not configured: set {', '.join(missing)} "
+                       "(see ../shared/harness/README.md)"),
+]
+
+
+async def test_real_kohya_trains_through_the_daemon(start_daemon, tmp_path: Path) -> None:
+    sd = Path(os.environ["KOHYA_SD"])
+    gpu = os.environ.get("KOHYA_GPU") == "1"
+    cfg = make_config(
+        tmp_path,
+        port=free_port(),
+        base_model=os.environ["KOHYA_MODEL"],
+        allow_cpu=not gpu,
+        kohya={
+            "python": os.environ["KOHYA_PYTHON"],
+            "script_path": str(sd / "train_network.py"),
+            "workspace": str(sd),
+            "tokenizer_cache_dir": os.environ["KOHYA_TOKENIZER_CACHE"],
+        },
+    )
+    client = await start_daemon(cfg)
+    ready = await (await client.post("/config/test")).json()
+    assert ready["ready"], ready["checks"]
+    params = {"resolution": 256, "epochs": 2, "repeats": 1, "batch_size": 4, "network_dim": 4,
+              "network_alpha": 2, "save_every_n_epochs": 1}
+    resp = await client.post("/train", data=train_form(8, name="Real Run", trigger="sksreal",
+                                                       params=json.dumps(params)))
+    assert resp.status == 202, await resp.text()
+    job_id = (await resp.json())["job_id"]
+    job = await wait_for_state(client, job_id, {"done", "error"}, timeout=900)
+    assert job["state"] == "done", (job["error"], job["logs"][-30:])
+    assert job["progress"]["total"] == 4 and job["progress"]["step"] == 4
+    assert job["progress"]["epoch"] == 2 and job["progress"]["epochs"] == 2
+    events = (await (await client.get(f"/jobs/{job_id}/events")).json())["events"]
+    assert [e["data"]["file"] for e in events if e["type"] == "checkpoint"] == [
+        "Real_Run-000001.safetensors", "Real_Run.safetensors"]
+    with safe_open(job["artifact"], framework="numpy") as fh:
+        keys = list(fh.keys())
+        meta = fh.metadata()
+        sample = fh.get_tensor(next(k for k in keys if k.endswith("lora_down.weight")))
+    assert sum(k.endswith(".alpha") for k in keys) == 264  # 72 text-encoder + 192 U-Net modules
+    assert str(sample.dtype) == "float16"
+    assert meta["ss_network_module"] == "networks.lora"
+    assert meta["ss_base_model_version"] == "sd_v1"
+    assert meta.get("modelspec.trigger_phrase") == "sksreal"
