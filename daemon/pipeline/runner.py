@@ -31,10 +31,11 @@ from daemon.pipeline.progress import (
     CheckpointSaved,
     EpochStarted,
     LineSplitter,
+    ProgressEvent,
     ProgressTracker,
-    SampleImagesStarted,
     StepProgress,
     TotalSteps,
+    split_glued_line,
 )
 
 log = logging.getLogger(__name__)
@@ -265,6 +266,7 @@ class JobRunner:
                     await self._consume(splitters[chunk.stream].feed(chunk.text), tracker, progress, reporter)
                 for splitter in splitters.values():
                     await self._consume(splitter.flush(), tracker, progress, reporter)
+                await self._apply(tracker.finish(), progress, reporter)
             exit_code = await proc.wait()
         finally:
             watcher.cancel()
@@ -292,30 +294,32 @@ class JobRunner:
     async def _consume(self, lines: list[str], tracker: ProgressTracker, progress: Progress,
                        reporter: JobReporter) -> None:
         log_lines: list[str] = []
-        changed = False
+        events: list[ProgressEvent] = []
         for line in lines:
-            for event in tracker.feed_line(line):
-                if isinstance(event, TotalSteps):
-                    progress.total = event.total
-                    changed = True
-                elif isinstance(event, EpochStarted):
-                    progress.epoch, progress.epochs = event.epoch, event.epochs
-                    changed = True
-                elif isinstance(event, StepProgress):
-                    progress.step, progress.total = event.step, event.total
-                    progress.rate = event.rate
-                    progress.eta_s = event.eta_s
-                    if event.loss is not None and not math.isnan(event.loss):
-                        progress.loss = event.loss
-                    changed = True
-                elif isinstance(event, CheckpointSaved):
-                    await reporter.checkpoint(event.path)
-                elif isinstance(event, SampleImagesStarted):
-                    pass
-            if _BAR_MARK not in line:
-                log_lines.append(line.rstrip())
+            events.extend(tracker.feed_line(line))
+            log_lines.extend(part.rstrip() for part in split_glued_line(line) if _BAR_MARK not in part)
         if log_lines:
-            await reporter.log_lines(log_lines)
+            await reporter.log_lines([ln for ln in log_lines if ln.strip()])
+        await self._apply(events, progress, reporter)
+
+    @staticmethod
+    async def _apply(events: list[ProgressEvent], progress: Progress, reporter: JobReporter) -> None:
+        changed = False
+        for event in events:
+            if isinstance(event, TotalSteps):
+                progress.total = event.total
+                changed = True
+            elif isinstance(event, EpochStarted):
+                progress.epoch, progress.epochs = event.epoch, event.epochs
+                changed = True
+            elif isinstance(event, StepProgress):
+                progress.step, progress.total = event.step, event.total
+                progress.rate, progress.eta_s = event.rate, event.eta_s
+                if event.loss is not None and not math.isnan(event.loss):
+                    progress.loss = event.loss
+                changed = True
+            elif isinstance(event, CheckpointSaved):
+                await reporter.checkpoint(event.path)
         if changed:
             await reporter.progress(progress)
 
