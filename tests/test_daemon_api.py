@@ -248,7 +248,9 @@ async def test_models_lists_ed_checkpoints_with_architecture(client: TestClient)
     assert {"id": "sd-test", "file": "sd-test.safetensors", "arch": "sd1"} in body["models"]
 
 
-async def test_restart_keeps_jobs_and_marks_a_running_one_interrupted(start_daemon, config: Config, monkeypatch) -> None:
+async def test_restart_keeps_jobs_and_marks_a_running_one_interrupted(
+    start_daemon, config: Config, monkeypatch
+) -> None:
     import psutil
 
     monkeypatch.setenv("KOHYA_DOUBLE_STEP_SECONDS", "0.5")
