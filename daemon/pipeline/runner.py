@@ -96,6 +96,7 @@ class JobReporter:
         self._store = store
         self._hub = hub
         self._last_progress = 0.0
+        self._progress_dirty = False
         self._pending_logs: list[str] = []
         self._last_log_flush = 0.0
 
@@ -108,8 +109,10 @@ class JobReporter:
         self.job.progress = progress
         now = time.monotonic()
         if not force and now - self._last_progress < PROGRESS_INTERVAL_S:
+            self._progress_dirty = True  # sent by the next tick(), so a pause in output hides nothing
             return
         self._last_progress = now
+        self._progress_dirty = False
         await asyncio.to_thread(self._store.save, self.job)
         await self._hub.emit(EventType.PROGRESS, self.job.id, progress.to_json())
 
@@ -122,6 +125,13 @@ class JobReporter:
         self._last_log_flush = now
         await asyncio.to_thread(self._store.append_logs, self.job.id, batch)
         await self._hub.emit(EventType.LOG, self.job.id, {"lines": batch})
+
+    async def tick(self) -> None:
+        """Send what the throttles held back; called periodically while the trainer runs."""
+        if self._pending_logs and time.monotonic() - self._last_log_flush >= LOG_FLUSH_INTERVAL_S:
+            await self.log_lines([], force=True)
+        if self._progress_dirty and time.monotonic() - self._last_progress >= PROGRESS_INTERVAL_S:
+            await self.progress(self.job.progress, force=True)
 
     async def checkpoint(self, path: str) -> None:
         await self._hub.emit(EventType.CHECKPOINT, self.job.id, {"file": Path(path).name})
@@ -256,6 +266,7 @@ class JobRunner:
         self.process = proc
         await asyncio.to_thread(self._store.set_process, job.id, proc.pid, proc.started)
         watcher = asyncio.create_task(self._kill_on_cancel(proc, cancel))
+        ticker = asyncio.create_task(self._tick(reporter))
         tracker = ProgressTracker()
         splitters = {"stdout": LineSplitter(), "stderr": LineSplitter()}
         progress = Progress(epochs=params.epochs)
@@ -270,6 +281,7 @@ class JobRunner:
             exit_code = await proc.wait()
         finally:
             watcher.cancel()
+            ticker.cancel()
             if proc.returncode is None:  # shutdown or an error in this loop: never leave the trainer behind
                 await proc.terminate_tree()
             self.process = None
@@ -322,6 +334,12 @@ class JobRunner:
                 await reporter.checkpoint(event.path)
         if changed:
             await reporter.progress(progress)
+
+    @staticmethod
+    async def _tick(reporter: JobReporter) -> None:
+        while True:
+            await asyncio.sleep(LOG_FLUSH_INTERVAL_S / 2)
+            await reporter.tick()
 
     @staticmethod
     async def _kill_on_cancel(proc: TrainerProcess, cancel: asyncio.Event) -> None:

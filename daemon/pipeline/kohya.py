@@ -1,0 +1,238 @@
+"""The contract with kohya-ss sd-scripts `train_network.py`: argv, environment and dataset config.
+
+Pure apart from write_dataset_config. Flag names, the dataset schema's strict types and the environment
+follow sd-scripts 48d368fa (v0.10.x) and were run end to end against the real trainer
+(tests/fixtures/real_kohya_proof.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from daemon.pipeline.params import TrainParams
+
+NETWORK_MODULE = "networks.lora"
+CAPTION_EXTENSION = ".txt"  # kohya's default is ".caption"; the dot is required
+# Kohya's cosine warmup accepts a float < 1 as a fraction of the total steps.
+LR_WARMUP_FRACTION = "0.05"
+# accelerate's default would be every core; one training process gains little from more than two.
+ACCELERATE_CPU_THREADS = "2"
+
+
+@dataclass(frozen=True)
+class KohyaLaunch:
+    """Where things are for one run; everything path-like is absolute."""
+
+    script_path: str  # <sd-scripts>/train_network.py
+    workspace: str  # the sd-scripts root: the cwd, so `networks.lora` and `library` import
+    accelerate_bin: str
+    python: str | None  # kohya's venv python; when set, run the script directly instead of accelerate
+    base_model: str
+    dataset_config: str
+    output_dir: str
+    output_name: str
+    logging_dir: str | None
+    tokenizer_cache_dir: str | None
+    extra_args: tuple[str, ...]
+    cpu: bool
+    trigger: str
+    job_id: str
+
+
+def build_command(params: TrainParams, launch: KohyaLaunch) -> list[str]:
+    """The argv to exec (never through a shell)."""
+    return [*_launcher(params, launch), launch.script_path, *_script_args(params, launch)]
+
+
+def _launcher(params: TrainParams, launch: KohyaLaunch) -> list[str]:
+    if launch.python:
+        # Single process anyway; running python directly keeps the script's own exit code (accelerate
+        # turns every failure into 1) and leaves no launcher parent whose death would orphan the trainer.
+        return [launch.python, "-u"]
+    argv = [
+        launch.accelerate_bin,
+        "launch",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        # Passing every value accelerate would otherwise default silences its "values were not passed"
+        # warning and makes the run independent of any `accelerate config` file on the machine.
+        "--mixed_precision",
+        params.mixed_precision,
+        "--dynamo_backend",
+        "no",
+        "--num_cpu_threads_per_process",
+        ACCELERATE_CPU_THREADS,
+    ]
+    if launch.cpu:
+        argv.append("--cpu")
+    return argv
+
+
+def _script_args(params: TrainParams, launch: KohyaLaunch) -> list[str]:
+    args = [
+        "--pretrained_model_name_or_path",
+        launch.base_model,
+        "--dataset_config",
+        launch.dataset_config,
+        "--output_dir",
+        launch.output_dir,
+        "--output_name",
+        launch.output_name,
+        "--save_model_as",
+        "safetensors",
+        # Without it the LoRA is saved in the training dtype (fp32 on CPU): twice the size, no gain.
+        "--save_precision",
+        "fp16",
+        "--network_module",
+        NETWORK_MODULE,
+        "--network_dim",
+        str(params.network_dim),
+        "--network_alpha",
+        _num(params.network_alpha),
+        # kohya's --learning_rate default (2e-6) is a fine-tune value; it is also the fallback for any
+        # parameter group without its own lr, so set it to the U-Net rate.
+        "--learning_rate",
+        _num(params.unet_lr),
+        "--unet_lr",
+        _num(params.unet_lr),
+    ]
+    if params.text_encoder_lr > 0:
+        args += ["--text_encoder_lr", _num(params.text_encoder_lr)]
+    else:
+        # Skips creating the text-encoder LoRA modules altogether (smaller file, less VRAM) instead of
+        # creating them and freezing them with lr 0.
+        args.append("--network_train_unet_only")
+    args += ["--optimizer_type", params.optimizer, *_optimizer_args(params.optimizer)]
+    args += ["--lr_scheduler", "cosine", "--lr_warmup_steps", LR_WARMUP_FRACTION]
+    args += ["--max_train_epochs", str(params.epochs)]
+    if params.save_every_n_epochs > 0:
+        args += ["--save_every_n_epochs", str(params.save_every_n_epochs)]
+    args += [
+        # The script hands this to Accelerator() itself; accelerate's own setting is ignored.
+        "--mixed_precision",
+        params.mixed_precision,
+        "--seed",
+        str(params.seed),
+        # With --cache_latents a batch is in-memory tensors plus tokenising a caption: worker processes
+        # would only add start-up time and more children to clean up on cancel.
+        "--max_data_loader_n_workers",
+        "0",
+        "--cache_latents",
+    ]
+    if not launch.cpu:
+        # Memory-efficient attention on CUDA; on a CPU it is ~4x slower than kohya's own attention.
+        args.append("--sdpa")
+    # No --gradient_checkpointing: it halves the speed, and SD1.5 at 512 px / batch <= 4 with fp16 and
+    # sdpa fits in ~4-9 GB without it.
+    # Plain log lines on stdout instead of rich's 80-column wrapped layout on stderr: parseable.
+    args.append("--console_log_simple")
+    if launch.tokenizer_cache_dir:
+        # Makes the CLIP tokenizer load from disk: the only thing kohya would otherwise download.
+        args += ["--tokenizer_cache_dir", launch.tokenizer_cache_dir]
+    if launch.logging_dir:
+        args += ["--logging_dir", launch.logging_dir]
+    args += [
+        "--training_comment",
+        f"job={launch.job_id}; trigger={launch.trigger}",
+        "--metadata_trigger_phrase",
+        launch.trigger,
+        "--metadata_title",
+        launch.output_name,
+    ]
+    return [*args, *launch.extra_args]
+
+
+def _optimizer_args(optimizer: str) -> list[str]:
+    if optimizer == "Adafactor":
+        # kohya's Adafactor defaults to relative_step=True, which discards unet_lr / text_encoder_lr and
+        # replaces the scheduler; these make it honour the rates we pass.
+        return ["--optimizer_args", "scale_parameter=False", "relative_step=False", "warmup_init=False"]
+    return []
+
+
+def _num(value: float) -> str:
+    # repr round-trips exactly and argparse's float() reads every form it produces (1e-05, 16.0).
+    return repr(float(value))
+
+
+def build_env(base: Mapping[str, str], *, tokenizer_cache_dir: str | None, cpu: bool) -> dict[str, str]:
+    """The trainer's environment: `base` (usually os.environ) plus what kohya needs to run unattended."""
+    env = dict(base)
+    env.update(
+        {
+            # Progress must arrive as it happens, not in 8 KiB blocks when the pipe buffer fills.
+            "PYTHONUNBUFFERED": "1",
+            # kohya prints Japanese text; a cp1252 pipe on Windows would raise UnicodeEncodeError.
+            "PYTHONIOENCODING": "utf-8",
+            "PYTHONUTF8": "1",
+            # Log lines printed through rich before --console_log_simple takes effect stay unwrapped.
+            "COLUMNS": "1000",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+        }
+    )
+    if tokenizer_cache_dir:
+        # With the tokenizer on disk nothing else needs the network; fail fast instead of hanging.
+        env["HF_HUB_OFFLINE"] = "1"
+        env["TRANSFORMERS_OFFLINE"] = "1"
+    if cpu:
+        env["ACCELERATE_USE_CPU"] = "1"
+    return env
+
+
+def dataset_config(*, image_dir: str, class_tokens: str, params: TrainParams) -> dict[str, Any]:
+    """The `--dataset_config` document.
+
+    kohya validates it with a strict voluptuous schema: no unknown keys, ints must be ints and floats must
+    be floats (an int where a float is expected fails the run).
+    """
+    return {
+        "general": {
+            "caption_extension": CAPTION_EXTENSION,
+            # Keep the trigger word (first comma-separated token) in front; shuffle the rest so no tag
+            # order is learned as part of the character.
+            "shuffle_caption": True,
+            "keep_tokens": 1,
+            "resolution": int(params.resolution),
+            "batch_size": int(params.batch_size),
+            # Our prep step already crops every image square at the training resolution: one bucket.
+            "enable_bucket": False,
+        },
+        "datasets": [
+            {
+                "subsets": [
+                    {
+                        "image_dir": image_dir,
+                        "num_repeats": int(params.repeats),
+                        # The fallback caption for an image without a .txt file.
+                        "class_tokens": class_tokens,
+                    }
+                ]
+            }
+        ],
+    }
+
+
+def write_dataset_config(path: Path, config: Mapping[str, Any]) -> None:
+    """Write the TOML atomically: kohya must never read a half-written file from an earlier attempt."""
+    data = tomli_w.dumps(dict(config)).encode("utf-8")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

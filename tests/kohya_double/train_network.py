@@ -1,0 +1,825 @@
+"""TEST DOUBLE of kohya-ss sd-scripts `train_network.py` -- NOT the real trainer, trains nothing.
+
+The only stand-in for kohya the tests may use. It is run exactly like the real script
+(`python -u tests/kohya_double/train_network.py <kohya CLI>`, cwd = any workspace) and keeps the real
+script's observable contract, as recorded from sd-scripts 48d368fa in /work/shared/kohya-logs/cpu:
+
+- argparse with kohya's option names and types (the subset the daemon uses plus common ones); an unknown
+  option exits 2 with `train_network.py: error: unrecognized arguments: ...`;
+- `--dataset_config` is validated against kohya's strict schema (unknown keys, wrong types: ints are not
+  floats) -> `Invalid user config / ...` and a voluptuous-style error, exit 1;
+- the tokenizer: `--tokenizer_cache_dir D` needs `D/openai_clip-vit-large-patch14` when HF_HUB_OFFLINE=1;
+- no images -> the real `No data found. ...` error line and exit **0**; an empty caption file -> the
+  real assertion, exit 1; an image Pillow cannot decode -> exit 1 while "caching latents";
+- a missing model path -> diffusers' ValueError traceback, exit 1 (after the dataset was scanned);
+- output like `--console_log_simple` runs: the `running training / 学習開始` block with
+  `total optimization steps / 学習ステップ数: N` (N = ceil(images*repeats/batch)*epochs), `epoch e/N`,
+  tqdm `steps:` bars on stderr drawn with `\\r`, `saving checkpoint: <path>`, `model saved.`;
+- checkpoints `<name>-<epoch:06d>.safetensors` per --save_every_n_epochs (not for the last epoch) and
+  `<output_dir>/<output_name>.safetensors`: a small LoRA with kohya's real key layout and `ss_*` /
+  `modelspec.*` metadata, written before `model saved.` is printed;
+- SIGTERM kills it (no handler: exit -15 / 143, nothing saved), like the real one.
+
+Knobs (environment):
+  KOHYA_DOUBLE_STEP_SECONDS  sleep per optimisation step (default 0.01)
+  KOHYA_DOUBLE_FAIL          oom   -> the CUDA out-of-memory traceback mid-training, exit 1
+                             crash -> a generic traceback mid-training, exit 1
+                             no_output -> trains, then exits 0 without saving anything
+  KOHYA_DOUBLE_RECORD=<path> write the arguments (sys.argv[1:]) as a JSON list before parsing anything
+  KOHYA_DOUBLE_SPAWN_CHILD=1 start a sleeping grandchild in the same process group and print
+                             `double child pid: N`, so tests can prove the whole tree gets killed
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+TOKENIZER_DIR = "openai_clip-vit-large-patch14"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+OPTIMIZER_LABELS = {
+    "adamw": ("AdamW", "torch.optim.adamw.AdamW"),
+    "adamw8bit": ("8-bit AdamW", "bitsandbytes.optim.adamw.AdamW8bit"),
+    "adafactor": ("Adafactor", "transformers.optimization.Adafactor"),
+    "lion": ("Lion", "lion_pytorch.lion_pytorch.Lion"),
+    "prodigy": ("Prodigy", "prodigyopt.prodigy.Prodigy"),
+}
+NO_DATA = (
+    "No data found. Please verify arguments (train_data_dir must be the parent of folders with images) / "
+    "画像がありません。引数指定を確認してください（train_data_dirには画像があるフォルダではなく、"
+    "画像があるフォルダの親フォルダを指定する必要があります）"
+)
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def int_or_float(value: str) -> int | float:
+    # kohya's --lr_warmup_steps type: a float < 1 is a fraction of the total steps.
+    number = float(value)
+    return int(value) if number >= 1 else number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # Same defaults as kohya where behaviour depends on them; prog comes from argv[0] (train_network.py).
+    p = argparse.ArgumentParser()
+    add = p.add_argument
+    flag = {"action": "store_true"}
+    add("--console_log_level", type=str, default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
+    add("--console_log_file", type=str, default=None)
+    add("--console_log_simple", **flag)
+    add("--v2", **flag)
+    add("--v_parameterization", **flag)
+    add("--pretrained_model_name_or_path", type=str, default=None)
+    add("--tokenizer_cache_dir", type=str, default=None)
+    for name in ("title", "author", "description", "license", "tags", "trigger_phrase", "usage_hint"):
+        add(f"--metadata_{name}", type=str, default=None)
+    add("--train_data_dir", type=str, default=None)
+    add("--reg_data_dir", type=str, default=None)
+    add("--dataset_config", type=str, default=None)
+    add("--resolution", type=str, default=None)
+    add("--caption_extension", type=str, default=".caption")
+    add("--shuffle_caption", **flag)
+    add("--keep_tokens", type=int, default=0)
+    add("--flip_aug", **flag)
+    add("--color_aug", **flag)
+    add("--enable_bucket", **flag)
+    add("--min_bucket_reso", type=int, default=256)
+    add("--max_bucket_reso", type=int, default=1024)
+    add("--bucket_reso_steps", type=int, default=64)
+    add("--bucket_no_upscale", **flag)
+    add("--cache_latents", **flag)
+    add("--cache_latents_to_disk", **flag)
+    add("--output_dir", type=str, default=None)
+    add("--output_name", type=str, default=None)
+    add("--save_precision", type=str, default=None, choices=[None, "float", "fp16", "bf16"])
+    add("--save_every_n_epochs", type=int, default=None)
+    add("--save_every_n_steps", type=int, default=None)
+    add("--save_last_n_epochs", type=int, default=None)
+    add("--save_state", **flag)
+    add("--save_model_as", type=str, default="safetensors", choices=[None, "ckpt", "pt", "safetensors"])
+    add("--train_batch_size", type=int, default=1)
+    add("--max_token_length", type=int, default=None, choices=[None, 150, 225])
+    add("--mem_eff_attn", **flag)
+    add("--xformers", **flag)
+    add("--sdpa", **flag)
+    add("--max_train_steps", type=int, default=1600)
+    add("--max_train_epochs", type=int, default=None)
+    add("--max_data_loader_n_workers", type=int, default=8)
+    add("--persistent_data_loader_workers", **flag)
+    add("--seed", type=int, default=None)
+    add("--gradient_checkpointing", **flag)
+    add("--gradient_accumulation_steps", type=int, default=1)
+    add("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"])
+    add("--full_fp16", **flag)
+    add("--clip_skip", type=int, default=None)
+    add("--logging_dir", type=str, default=None)
+    add("--log_with", type=str, default=None, choices=["tensorboard", "wandb", "all"])
+    add("--log_prefix", type=str, default=None)
+    add("--noise_offset", type=float, default=None)
+    add("--min_snr_gamma", type=float, default=None)
+    add("--optimizer_type", type=str, default="")
+    add("--learning_rate", type=float, default=2.0e-6)
+    add("--max_grad_norm", type=float, default=1.0)
+    add("--optimizer_args", type=str, default=None, nargs="*")
+    add("--lr_scheduler", type=str, default="constant")
+    add("--lr_warmup_steps", type=int_or_float, default=0)
+    add("--lr_scheduler_num_cycles", type=int, default=1)
+    add("--no_metadata", **flag)
+    add("--unet_lr", type=float, default=None)
+    add("--text_encoder_lr", type=float, default=None, nargs="*")
+    add("--network_weights", type=str, default=None)
+    add("--network_module", type=str, default=None)
+    add("--network_dim", type=int, default=None)
+    add("--network_alpha", type=float, default=1)
+    add("--network_dropout", type=float, default=None)
+    add("--network_args", type=str, default=None, nargs="*")
+    add("--network_train_unet_only", **flag)
+    add("--network_train_text_encoder_only", **flag)
+    add("--training_comment", type=str, default=None)
+    return p
+
+
+# ------------------------------------------------------------------------------------------- output
+class Console:
+    """kohya's logging: plain lines on stdout with --console_log_simple, else a rich-like stderr layout."""
+
+    def __init__(self, simple: bool) -> None:
+        self.simple = simple
+
+    def log(self, message: str, level: str = "INFO") -> None:
+        if self.simple:
+            print(message, flush=True)
+        else:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            print(f"{stamp} {level:<8} {message}", file=sys.stderr, flush=True)
+
+
+def traceback_exit(frames: list[tuple[str, int, str, str]], error: str) -> NoReturn:
+    lines = ["Traceback (most recent call last):"]
+    for file, line, func, code in frames:
+        lines += [f'  File "{file}", line {line}, in {func}', f"    {code}"]
+    print("\n".join([*lines, error]), file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def script_frame(line: int, func: str, code: str) -> tuple[str, int, str, str]:
+    return (os.path.abspath(__file__), line, func, code)
+
+
+class StepBar:
+    """tqdm(desc="steps", smoothing=0) as kohya draws it into a pipe: `\\r` redraws, width-10 bar."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.n = 0
+        self.start = time.monotonic()
+        self.postfix = ""
+        self.draw()
+
+    def draw(self) -> None:
+        elapsed = time.monotonic() - self.start
+        frac = self.n / self.total if self.total else 1.0
+        eighths = int(frac * 10 * 8)
+        bar = "█" * (eighths // 8) + (" ▏▎▍▌▋▊▉"[eighths % 8] if eighths < 80 else "")
+        bar = bar.ljust(10)
+        if self.n == 0 or elapsed <= 0:
+            timing = "[00:00<?, ?it/s"
+        else:
+            rate = self.n / elapsed
+            remaining = (self.total - self.n) / rate
+            speed = f"{rate:5.2f}it/s" if rate >= 1 else f"{1 / rate:5.2f}s/it"
+            timing = f"[{fmt_time(elapsed)}<{fmt_time(remaining)}, {speed}"
+        postfix = f", {self.postfix}" if self.postfix else ""
+        line = f"steps: {int(frac * 100):3d}%|{bar}| {self.n}/{self.total} {timing}{postfix}]"
+        sys.stderr.write("\r" + line)
+        sys.stderr.flush()
+
+    def update(self) -> None:
+        self.n += 1
+        self.draw()
+
+    def set_postfix(self, **values: float) -> None:
+        self.postfix = ", ".join(f"{k}={v:.3g}" for k, v in values.items())
+        self.draw()
+
+    def close(self) -> None:
+        self.draw()
+        sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def fmt_time(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
+
+
+# ------------------------------------------------------------------------------------ dataset config
+# kohya's ConfigSanitizer (library/config_util.py): voluptuous type checks are isinstance checks, so
+# bool passes for int but int does NOT pass for float.
+NUM = (float, int)
+SUBSET_ASCENDABLE: dict[str, Any] = {
+    "color_aug": bool,
+    "face_crop_aug_range": "float_pair",
+    "flip_aug": bool,
+    "num_repeats": int,
+    "random_crop": bool,
+    "shuffle_caption": bool,
+    "keep_tokens": int,
+    "keep_tokens_separator": str,
+    "secondary_separator": str,
+    "caption_separator": str,
+    "enable_wildcard": bool,
+    "token_warmup_min": int,
+    "token_warmup_step": NUM,
+    "caption_prefix": str,
+    "caption_suffix": str,
+    "custom_attributes": dict,
+    "resize_interpolation": str,
+    "caption_dropout_every_n_epochs": int,
+    "caption_dropout_rate": NUM,
+    "caption_tag_dropout_rate": NUM,
+    "caption_extension": str,
+    "class_tokens": str,
+    "cache_info": bool,
+}
+DATASET_ASCENDABLE: dict[str, Any] = {
+    "batch_size": int,
+    "bucket_no_upscale": bool,
+    "bucket_reso_steps": int,
+    "enable_bucket": bool,
+    "max_bucket_reso": int,
+    "min_bucket_reso": int,
+    "validation_seed": int,
+    "validation_split": float,
+    "resolution": "int_or_int_pair",
+    "network_multiplier": float,
+    "resize_interpolation": str,
+}
+GENERAL_SCHEMA = {**DATASET_ASCENDABLE, **SUBSET_ASCENDABLE}
+SUBSET_SCHEMA = {**SUBSET_ASCENDABLE, "image_dir": str, "is_reg": bool, "alpha_mask": bool}
+DATASET_SCHEMA = {**GENERAL_SCHEMA, "subsets": "subsets"}
+
+
+class ConfigInvalid(Exception):
+    pass
+
+
+def _path(parts: list[str | int]) -> str:
+    return "data" + "".join(f"[{p!r}]" for p in parts)
+
+
+def _check_type(kind: Any, value: Any, where: list[str | int]) -> None:
+    ok: bool
+    label: str
+    if kind == "float_pair":
+        ok = isinstance(value, list) and len(value) == 2 and all(isinstance(v, float) for v in value)
+        label = "float"
+    elif kind == "int_or_int_pair":
+        ok = isinstance(value, int) or (
+            isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) for v in value)
+        )
+        label = "int"
+    elif isinstance(kind, tuple):
+        ok = isinstance(value, kind)
+        label = kind[0].__name__
+    else:
+        ok = isinstance(value, kind)
+        label = kind.__name__
+    if not ok:
+        raise ConfigInvalid(f"expected {label} for dictionary value @ {_path(where)}")
+
+
+def _check_table(table: Any, schema: dict[str, Any], where: list[str | int]) -> None:
+    if not isinstance(table, dict):
+        raise ConfigInvalid(f"expected a dictionary for dictionary value @ {_path(where)}")
+    for key, value in table.items():
+        if key not in schema:
+            raise ConfigInvalid(f"extra keys not allowed @ {_path([*where, key])}")
+        kind = schema[key]
+        if kind == "subsets":
+            if not isinstance(value, list):
+                raise ConfigInvalid(f"expected a list for dictionary value @ {_path([*where, key])}")
+            for i, subset in enumerate(value):
+                _check_table(subset, SUBSET_SCHEMA, [*where, key, i])
+                if isinstance(subset, dict) and "image_dir" not in subset:
+                    raise ConfigInvalid(f"required key not provided @ {_path([*where, key, i, 'image_dir'])}")
+        else:
+            _check_type(kind, value, [*where, key])
+
+
+def validate_user_config(config: dict[str, Any]) -> None:
+    for key in config:
+        if key not in ("general", "datasets"):
+            raise ConfigInvalid(f"extra keys not allowed @ {_path([key])}")
+    if "general" in config:
+        _check_table(config["general"], GENERAL_SCHEMA, ["general"])
+    if "datasets" in config:
+        if not isinstance(config["datasets"], list):
+            raise ConfigInvalid("expected a list for dictionary value @ data['datasets']")
+        for i, dataset in enumerate(config["datasets"]):
+            _check_table(dataset, DATASET_SCHEMA, ["datasets", i])
+
+
+# ------------------------------------------------------------------------------------------ dataset
+class Subset:
+    def __init__(self, image_dir: str, repeats: int, class_tokens: str | None, caption_ext: str) -> None:
+        self.image_dir = image_dir
+        self.repeats = repeats
+        self.class_tokens = class_tokens
+        self.caption_ext = caption_ext
+        self.images: list[Path] = []
+
+
+class Dataset:
+    def __init__(self, resolution: tuple[int, int] | None, batch_size: int, subsets: list[Subset]) -> None:
+        self.resolution = resolution
+        self.batch_size = batch_size
+        self.subsets = subsets
+
+    @property
+    def images_with_repeats(self) -> int:
+        return sum(len(s.images) * s.repeats for s in self.subsets)
+
+
+def parse_resolution(value: Any) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if isinstance(value, int):
+        return (value, value)
+    if isinstance(value, list):
+        return (int(value[0]), int(value[1]))
+    parts = [int(v) for v in str(value).split(",")]
+    return (parts[0], parts[-1])
+
+
+def datasets_from_config(args: argparse.Namespace, console: Console) -> list[Dataset]:
+    path = Path(args.dataset_config)
+    console.log(f"Loading dataset config from {path}")
+    if not path.is_file():
+        traceback_exit(
+            [script_frame(1913, "<module>", "trainer.train(args)")],
+            f"ValueError: file not found / ファイルが見つかりません: {path}",
+        )
+    try:
+        config = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        console.log(
+            "Error on parsing TOML config file. Please check the format. / "
+            f"TOML 形式の設定ファイルの読み込みに失敗しました。文法が正しいか確認してください。: {path}",
+            "ERROR",
+        )
+        traceback_exit([script_frame(1913, "<module>", "trainer.train(args)")], f"toml.decoder.TomlDecodeError: {e}")
+    try:
+        validate_user_config(config)
+    except ConfigInvalid as e:
+        console.log("Invalid user config / ユーザ設定の形式が正しくないようです", "ERROR")
+        traceback_exit(
+            [script_frame(1913, "<module>", "trainer.train(args)")], f"voluptuous.error.MultipleInvalid: {e}"
+        )
+    general = config.get("general", {})
+    datasets = []
+    for ds in config.get("datasets", []):
+        # Precedence: subset > dataset > general > command line (kohya's BlueprintGenerator).
+        def pick(key: str, cli: Any, *tables: dict[str, Any]) -> Any:
+            for table in tables:
+                if key in table:
+                    return table[key]
+            return cli
+
+        subsets = [
+            Subset(
+                image_dir=sub["image_dir"],
+                repeats=pick("num_repeats", 1, sub, ds, general),
+                class_tokens=pick("class_tokens", None, sub, ds, general),
+                caption_ext=pick("caption_extension", args.caption_extension, sub, ds, general),
+            )
+            for sub in ds.get("subsets", [])
+        ]
+        resolution = parse_resolution(pick("resolution", args.resolution, ds, general))
+        datasets.append(Dataset(resolution, pick("batch_size", args.train_batch_size, ds, general), subsets))
+    return datasets
+
+
+def datasets_from_folders(args: argparse.Namespace, console: Console) -> list[Dataset]:
+    console.log("Using DreamBooth method.")
+    subsets = []
+    root = Path(args.train_data_dir or "")
+    for child in sorted(root.iterdir()) if root.is_dir() else []:
+        if not child.is_dir():
+            continue
+        head, _, concept = child.name.partition("_")
+        if not head.isdigit() or int(head) < 1:
+            console.log(
+                f"ignore directory without repeats / 繰り返し回数のないディレクトリを無視します: {child.name}",
+                "WARNING",
+            )
+            continue
+        subsets.append(Subset(str(child), int(head), concept or None, args.caption_extension))
+    return [Dataset(parse_resolution(args.resolution), args.train_batch_size, subsets)]
+
+
+def scan_images(datasets: list[Dataset], console: Console) -> None:
+    console.log("prepare images.")
+    for ds in datasets:
+        for subset in ds.subsets:
+            folder = Path(subset.image_dir)
+            if not folder.is_dir():
+                console.log(f"not directory: {subset.image_dir}", "WARNING")
+                continue
+            images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            if not images:
+                console.log(
+                    f"ignore subset with image_dir='{subset.image_dir}': no images found / "
+                    "画像が見つからないためサブセットを無視します",
+                    "WARNING",
+                )
+                continue
+            console.log(f"found directory {subset.image_dir} contains {len(images)} image files")
+            missing = 0
+            for image in images:
+                caption = image.with_suffix(subset.caption_ext)
+                if not caption.is_file():
+                    missing += 1
+                    continue
+                if not caption.read_text(encoding="utf-8").splitlines():
+                    traceback_exit(
+                        [script_frame(1913, "<module>", "trainer.train(args)")],
+                        f"AssertionError: caption file is empty / キャプションファイルが空です: {caption}",
+                    )
+            if missing:
+                console.log(
+                    f"No caption file found for {missing} images. Training will continue without captions for "
+                    "these images. If class token exists, it will be used. / "
+                    f"{missing}枚の画像にキャプションファイルが見つかりませんでした。",
+                    "WARNING",
+                )
+            subset.images = images
+    for ds in datasets:
+        console.log(f"{ds.images_with_repeats} train images with repeats.")
+    console.log("0 reg images with repeats.")
+    console.log("no regularization images / 正則化画像が見つかりませんでした", "WARNING")
+
+
+# ------------------------------------------------------------------------------------------- model
+def check_tokenizer(args: argparse.Namespace, console: Console) -> None:
+    console.log("Using v1 tokenizer")
+    if args.tokenizer_cache_dir:
+        local = Path(args.tokenizer_cache_dir) / TOKENIZER_DIR
+        if local.is_dir():
+            console.log(f"load tokenizer from cache: {local}")
+            return
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        traceback_exit(
+            [script_frame(507, "train", "tokenize_strategy = self.get_tokenize_strategy(args)")],
+            "TypeError: expected str, bytes or os.PathLike object, not NoneType",
+        )
+    # Online: the real script downloads the tokenizer and, with a cache dir, saves it there.
+    if args.tokenizer_cache_dir:
+        local = Path(args.tokenizer_cache_dir) / TOKENIZER_DIR
+        local.mkdir(parents=True, exist_ok=True)
+        console.log(f"save Tokenizer to cache: {local}")
+
+
+def load_model(args: argparse.Namespace, console: Console) -> None:
+    console.log("preparing accelerator")
+    device = "cpu" if os.environ.get("ACCELERATE_USE_CPU") else "cuda"
+    print(f"accelerator device: {device}", flush=True)
+    console.log("loading model for process 0/1")
+    path = args.pretrained_model_name_or_path or ""
+    if os.path.isfile(path):
+        console.log(f"load StableDiffusion checkpoint: {path}")
+    else:
+        console.log(f"load Diffusers pretrained models: {path}")
+        if not (os.path.isdir(path) and os.path.isfile(os.path.join(path, "model_index.json"))):
+            traceback_exit(
+                [
+                    script_frame(1913, "<module>", "trainer.train(args)"),
+                    script_frame(602, "train", "model_version, text_encoder, vae, unet = self.load_target_model(...)"),
+                ],
+                f'ValueError: The provided pretrained_model_name_or_path "{path}" is neither a valid local path '
+                "nor a valid repo id. Please check the parameter.",
+            )
+    for part in ("u-net", "vae", "text encoder"):
+        console.log(f"loading {part}: <All keys matched successfully>")
+    if args.sdpa:
+        console.log("Enable SDPA for U-Net")
+
+
+def decode_images(datasets: list[Dataset]) -> None:
+    """Real kohya first opens the images when caching latents (or at the first batch without caching)."""
+    from PIL import Image, UnidentifiedImageError
+
+    for ds in datasets:
+        for subset in ds.subsets:
+            for image in subset.images:
+                try:
+                    with Image.open(image) as im:
+                        im.convert("RGB").load()
+                except (UnidentifiedImageError, OSError):
+                    traceback_exit(
+                        [script_frame(1913, "<module>", "trainer.train(args)")],
+                        f"PIL.UnidentifiedImageError: cannot identify image file '{image}'",
+                    )
+
+
+# -------------------------------------------------------------------------------------------- LoRA
+# (module name, in features, out features, 1x1 conv?) -- real SD1.5 names as kohya's networks.lora writes
+# them; the real file has 192 U-Net and 72 text-encoder modules, a handful is enough for a double.
+UNET_MODULES = [
+    ("down_blocks_0_attentions_0_proj_in", 320, 320, True),
+    ("down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q", 320, 320, False),
+    ("down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k", 768, 320, False),
+    ("mid_block_attentions_0_transformer_blocks_0_attn1_to_v", 1280, 1280, False),
+    ("up_blocks_3_attentions_2_transformer_blocks_0_ff_net_2", 1280, 320, False),
+    ("up_blocks_3_attentions_2_proj_out", 320, 320, True),
+]
+TE_MODULES = [
+    ("text_model_encoder_layers_0_self_attn_q_proj", 768, 768),
+    ("text_model_encoder_layers_0_self_attn_v_proj", 768, 768),
+    ("text_model_encoder_layers_11_mlp_fc1", 768, 3072),
+]
+
+
+def lora_tensors(args: argparse.Namespace, rng: random.Random) -> dict[str, Any]:
+    import numpy as np
+
+    dtype = np.float16 if args.save_precision == "fp16" else np.float32
+    dim = args.network_dim or 4
+    gen = np.random.default_rng(rng.randrange(2**32))
+
+    def module(prefix: str, name: str, n_in: int, n_out: int, conv: bool) -> dict[str, Any]:
+        down = gen.normal(0, 0.02, (dim, n_in)).astype(dtype)
+        up = gen.normal(0, 0.002, (n_out, dim)).astype(dtype)
+        if conv:
+            down, up = down.reshape(dim, n_in, 1, 1), up.reshape(n_out, dim, 1, 1)
+        key = f"{prefix}_{name}"
+        return {
+            f"{key}.lora_down.weight": down,
+            f"{key}.lora_up.weight": up,
+            f"{key}.alpha": np.array(args.network_alpha, dtype=dtype),
+        }
+
+    tensors: dict[str, Any] = {}
+    if not args.network_train_unet_only:
+        for name, n_in, n_out in TE_MODULES:
+            tensors.update(module("lora_te", name, n_in, n_out, False))
+    for name, n_in, n_out, conv in UNET_MODULES:
+        tensors.update(module("lora_unet", name, n_in, n_out, conv))
+    return tensors
+
+
+def lora_metadata(args: argparse.Namespace, run: Run, epoch: int, step: int) -> dict[str, str]:
+    te_lr = None if args.network_train_unet_only else (args.text_encoder_lr or [args.learning_rate])[0]
+    meta = {
+        "ss_session_id": str(run.session_id),
+        "ss_training_started_at": str(run.started_at),
+        "ss_training_finished_at": str(time.time()),
+        "ss_output_name": str(args.output_name),
+        "ss_learning_rate": str(args.learning_rate),
+        "ss_unet_lr": str(args.unet_lr),
+        "ss_text_encoder_lr": str(te_lr),
+        "ss_num_train_images": str(run.images),
+        "ss_num_batches_per_epoch": str(run.batches_per_epoch),
+        "ss_num_epochs": str(run.epochs),
+        "ss_max_train_steps": str(run.total_steps),
+        "ss_lr_warmup_steps": str(args.lr_warmup_steps),
+        "ss_lr_scheduler": str(args.lr_scheduler),
+        "ss_network_module": str(args.network_module),
+        "ss_network_dim": str(args.network_dim),
+        "ss_network_alpha": str(args.network_alpha),
+        "ss_mixed_precision": str(args.mixed_precision),
+        "ss_gradient_checkpointing": str(args.gradient_checkpointing),
+        "ss_cache_latents": str(args.cache_latents),
+        "ss_seed": str(args.seed),
+        "ss_v2": str(args.v2),
+        "ss_base_model_version": "sd_v1",
+        "ss_optimizer": optimizer_label(run),
+        "ss_training_comment": str(args.training_comment),
+        "ss_sd_model_name": os.path.basename(args.pretrained_model_name_or_path or ""),
+        "ss_sd_scripts_commit_hash": "(kohya double)",
+        "ss_epoch": str(epoch),
+        "ss_steps": str(step),
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": "stable-diffusion-v1/lora",
+        "modelspec.implementation": "diffusers",
+        "modelspec.title": args.metadata_title or str(args.output_name),
+        "modelspec.resolution": "512x512",
+        "modelspec.prediction_type": "epsilon",
+        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    if args.metadata_trigger_phrase:
+        meta["modelspec.trigger_phrase"] = args.metadata_trigger_phrase
+    return meta
+
+
+def save_lora(args: argparse.Namespace, run: Run, path: Path, epoch: int, step: int) -> None:
+    from safetensors.numpy import save_file
+
+    print(f"\nsaving checkpoint: {path}", flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(lora_tensors(args, run.rng), str(path), metadata=lora_metadata(args, run, epoch, step))
+
+
+# -------------------------------------------------------------------------------------------- train
+class Run:
+    def __init__(self, args: argparse.Namespace, datasets: list[Dataset]) -> None:
+        self.images = sum(ds.images_with_repeats for ds in datasets)
+        self.batch_size = datasets[0].batch_size
+        self.batches_per_epoch = sum(math.ceil(ds.images_with_repeats / ds.batch_size) for ds in datasets)
+        if args.max_train_epochs:
+            self.epochs = args.max_train_epochs
+            self.total_steps = self.batches_per_epoch * self.epochs
+        else:
+            self.total_steps = args.max_train_steps
+            self.epochs = math.ceil(self.total_steps / self.batches_per_epoch)
+        self.optimizer = (args.optimizer_type or "AdamW").lower()
+        self.optimizer_kwargs = parse_optimizer_args(args.optimizer_args or [])
+        self.session_id = random.randint(0, 2**32)
+        self.started_at = time.time()
+        self.rng = random.Random(args.seed)
+
+
+def parse_optimizer_args(items: list[str]) -> dict[str, Any]:
+    # kohya reads `key=value` pairs and evaluates each value as a Python literal when it can.
+    kwargs: dict[str, Any] = {}
+    for item in items:
+        key, _, raw = item.partition("=")
+        try:
+            kwargs[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            kwargs[key] = raw
+    return kwargs
+
+
+def optimizer_label(run: Run) -> str:
+    name = OPTIMIZER_LABELS[run.optimizer][1]
+    if not run.optimizer_kwargs:
+        return name
+    return name + "(" + ",".join(f"{k}={v}" for k, v in run.optimizer_kwargs.items()) + ")"
+
+
+def train(args: argparse.Namespace, datasets: list[Dataset], console: Console) -> None:
+    run = Run(args, datasets)
+    fail = os.environ.get("KOHYA_DOUBLE_FAIL", "")
+    if fail not in ("", "oom", "crash", "no_output"):
+        print(f"kohya double: unknown KOHYA_DOUBLE_FAIL={fail!r}", file=sys.stderr)
+        sys.exit(1)
+    step_seconds = float(os.environ.get("KOHYA_DOUBLE_STEP_SECONDS", "0.01"))
+    if run.optimizer not in OPTIMIZER_LABELS:
+        traceback_exit(
+            [script_frame(1913, "<module>", "trainer.train(args)")],
+            f"ModuleNotFoundError: No module named '{args.optimizer_type.rsplit('.', 1)[0]}'",
+        )
+
+    print(f"import network module: {args.network_module}", flush=True)
+    if args.network_module != "networks.lora":
+        traceback_exit(
+            [script_frame(1913, "<module>", "trainer.train(args)")],
+            f"ModuleNotFoundError: No module named '{args.network_module}'",
+        )
+    dim = args.network_dim or 4
+    console.log(f"create LoRA network. base dim (rank): {dim}, alpha: {float(args.network_alpha)}")
+    # Real kohya creates the text-encoder modules even with --network_train_unet_only, then skips them.
+    console.log("create LoRA for Text Encoder: 72 modules.")
+    console.log("create LoRA for U-Net: 192 modules.")
+    if not args.network_train_unet_only:
+        console.log("enable LoRA for text encoder: 72 modules")
+    console.log("enable LoRA for U-Net: 192 modules")
+    console.log("prepare optimizer, data loader etc.")
+    console.log(f"use {OPTIMIZER_LABELS[run.optimizer][0]} optimizer | {run.optimizer_kwargs}")
+    if args.max_train_epochs:
+        console.log(
+            f"override steps. steps for {run.epochs} epochs is / 指定エポックまでのステップ数: {run.total_steps}"
+        )
+    print(
+        "running training / 学習開始\n"
+        f"  num train images * repeats / 学習画像の数×繰り返し回数: {run.images}\n"
+        "  num validation images * repeats / 学習画像の数×繰り返し回数: 0\n"
+        "  num reg images / 正則化画像の数: 0\n"
+        f"  num batches per epoch / 1epochのバッチ数: {run.batches_per_epoch}\n"
+        f"  num epochs / epoch数: {run.epochs}\n"
+        f"  batch size per device / バッチサイズ: {run.batch_size}\n"
+        "  gradient accumulation steps / 勾配を合計するステップ数 = 1\n"
+        f"  total optimization steps / 学習ステップ数: {run.total_steps}",
+        flush=True,
+    )
+    dtype = {"no": "torch.float32", "fp16": "torch.float16", "bf16": "torch.bfloat16"}[args.mixed_precision]
+    device = "cpu" if os.environ.get("ACCELERATE_USE_CPU") else "cuda:0"
+    print(f"unet dtype: {dtype}, device: {device}", flush=True)
+
+    bar = StepBar(run.total_steps)
+    fail_at = max(1, run.total_steps // 2)
+    step, loss_sum = 0, 0.0
+    output_dir = Path(args.output_dir or ".")
+    name = args.output_name or "last"
+    for epoch in range(1, run.epochs + 1):
+        print(f"\nepoch {epoch}/{run.epochs}\n", flush=True)
+        console.log(f"epoch is incremented. current_epoch: {epoch - 1}, epoch: {epoch}")
+        for _ in range(run.batches_per_epoch):
+            if step >= run.total_steps:
+                break
+            time.sleep(step_seconds)
+            step += 1
+            if fail and fail != "no_output" and step >= fail_at:
+                fail_now(fail)
+            loss_sum += 0.12 + 0.05 * run.rng.random()
+            bar.update()
+            bar.set_postfix(avr_loss=loss_sum / step)
+        every = args.save_every_n_epochs
+        if every and epoch % every == 0 and epoch < run.epochs and fail != "no_output":
+            save_lora(args, run, output_dir / f"{name}-{epoch:06d}.safetensors", epoch, step)
+    bar.close()
+    if fail == "no_output":
+        return
+    save_lora(args, run, output_dir / f"{name}.safetensors", run.epochs, step)
+    console.log("model saved.")
+
+
+def fail_now(kind: str) -> NoReturn:
+    sys.stderr.write("\n")
+    frames = [
+        script_frame(1913, "<module>", "trainer.train(args)"),
+        script_frame(1475, "train", "accelerator.backward(loss)"),
+    ]
+    if kind == "oom":
+        traceback_exit(
+            frames,
+            "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity "
+            "of 7.79 GiB of which 11.56 MiB is free. Including non-PyTorch memory, this process has 7.76 GiB "
+            "memory in use. Of the allocated memory 7.41 GiB is allocated by PyTorch, and 150.12 MiB is reserved "
+            "by PyTorch but unallocated. If reserved but unallocated memory is large try setting "
+            "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.  See documentation for "
+            "Memory Management  (https://pytorch.org/docs/stable/notes/cuda.html#environment-variables)",
+        )
+    traceback_exit(frames, "RuntimeError: kohya double: simulated trainer crash")
+
+
+# --------------------------------------------------------------------------------------------- main
+def record_invocation() -> None:
+    target = os.environ.get("KOHYA_DOUBLE_RECORD")
+    if target:
+        # A plain JSON list of the arguments after the script path, so tests can argv.index("--flag").
+        Path(target).write_text(json.dumps(sys.argv[1:]), encoding="utf-8")
+
+
+def spawn_grandchild() -> None:
+    if os.environ.get("KOHYA_DOUBLE_SPAWN_CHILD") != "1":
+        return
+    # Same process group and session as us: only a group kill reaches it, like kohya's dataloader workers.
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(300)"], stdin=subprocess.DEVNULL, close_fds=True
+    )
+    print(f"double child pid: {child.pid}", flush=True)
+
+
+def main() -> None:
+    record_invocation()
+    args = build_parser().parse_args()
+    console = Console(args.console_log_simple)
+    spawn_grandchild()
+    check_tokenizer(args, console)
+    datasets = datasets_from_config(args, console) if args.dataset_config else datasets_from_folders(args, console)
+    for ds in datasets:
+        if ds.resolution is None:
+            traceback_exit(
+                [script_frame(1913, "<module>", "trainer.train(args)")],
+                "AssertionError: resolution is required / resolution（解像度）指定は必須です",
+            )
+    scan_images(datasets, console)
+    console.log("[Prepare dataset 0]")
+    console.log("loading image sizes.")
+    console.log("prepare dataset")
+    if sum(ds.images_with_repeats for ds in datasets) == 0:
+        console.log(NO_DATA, "ERROR")
+        return  # kohya's train() just returns: exit 0 with nothing written
+    datasets = [ds for ds in datasets if ds.images_with_repeats]
+    load_model(args, console)
+    if args.cache_latents:
+        console.log("[Dataset 0]")
+        console.log("caching latents with caching strategy.")
+        console.log("caching latents...")
+    decode_images(datasets)
+    if args.xformers:
+        traceback_exit(
+            [script_frame(1913, "<module>", "trainer.train(args)")],
+            "ImportError: No xformers / xformersがインストールされていないようです",
+        )
+    train(args, datasets, console)
+
+
+if __name__ == "__main__":
+    main()

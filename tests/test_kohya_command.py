@@ -1,0 +1,294 @@
+"""The kohya contract builders: argv, environment and the --dataset_config document."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from daemon.pipeline.kohya import KohyaLaunch, build_command, build_env, dataset_config, write_dataset_config
+from daemon.pipeline.params import PRESETS, TrainParams, resolve_params
+from tests.helpers import KOHYA_DOUBLE
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    tomllib = pytest.importorskip("tomli")
+
+GPU = resolve_params({}, image_count=20, cpu=False)
+CPU = resolve_params({}, image_count=20, cpu=True)
+
+
+def launch(**changes: object) -> KohyaLaunch:
+    base = KohyaLaunch(
+        script_path="/opt/sd-scripts/train_network.py",
+        workspace="/opt/sd-scripts",
+        accelerate_bin="/opt/venv/bin/accelerate",
+        python="/opt/venv/bin/python",
+        base_model="/models/sd15 model.safetensors",
+        dataset_config="/jobs/j1/dataset.toml",
+        output_dir="/jobs/j1/out",
+        output_name="Test_Hero",
+        logging_dir="/jobs/j1/logs",
+        tokenizer_cache_dir="/opt/tokenizers",
+        extra_args=(),
+        cpu=False,
+        trigger="ohwx",
+        job_id="j1",
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def value(argv: list[str], flag: str) -> str:
+    assert argv.count(flag) == 1, f"{flag} appears {argv.count(flag)} times"
+    return argv[argv.index(flag) + 1]
+
+
+def script_args(argv: list[str], script: str = "/opt/sd-scripts/train_network.py") -> list[str]:
+    return argv[argv.index(script) + 1 :]
+
+
+@pytest.fixture(scope="module")
+def double() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("kohya_double_train_network", KOHYA_DOUBLE)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_python_form_runs_the_script_directly_as_a_list() -> None:
+    argv = build_command(GPU, launch())
+    assert isinstance(argv, list) and all(isinstance(a, str) for a in argv)
+    assert argv[:3] == ["/opt/venv/bin/python", "-u", "/opt/sd-scripts/train_network.py"]
+    assert "launch" not in argv
+    # A path with a space stays one argument: nothing is ever joined into a shell string.
+    assert value(argv, "--pretrained_model_name_or_path") == "/models/sd15 model.safetensors"
+
+
+@pytest.mark.parametrize(
+    ("flag", "expected"),
+    [
+        ("--pretrained_model_name_or_path", "/models/sd15 model.safetensors"),
+        ("--dataset_config", "/jobs/j1/dataset.toml"),
+        ("--output_dir", "/jobs/j1/out"),
+        ("--output_name", "Test_Hero"),
+        ("--save_model_as", "safetensors"),
+        ("--save_precision", "fp16"),
+        ("--network_module", "networks.lora"),
+        ("--network_dim", "32"),
+        ("--network_alpha", "16.0"),
+        ("--learning_rate", "0.0001"),
+        ("--unet_lr", "0.0001"),
+        ("--text_encoder_lr", "5e-05"),
+        ("--optimizer_type", "AdamW8bit"),
+        ("--lr_scheduler", "cosine"),
+        ("--lr_warmup_steps", "0.05"),
+        ("--max_train_epochs", "10"),
+        ("--save_every_n_epochs", "2"),
+        ("--mixed_precision", "fp16"),
+        ("--seed", "42"),
+        ("--max_data_loader_n_workers", "0"),
+        ("--tokenizer_cache_dir", "/opt/tokenizers"),
+        ("--logging_dir", "/jobs/j1/logs"),
+        ("--training_comment", "job=j1; trigger=ohwx"),
+        ("--metadata_trigger_phrase", "ohwx"),
+        ("--metadata_title", "Test_Hero"),
+    ],
+)
+def test_gpu_argv_carries_each_setting_once(flag: str, expected: str) -> None:
+    assert value(build_command(GPU, launch()), flag) == expected
+
+
+@pytest.mark.parametrize(
+    ("flag", "gpu", "cpu"),
+    [
+        ("--cache_latents", True, True),
+        ("--console_log_simple", True, True),
+        ("--sdpa", True, False),  # ~4x slower than kohya's own attention on a CPU
+        ("--gradient_checkpointing", False, False),
+        ("--xformers", False, False),
+        ("--network_train_unet_only", False, False),
+    ],
+)
+def test_switches_per_device(flag: str, gpu: bool, cpu: bool) -> None:
+    assert (flag in build_command(GPU, launch())) is gpu
+    assert (flag in build_command(CPU, launch(cpu=True))) is cpu
+
+
+def test_cpu_argv_uses_the_cpu_safe_params() -> None:
+    argv = build_command(CPU, launch(cpu=True))
+    assert value(argv, "--mixed_precision") == "no"
+    assert value(argv, "--optimizer_type") == "AdamW"
+
+
+def test_text_encoder_lr_zero_trains_the_unet_only() -> None:
+    argv = build_command(dataclasses.replace(GPU, text_encoder_lr=0.0), launch())
+    assert "--network_train_unet_only" in argv
+    assert "--text_encoder_lr" not in argv
+
+
+def test_final_only_omits_the_epoch_save_interval() -> None:
+    argv = build_command(dataclasses.replace(GPU, save_every_n_epochs=0), launch())
+    assert "--save_every_n_epochs" not in argv
+
+
+def test_optional_dirs_are_left_out_when_unset() -> None:
+    argv = build_command(GPU, launch(tokenizer_cache_dir=None, logging_dir=None))
+    assert "--tokenizer_cache_dir" not in argv and "--logging_dir" not in argv
+
+
+def test_adafactor_is_told_to_use_our_learning_rates() -> None:
+    argv = build_command(dataclasses.replace(GPU, optimizer="Adafactor"), launch())
+    i = argv.index("--optimizer_args")
+    assert argv[i + 1 : i + 4] == ["scale_parameter=False", "relative_step=False", "warmup_init=False"]
+    assert argv[i + 4].startswith("--")  # nargs="*" stops at the next option
+
+
+def test_extra_args_come_last() -> None:
+    argv = build_command(GPU, launch(extra_args=("--noise_offset", "0.05", "--min_snr_gamma", "5")))
+    assert argv[-4:] == ["--noise_offset", "0.05", "--min_snr_gamma", "5"]
+
+
+def test_float_arguments_parse_back_exactly() -> None:
+    p = dataclasses.replace(GPU, unet_lr=3e-4, text_encoder_lr=1.5e-5, network_alpha=0.5)
+    argv = build_command(p, launch())
+    assert float(value(argv, "--unet_lr")) == 3e-4
+    assert float(value(argv, "--text_encoder_lr")) == 1.5e-5
+    assert float(value(argv, "--network_alpha")) == 0.5
+
+
+@pytest.mark.parametrize("cpu", [False, True])
+def test_accelerate_form(cpu: bool) -> None:
+    p = CPU if cpu else GPU
+    argv = build_command(p, launch(python=None, cpu=cpu))
+    head = argv[: argv.index("/opt/sd-scripts/train_network.py")]
+    expected = [
+        "/opt/venv/bin/accelerate",
+        "launch",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        p.mixed_precision,
+        "--dynamo_backend",
+        "no",
+        "--num_cpu_threads_per_process",
+        "2",
+    ]
+    assert head == [*expected, "--cpu"] if cpu else head == expected
+    # kohya hands its own --mixed_precision to Accelerator(): the script needs it too.
+    assert value(script_args(argv), "--mixed_precision") == p.mixed_precision
+
+
+@pytest.mark.parametrize("params", [GPU, CPU, dataclasses.replace(GPU, text_encoder_lr=0.0, optimizer="Adafactor")])
+def test_every_flag_is_one_kohyas_parser_knows(double: ModuleType, params: TrainParams) -> None:
+    # The double's parser uses kohya's option names and types; the real parser accepted the same argv
+    # (tests/fixtures/real_kohya_proof.md).
+    args = double.build_parser().parse_args(script_args(build_command(params, launch())))
+    assert args.network_dim == params.network_dim
+    assert args.max_train_epochs == params.epochs
+    assert args.console_log_simple
+
+
+def test_script_flags_are_not_repeated() -> None:
+    flags = [a for a in script_args(build_command(GPU, launch())) if a.startswith("--")]
+    assert len(flags) == len(set(flags))
+
+
+# --------------------------------------------------------------------------------------------- env
+@pytest.mark.parametrize(
+    ("tokenizer", "cpu", "present", "absent"),
+    [
+        ("/tok", False, {"HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"}, {"ACCELERATE_USE_CPU"}),
+        (None, False, set(), {"HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "ACCELERATE_USE_CPU"}),
+        ("/tok", True, {"HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "ACCELERATE_USE_CPU"}, set()),
+        (None, True, {"ACCELERATE_USE_CPU"}, {"HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"}),
+    ],
+)
+def test_build_env(tokenizer: str | None, cpu: bool, present: set[str], absent: set[str]) -> None:
+    base = {"PATH": "/usr/bin", "HOME": "/home/u", "PYTHONUNBUFFERED": "0"}
+    env = build_env(base, tokenizer_cache_dir=tokenizer, cpu=cpu)
+    always = {
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONIOENCODING": "utf-8",
+        "PYTHONUTF8": "1",
+        "COLUMNS": "1000",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
+    assert always.items() <= env.items()
+    assert all(env[k] == "1" for k in present)
+    assert not absent & env.keys()
+    assert env["PATH"] == "/usr/bin" and env["HOME"] == "/home/u"
+    assert base["PYTHONUNBUFFERED"] == "0"  # the caller's mapping is not modified
+    assert all(isinstance(v, str) for v in env.values())
+
+
+# ------------------------------------------------------------------------------------ dataset TOML
+def test_dataset_config_document() -> None:
+    p = dataclasses.replace(CPU, resolution=768, batch_size=3, repeats=7)
+    cfg = dataset_config(image_dir="/jobs/j1/img", class_tokens="ohwx person", params=p)
+    assert cfg == {
+        "general": {
+            "caption_extension": ".txt",
+            "shuffle_caption": True,
+            "keep_tokens": 1,
+            "resolution": 768,
+            "batch_size": 3,
+            "enable_bucket": False,
+        },
+        "datasets": [{"subsets": [{"image_dir": "/jobs/j1/img", "num_repeats": 7, "class_tokens": "ohwx person"}]}],
+    }
+    general, subset = cfg["general"], cfg["datasets"][0]["subsets"][0]
+    # voluptuous checks with isinstance: exact Python types matter, not just equal values.
+    assert type(general["resolution"]) is int and type(general["batch_size"]) is int
+    assert type(general["keep_tokens"]) is int and type(subset["num_repeats"]) is int
+    assert type(general["shuffle_caption"]) is bool and type(general["enable_bucket"]) is bool
+
+
+def test_dataset_config_passes_kohyas_schema(double: ModuleType) -> None:
+    for p in (GPU, CPU, PRESETS["quality"]):
+        double.validate_user_config(dataset_config(image_dir="/img", class_tokens="ohwx", params=p))
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda c: c["datasets"][0].update(network_multiplier=1), "expected float"),
+        (lambda c: c["general"].update(batch_size=2.0), "expected int"),
+        (lambda c: c["datasets"][0]["subsets"][0].update(name="x"), "extra keys not allowed"),
+        (lambda c: c["datasets"][0]["subsets"][0].pop("image_dir"), "required key not provided"),
+    ],
+)
+def test_the_schema_check_catches_kohyas_type_traps(double: ModuleType, mutate, message: str) -> None:
+    cfg = dataset_config(image_dir="/img", class_tokens="ohwx", params=GPU)
+    mutate(cfg)
+    with pytest.raises(double.ConfigInvalid, match=message):
+        double.validate_user_config(cfg)
+
+
+@pytest.mark.parametrize("image_dir", ["/jobs/j1/img", r"C:\Users\me\ED LoRA\jobs\j1\img", "/tmp/ünïcödé 'q\" img"])
+def test_dataset_toml_round_trips_with_exact_types(tmp_path: Path, image_dir: str) -> None:
+    cfg = dataset_config(image_dir=image_dir, class_tokens="ohwx person", params=GPU)
+    cfg["datasets"][0]["network_multiplier"] = 1.0  # a float slot: 1.0 must not come back as 1
+    path = tmp_path / "dataset.toml"
+    write_dataset_config(path, cfg)
+    loaded = tomllib.loads(path.read_text(encoding="utf-8"))
+    assert loaded == cfg
+    assert type(loaded["datasets"][0]["network_multiplier"]) is float
+    assert type(loaded["general"]["resolution"]) is int
+    assert loaded["datasets"][0]["subsets"][0]["image_dir"] == image_dir
+
+
+def test_write_dataset_config_replaces_atomically(tmp_path: Path) -> None:
+    path = tmp_path / "dataset.toml"
+    path.write_text("stale = true\n")
+    write_dataset_config(path, dataset_config(image_dir="/img", class_tokens="ohwx", params=GPU))
+    assert "stale" not in path.read_text()
+    assert os.listdir(tmp_path) == ["dataset.toml"]  # no temp file left behind
