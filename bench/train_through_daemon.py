@@ -145,14 +145,16 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
     token = "bench-token-0123456789abcdef"
-    kohya: dict[str, Any] = {"script_path": str(Path(args.sd_scripts) / "train_network.py"),
-                             "workspace": str(args.sd_scripts), "tokenizer_cache_dir": args.tokenizer_cache}
+    sd_scripts = os.path.abspath(args.sd_scripts)
+    # abspath, not resolve(): a venv's python is a symlink that must keep its venv path.
+    kohya: dict[str, Any] = {"script_path": os.path.join(sd_scripts, "train_network.py"), "workspace": sd_scripts,
+                             "tokenizer_cache_dir": os.path.abspath(args.tokenizer_cache)}
     if args.python:
-        kohya["python"] = args.python
+        kohya["python"] = os.path.abspath(args.python)
     if args.accelerate:
         kohya["accelerate_bin"] = args.accelerate
     cfg = {"port": port, "token": token, "data_dir": str(work / "data"), "ed_lora_dir": str(work / "lora"),
-           "base_model": args.model, "allow_cpu": args.allow_cpu, "kohya": kohya}
+           "base_model": os.path.abspath(args.model), "allow_cpu": args.allow_cpu, "kohya": kohya}
     cfg_path = work / "config.yaml"
     work.mkdir(parents=True, exist_ok=True)
     cfg_path.write_text(yaml.safe_dump(cfg), encoding="utf-8")

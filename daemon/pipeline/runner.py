@@ -271,7 +271,7 @@ class JobRunner:
         splitters = {"stdout": LineSplitter(), "stderr": LineSplitter()}
         progress = Progress(epochs=params.epochs)
         try:
-            with paths.trainer_log.open("a", encoding="utf-8") as raw_log:
+            with paths.trainer_log.open("a", encoding="utf-8", buffering=1) as raw_log:
                 async for chunk in proc.output():
                     raw_log.write(chunk.text)
                     await self._consume(splitters[chunk.stream].feed(chunk.text), tracker, progress, reporter)
