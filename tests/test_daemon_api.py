@@ -356,3 +356,20 @@ async def test_rgba_and_jpeg_uploads_are_normalised(client: TestClient, config: 
     for png in (config.jobs_dir / job_id / "dataset" / "img").glob("*.png"):
         with Image.open(png) as img:
             assert img.size == (res, res) and img.mode == "RGB"
+
+
+async def test_config_test_is_ready_without_a_default_when_ed_has_sd1_models(start_daemon, tmp_path: Path) -> None:
+    from tests.helpers import free_port, make_config
+
+    cfg = make_config(tmp_path, port=free_port(), base_model=None)
+    client = await start_daemon(cfg)
+    body = await (await client.post("/config/test")).json()
+    check = next(c for c in body["checks"] if c["name"] == "base_model")
+    assert check["ok"] and "1 SD 1.x model" in check["detail"]
+    assert body["ready"] is True
+    models = await (await client.get("/models")).json()
+    assert models["supported_archs"] == ["sd1"] and models["default"] is None
+    (cfg.ed_models_dir / "stable-diffusion" / "sd-test.safetensors").unlink()  # type: ignore[operator]
+    body = await (await client.post("/config/test")).json()
+    check = next(c for c in body["checks"] if c["name"] == "base_model")
+    assert not check["ok"] and check["fix"]

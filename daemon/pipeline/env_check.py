@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from daemon.config import Config
-from daemon.pipeline.model_arch import ARCH_LABELS, detect_arch
+from daemon.pipeline.base_models import list_models
+from daemon.pipeline.model_arch import ARCH_LABELS, TRAINABLE_ARCHS, detect_arch
 
 MIN_FREE_BYTES = 2 * 1024**3
 GPU_PROBE_TIMEOUT_S = 90
@@ -131,15 +132,19 @@ def check_launcher(config: Config) -> Check:
     return Check("launcher", True, found)
 
 
-def check_base_model(path: Path | None) -> Check:
-    fix = "Set base_model in the daemon config, or pick an SD 1.x model in Easy Diffusion."
+def check_base_model(path: Path | None, models_dir: Path | None = None) -> Check:
+    fix = "Set base_model in the daemon config, or put an SD 1.x model into Easy Diffusion's models/stable-diffusion."
     if path is None:
-        return Check("base_model", False, "no default base model is configured", fix)
+        trainable = [p for p in list_models(models_dir).values() if detect_arch(p) in TRAINABLE_ARCHS]
+        if trainable:
+            # The ED tab always sends the model selected in ED; a default is only for other clients.
+            return Check("base_model", True, f"no default; {len(trainable)} SD 1.x model(s) in {models_dir}")
+        return Check("base_model", False, "no default base model is configured and none was found in ED's folder", fix)
     if not path.exists():
         return Check("base_model", False, f"{path} does not exist", fix)
     arch = detect_arch(path)
     label = ARCH_LABELS[arch]
-    if arch in ("sd2", "sdxl"):
+    if arch not in TRAINABLE_ARCHS and arch != "unknown":
         return Check("base_model", False, f"{path.name} is {label}; only SD 1.x models can be trained for now",
                      "Choose an SD 1.x checkpoint (e.g. sd-v1-5) as the base model.")
     note = "" if arch == "sd1" else " (architecture could not be read; assuming SD 1.x)"
@@ -196,7 +201,7 @@ def run_checks(config: Config, gpu: GpuInfo) -> list[Check]:
         check_script(config),
         check_workspace(config),
         check_launcher(config),
-        check_base_model(config.base_model),
+        check_base_model(config.base_model, config.ed_models_dir),
         check_lora_dir(config.ed_lora_dir),
         check_disk(config.data_dir),
         check_tokenizer(config),

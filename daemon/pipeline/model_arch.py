@@ -10,6 +10,8 @@ from typing import Literal
 Arch = Literal["sd1", "sd2", "sdxl", "unknown"]
 
 MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".sft")
+# What train_network.py can train today; SDXL (sdxl_train_network.py) is a later step.
+TRAINABLE_ARCHS: tuple[Arch, ...] = ("sd1",)
 ARCH_LABELS: dict[str, str] = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "unknown": "unknown"}
 # A header over this size is not a checkpoint header we understand (safetensors caps it at 100 MB).
 _MAX_HEADER = 100 * 1024 * 1024

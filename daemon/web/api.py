@@ -17,7 +17,7 @@ from daemon.jobs import fields
 from daemon.jobs.models import Job
 from daemon.pipeline import base_models, dataset
 from daemon.pipeline.env_check import run_checks
-from daemon.pipeline.model_arch import ARCH_LABELS, detect_arch
+from daemon.pipeline.model_arch import ARCH_LABELS, TRAINABLE_ARCHS, detect_arch
 from daemon.pipeline.params import PRESETS, resolve_params
 from daemon.pipeline.runner import job_paths
 from daemon.web.keys import CONFIG, GPU, QUEUE, STORE
@@ -58,7 +58,8 @@ async def models(request: web.Request) -> web.Response:
     default = None
     if config.base_model is not None:
         default = {"file": config.base_model.name, "arch": detect_arch(config.base_model)}
-    return web.json_response({"models": [m.to_json() for m in found], "default": default})
+    return web.json_response({"models": [m.to_json() for m in found], "default": default,
+                              "supported_archs": list(TRAINABLE_ARCHS)})
 
 
 @routes.post("/train")
@@ -93,7 +94,7 @@ async def _new_job(request: web.Request, form: dict[str, str], uploads: list[dat
         raise BadInput(f"The base model {base} does not exist.", key="base_model",
                        hint="Fix base_model in the daemon config or pick a model in Easy Diffusion.")
     arch = await asyncio.to_thread(detect_arch, base)
-    if arch in ("sd2", "sdxl"):
+    if arch not in TRAINABLE_ARCHS and arch != "unknown":
         raise BadInput(
             f"{base.name} is an {ARCH_LABELS[arch]} model; only SD 1.x models can be trained for now.",
             key="base_model", hint="Choose an SD 1.x checkpoint such as sd-v1-5.")

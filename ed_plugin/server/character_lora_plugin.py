@@ -1,0 +1,487 @@
+"""Character LoRA One-Click: Easy Diffusion server plugin.
+
+Copied by ``install_plugin.py`` to ``<ED root>/plugins/server/character_lora_plugin.py``. Easy Diffusion imports
+every ``*_plugin.py`` in that folder at start-up (``app.load_server_plugins``), inside its own Python (3.8 or
+3.9, ED's pinned packages). This module therefore uses only the standard library and FastAPI, and keeps to
+Python 3.8 syntax.
+
+What it does:
+
+* adds ``GET /character-lora/info`` to ED's FastAPI app. The "Train character LoRA" tab calls it (same
+  origin, so no CORS) to learn the daemon's URL and token and ED's models and LoRA folders. The token only
+  ever reaches the page through this route.
+* adds ``POST /character-lora/start``, which starts the daemon on demand (the banner's "Start daemon").
+* when the settings say ``"autostart": true``, starts the training daemon (``<daemon venv python> -m daemon
+  --config <path>``) in a background thread if ``GET /health`` does not answer. The daemon runs in its own
+  session / process group, detached, so a daemon crash does not touch ED and ED exiting does not kill it.
+
+Settings live next to this file in ``character_lora_plugin.json`` (written by ``install_plugin.py``)::
+
+    {
+      "daemon_config": "/abs/path/to/daemon/config.yaml",
+      "daemon_python": "/abs/path/to/repo/.venv/bin/python",
+      "daemon_workdir": "/abs/path/to/repo",
+      "daemon_log": "/abs/path/to/daemon/ed-autostart.log",
+      "autostart": true,
+      "ed_root": "...", "ed_models_dir": "...",            (fallbacks when ED's modules are not importable)
+      "installed": {...}                                    (install manifest, used by --uninstall)
+    }
+
+Anything that goes wrong is logged; importing this module never raises, so ED always starts.
+"""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+PLUGIN_VERSION = "0.1.0"
+ROUTE_PREFIX = "/character-lora"
+SETTINGS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "character_lora_plugin.json")
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 9131
+
+# a child of ED's own logger ("easydiffusion"), so the lines show up in ED's console like its own
+log = logging.getLogger("easydiffusion.character_lora")
+
+_start_lock = threading.Lock()
+_start_state = {"state": "idle", "error": None, "pid": None, "log": None, "at": None, "exit_code": None}
+
+
+# --------------------------------------------------------------------------------------------- settings
+
+
+def load_settings(path=None):
+    """Return (settings dict, problem sentence or None)."""
+    path = path or SETTINGS_FILE
+    if not os.path.isfile(path):
+        return {}, f"The plugin settings file {path} is missing."
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        return {}, f"The plugin settings file {path} cannot be read ({e})."
+    if not isinstance(data, dict):
+        return {}, f"The plugin settings file {path} does not hold a JSON object."
+    return data, None
+
+
+def _parse_scalar(text):
+    text = text.strip()
+    if not text or text in ("~", "null", "Null", "NULL"):
+        return None
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in ("'", '"'):
+        inner = text[1:-1]
+        if text[0] == '"':
+            try:
+                return json.loads(text)
+            except ValueError:
+                return inner
+        return inner.replace("''", "'")
+    if text in ("true", "True", "yes"):
+        return True
+    if text in ("false", "False", "no"):
+        return False
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    if text.startswith("[") and text.endswith("]"):
+        return [_parse_scalar(part) for part in text[1:-1].split(",") if part.strip()]
+    return text
+
+
+def _fallback_yaml(text):
+    """Top-level ``key: value`` pairs and ``- item`` lists only: enough for host/port/token/allowed_origins."""
+    data = {}
+    current_list_key = None
+    for raw in text.splitlines():
+        line = raw.split(" #", 1)[0].rstrip()
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if line[0] in (" ", "\t", "-"):
+            item = line.strip()
+            if current_list_key and item.startswith("- "):
+                if data.get(current_list_key) is None:
+                    data[current_list_key] = []
+                if isinstance(data[current_list_key], list):
+                    data[current_list_key].append(_parse_scalar(item[2:]))
+            continue
+        if ":" not in line:
+            continue
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if value.strip():
+            data[key] = _parse_scalar(value)
+            current_list_key = None
+        else:
+            data[key] = None
+            current_list_key = key
+    return data
+
+
+def read_daemon_config(path):
+    """Read the daemon's YAML config with whatever YAML library ED's Python has (PyYAML, ruamel.yaml)."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        import yaml  # PyYAML: a dependency of ED's diffusers/accelerate
+
+        data = yaml.safe_load(text)
+    except ImportError:
+        try:
+            from ruamel.yaml import YAML  # ED's own config reader
+
+            data = YAML(typ="safe").load(text)
+        except ImportError:
+            data = _fallback_yaml(text)
+    return data if isinstance(data, dict) else {}
+
+
+def daemon_address(cfg):
+    """(url for the browser, host the daemon binds). 0.0.0.0/:: is reached through the loopback address."""
+    host = str(cfg.get("host") or DEFAULT_HOST)
+    try:
+        port = int(cfg.get("port") or DEFAULT_PORT)
+    except (TypeError, ValueError):
+        port = DEFAULT_PORT
+    browser_host = host
+    if host in ("0.0.0.0", "::", ""):
+        browser_host = "127.0.0.1"
+    if ":" in browser_host and not browser_host.startswith("["):
+        browser_host = f"[{browser_host}]"
+    return f"http://{browser_host}:{port}", host
+
+
+# --------------------------------------------------------------------------------------------- ED paths
+
+
+def ed_paths(settings):
+    """ED's root, models folder and LoRA folders: from ED itself when running inside it, else the settings."""
+    root = settings.get("ed_root")
+    models_dir = settings.get("ed_models_dir")
+    lora_dirs = None
+    sd_dirs = None
+    source = "settings"
+    app = sys.modules.get("easydiffusion.app")
+    if app is not None:
+        root = getattr(app, "ROOT_DIR", root)
+        # read at call time: app.init() replaces MODELS_DIR with config.yaml's models_dir
+        models_dir = getattr(app, "MODELS_DIR", models_dir)
+        source = "easydiffusion"
+        try:
+            from easydiffusion.model_manager import get_model_dirs
+
+            lora_dirs = list(get_model_dirs("lora"))
+            sd_dirs = list(get_model_dirs("stable-diffusion"))
+        except Exception:  # ED's internals moved: fall back to the documented layout
+            pass
+    if models_dir and lora_dirs is None:
+        lora_dirs = [os.path.join(models_dir, "lora")]
+    if models_dir and sd_dirs is None:
+        sd_dirs = [os.path.join(models_dir, "stable-diffusion")]
+    return {
+        "root": root,
+        "models_dir": models_dir,
+        "lora_dirs": lora_dirs or [],
+        "stable_diffusion_dirs": sd_dirs or [],
+        "source": source,
+    }
+
+
+def _same_dir(a, b):
+    try:
+        return os.path.normcase(os.path.realpath(a)) == os.path.normcase(os.path.realpath(b))
+    except (TypeError, ValueError):
+        return False
+
+
+# --------------------------------------------------------------------------------------------- daemon
+
+
+def probe_daemon(url, timeout=1.0):
+    """True when ``GET <url>/health`` answers ``{"status": "ok"}``."""
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout) as resp:
+            body = json.loads(resp.read().decode("utf-8") or "{}")
+        return isinstance(body, dict) and body.get("status") == "ok"
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def _child_env(workdir, python):
+    """ED exports PYTHONPATH/PYTHONHOME for its own env; the daemon's venv must not inherit them."""
+    env = {}
+    for key, value in os.environ.items():
+        upper = key.upper()
+        if upper in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "VIRTUAL_ENV", "__PYVENV_LAUNCHER__"):
+            continue
+        if upper.startswith("CONDA"):
+            continue
+        env[key] = value
+    if workdir:
+        env["PYTHONPATH"] = workdir
+    bindir = os.path.dirname(os.path.abspath(python))
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _detach_kwargs():
+    if os.name == "nt":
+        flags = 0
+        flags |= getattr(subprocess, "DETACHED_PROCESS", 0x00000008)
+        flags |= getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0x00000200)
+        return {"creationflags": flags}
+    return {"start_new_session": True}
+
+
+def _set_state(**kw):
+    _start_state.update(kw)
+    _start_state["at"] = time.time()
+
+
+def start_state():
+    return dict(_start_state)
+
+
+def spawn_daemon(settings, cfg_url):
+    """Start the daemon unless it already answers. Blocking; returns the new start state. Never raises."""
+    python = settings.get("daemon_python")
+    cfg_path = settings.get("daemon_config")
+    workdir = settings.get("daemon_workdir") or None
+    log_path = settings.get("daemon_log") or (
+        os.path.join(os.path.dirname(cfg_path), "ed-autostart.log") if cfg_path else None
+    )
+    with _start_lock:
+        if probe_daemon(cfg_url):
+            _set_state(state="already_running", error=None)
+            return start_state()
+        if not python or not cfg_path:
+            _set_state(state="not_configured", error="daemon_python or daemon_config is not set in the settings.")
+            return start_state()
+        if not os.path.isfile(python):
+            msg = f"The daemon's Python {python} does not exist."
+            _set_state(state="failed", error=msg)
+            log.error("Character LoRA: %s Re-run install_plugin.py with --daemon-python.", msg)
+            return start_state()
+        if workdir and not os.path.isdir(workdir):
+            msg = f"The daemon folder {workdir} does not exist."
+            _set_state(state="failed", error=msg)
+            log.error("Character LoRA: %s Re-run install_plugin.py from the project folder.", msg)
+            return start_state()
+        argv = [python, "-m", "daemon", "--config", cfg_path]
+        out = subprocess.DEVNULL
+        if log_path:
+            try:
+                out = open(log_path, "ab")  # noqa: SIM115 - handed to the child, closed right after Popen
+            except OSError:
+                log_path = None
+        try:
+            proc = subprocess.Popen(
+                argv,
+                cwd=workdir,
+                env=_child_env(workdir, python),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                close_fds=True,
+                **_detach_kwargs(),
+            )
+        except OSError as e:
+            msg = f"Could not start the daemon ({e})."
+            _set_state(state="failed", error=msg, log=log_path)
+            log.error("Character LoRA: %s", msg)
+            return start_state()
+        finally:
+            if out is not subprocess.DEVNULL:
+                out.close()
+        _set_state(state="starting", error=None, pid=proc.pid, log=log_path, exit_code=None)
+        log.info("Character LoRA: started the training daemon (pid %s), log: %s", proc.pid, log_path)
+
+    # reap it (no zombie) and record how it ended; a daemon thread, so it never holds ED open
+    threading.Thread(target=_watch, args=(proc, cfg_url, log_path), name="character-lora-watch", daemon=True).start()
+    return start_state()
+
+
+def _watch(proc, cfg_url, log_path):
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        if probe_daemon(cfg_url, timeout=0.5):
+            with _start_lock:
+                if _start_state.get("pid") == proc.pid:
+                    _set_state(state="running")
+            break
+        time.sleep(0.5)
+    code = proc.wait()
+    with _start_lock:
+        if _start_state.get("pid") == proc.pid:
+            _set_state(
+                state="exited",
+                exit_code=code,
+                error="The daemon exited with code {}; see {}.".format(code, log_path or "its output"),
+            )
+    log.warning("Character LoRA: the training daemon exited with code %s (log: %s)", code, log_path)
+
+
+def start_in_background(settings_path=None):
+    """Start the daemon from a thread so ED's start-up never waits on it. Returns the thread (or None)."""
+    settings, problem = load_settings(settings_path)
+    if problem or not settings.get("autostart"):
+        return None
+    try:
+        cfg = (
+            read_daemon_config(settings["daemon_config"]) if os.path.isfile(settings.get("daemon_config") or "") else {}
+        )
+    except Exception as e:
+        log.error("Character LoRA: cannot read the daemon config: %s", e)
+        cfg = {}
+    url, _host = daemon_address(cfg)
+
+    def run():
+        try:
+            spawn_daemon(settings, url)
+        except Exception:  # never let the thread die silently
+            log.exception("Character LoRA: starting the daemon failed")
+
+    t = threading.Thread(target=run, name="character-lora-autostart", daemon=True)
+    _set_state(state="checking", error=None)
+    t.start()
+    return t
+
+
+# --------------------------------------------------------------------------------------------- info
+
+
+def build_info(settings_path=None, probe=True):
+    """What ``GET /character-lora/info`` answers."""
+    settings, settings_problem = load_settings(settings_path)
+    problems = []
+    if settings_problem:
+        problems.append(
+            {
+                "error": settings_problem,
+                "fix": "Run install_plugin.py again (it writes this file), then restart Easy Diffusion.",
+            }
+        )
+    cfg = {}
+    cfg_path = settings.get("daemon_config")
+    if cfg_path:
+        if os.path.isfile(cfg_path):
+            try:
+                cfg = read_daemon_config(cfg_path)
+            except Exception as e:
+                problems.append(
+                    {
+                        "error": f"The daemon config {cfg_path} cannot be read ({e}).",
+                        "fix": "Fix the YAML in that file, or delete it and run install_plugin.py again.",
+                    }
+                )
+        else:
+            problems.append(
+                {
+                    "error": f"The daemon config {cfg_path} does not exist yet.",
+                    "fix": "Run install_plugin.py again, or start the daemon once so it creates it.",
+                }
+            )
+    url, listen_host = daemon_address(cfg)
+    token = cfg.get("token") or None
+    if cfg and not token:
+        problems.append(
+            {
+                "error": "The daemon config has no token yet.",
+                "fix": "Start the daemon once (it creates the token), or run install_plugin.py again.",
+            }
+        )
+    ed = ed_paths(settings)
+    lora_dir = cfg.get("ed_lora_dir")
+    if lora_dir and ed["lora_dirs"] and not any(_same_dir(lora_dir, d) for d in ed["lora_dirs"]):
+        problems.append(
+            {
+                "error": "The daemon saves LoRAs to {}, but Easy Diffusion reads them from {}.".format(
+                    lora_dir, ", ".join(ed["lora_dirs"])
+                ),
+                "fix": "Run install_plugin.py again so the daemon uses Easy Diffusion's LoRA folder.",
+            }
+        )
+    state = start_state()
+    running = probe_daemon(url) if probe else None
+    can_start = bool(settings.get("daemon_python") and cfg_path)
+    return {
+        "plugin_version": PLUGIN_VERSION,
+        "daemon": {
+            "url": url,
+            "listen_host": listen_host,
+            "token": token,
+            "config_path": cfg_path,
+            "allowed_origins": cfg.get("allowed_origins"),
+            "autostart": bool(settings.get("autostart")),
+            "can_start": can_start,
+            "running": running,
+            "start": state,
+            "start_command": (
+                "{} -m daemon --config {}".format(settings.get("daemon_python"), cfg_path) if can_start else None
+            ),
+            "workdir": settings.get("daemon_workdir"),
+        },
+        "ed": ed,
+        "problems": problems,
+    }
+
+
+# --------------------------------------------------------------------------------------------- routes
+
+
+def register_routes(server_api, settings_path=None):
+    """Add the plugin's routes to a FastAPI app (ED's ``server_api``)."""
+    from fastapi.responses import JSONResponse
+
+    no_store = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+
+    @server_api.get(ROUTE_PREFIX + "/info")
+    def character_lora_info():
+        # sync handler: FastAPI runs it in its thread pool, so the health probe never blocks ED's loop
+        return JSONResponse(build_info(settings_path), headers=no_store)
+
+    @server_api.post(ROUTE_PREFIX + "/start")
+    def character_lora_start():
+        settings, problem = load_settings(settings_path)
+        if problem:
+            return JSONResponse({"error": problem, "hint": "Run install_plugin.py again."}, status_code=409)
+        cfg = {}
+        if os.path.isfile(settings.get("daemon_config") or ""):
+            try:
+                cfg = read_daemon_config(settings["daemon_config"])
+            except Exception:
+                cfg = {}
+        url, _host = daemon_address(cfg)
+        state = spawn_daemon(settings, url)
+        status = 500 if state.get("state") in ("failed", "not_configured") else 200
+        return JSONResponse({"start": state}, status_code=status, headers=no_store)
+
+    return server_api
+
+
+def _init():
+    try:
+        from easydiffusion.server import server_api
+    except Exception:
+        # imported outside ED (tests, tools): nothing to hook into
+        return
+    try:
+        register_routes(server_api)
+        log.info("Character LoRA: added %s/info and %s/start", ROUTE_PREFIX, ROUTE_PREFIX)
+    except Exception:
+        log.exception("Character LoRA: could not add the plugin's routes")
+    try:
+        start_in_background()
+    except Exception:
+        log.exception("Character LoRA: could not start the training daemon")
+
+
+_init()

@@ -1,0 +1,513 @@
+"""The "Train character LoRA" tab in a real headless Chromium, against the real daemon.
+
+Set-up, as a user would have it:
+- a temporary ED install (Linux layout) gets the plugin through install_plugin.py itself;
+- the real daemon runs as `python -m daemon --config <tmp>` with the kohya test double (slowed down with
+  KOHYA_DOUBLE_STEP_SECONDS so progress can be seen);
+- tests/ed_fake serves a page with ED's globals (same names, signatures, behaviour: see
+  tests/ed_fake/README.md) and ED's endpoints; /character-lora/info is answered by the installed server
+  plugin file.
+
+Screenshots go to test-artifacts/ (or $TEST_ARTIFACTS_DIR); the path is printed in the test summary.
+Needs Debian's chromium at /usr/bin/chromium; Playwright never downloads a browser here.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+import install_plugin
+from daemon.config import update_config_file
+from tests.ed_fake.server import FakeEd, ServerThread
+from tests.helpers import KOHYA_DOUBLE, REPO, free_port, picture_bytes, write_sd1_checkpoint, write_sdxl_checkpoint
+
+CHROMIUM = Path(os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"))
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+STEP_SECONDS = os.environ.get("UI_TEST_STEP_SECONDS", "0.12")
+
+OTHER_PLUGIN = """
+var state = "another plugin's state"
+let ui = {}
+function connect() { return "another plugin" }
+const client = null
+createTab({ id: "another", icon: "fa-gear", label: "Another plugin", content: "<p>another plugin</p>" })
+"""
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.is_file(), reason=f"{CHROMIUM} is absent (apt-get install chromium)"),
+]
+
+
+def artifacts_dir() -> Path:
+    path = Path(os.environ.get("TEST_ARTIFACTS_DIR") or REPO / "test-artifacts") / "ui-plugin"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class DaemonProcess:
+    """`python -m daemon --config <cfg>` as the user would run it; stoppable and restartable."""
+
+    def __init__(self, cfg: Path, url: str, log: Path) -> None:
+        self.cfg, self.url, self.log = cfg, url, log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env_vars = {**os.environ, "KOHYA_DOUBLE_STEP_SECONDS": STEP_SECONDS, "PYTHONUNBUFFERED": "1"}
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "daemon", "--config", str(self.cfg)], cwd=REPO, env=env_vars, stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        _wait_http(self.url + "/health", 30, self.proc, self.log)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.proc = None
+
+
+@dataclass
+class Env:
+    ed_root: Path
+    daemon_config: Path
+    token: str
+    daemon: DaemonProcess
+    ed_url: str
+    fake: FakeEd
+    lora_dir: Path
+
+
+def _wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None, log: Path | None = None) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the daemon exited with {proc.returncode}: {log.read_text() if log else ''}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"{url} did not answer within {timeout}s")
+
+
+def make_ed_root(root: Path, *, listen_port: int) -> Path:
+    """An ED install laid out like the Linux zip after a first start."""
+    (root / "scripts").mkdir(parents=True)
+    (root / "scripts" / "on_env_start.sh").write_text("#!/bin/bash\n")
+    (root / "start.sh").write_text("#!/bin/bash\n")
+    (root / "installer_files" / "env" / "bin").mkdir(parents=True)
+    for kind in ("stable-diffusion", "lora", "vae"):
+        (root / "models" / kind).mkdir(parents=True)
+    write_sd1_checkpoint(root / "models" / "stable-diffusion" / "tiny-sd15.safetensors")
+    write_sdxl_checkpoint(root / "models" / "stable-diffusion" / "tiny-sdxl.safetensors")
+    (root / "config.yaml").write_text(yaml.safe_dump({"net": {"listen_port": listen_port}, "update_branch": "main"}))
+    (root / "plugins" / "ui").mkdir(parents=True)
+    (root / "plugins" / "server").mkdir(parents=True)
+    # another user plugin that adds a tab and uses global names our plugin also uses inside its IIFE
+    (root / "plugins" / "ui" / "another-tab.plugin.js").write_text(OTHER_PLUGIN)
+    return root
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Env]:
+    tmp = tmp_path_factory.mktemp("ui")
+    ed_port = free_port()
+    ed_root = make_ed_root(tmp / "easy-diffusion", listen_port=ed_port)
+    cfg = tmp / "daemon" / "config.yaml"
+
+    # the user's set-up path: install_plugin.py (ED does not start the daemon here; the test does)
+    rc = install_plugin.main(
+        ["--ed-root", str(ed_root), "--daemon-python", sys.executable, "--daemon-config", str(cfg), "--no-autostart"]
+    )
+    assert rc == 0
+    daemon_port = free_port()
+    workspace = tmp / "workspace"
+    workspace.mkdir()
+    update_config_file(
+        cfg,
+        {
+            "port": daemon_port,
+            "data_dir": str(tmp / "daemon" / "data"),
+            "allow_cpu": True,
+            "kohya": {"python": sys.executable, "script_path": str(KOHYA_DOUBLE), "workspace": str(workspace)},
+        },
+    )
+    raw = yaml.safe_load(cfg.read_text())
+    assert raw["ed_lora_dir"] == str(ed_root / "models" / "lora")
+    assert f"http://127.0.0.1:{ed_port}" in raw["allowed_origins"]
+
+    daemon = DaemonProcess(cfg, f"http://127.0.0.1:{daemon_port}", tmp / "daemon.log")
+    fake = FakeEd(ed_root, listen_port=ed_port)
+    try:
+        daemon.start()
+        with ServerThread(fake.app(), ed_port) as server:
+            yield Env(ed_root, cfg, raw["token"], daemon, server.url, fake, ed_root / "models" / "lora")
+    finally:
+        daemon.stop()
+        # printed past pytest's output capture, so CI logs always show where the screenshots are
+        capture = request.config.pluginmanager.getplugin("capturemanager")
+        reporter = request.config.pluginmanager.getplugin("terminalreporter")
+        if reporter is not None and capture is not None:
+            with capture.global_and_fixture_disabled():
+                reporter.write_line(f"\nUI plugin screenshots: {artifacts_dir()}")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    pg = context.new_page()
+    errors: list[str] = []
+    pg.on("pageerror", lambda exc: errors.append(str(exc)))
+    pg.on("console", lambda msg: errors.append(msg.text) if "[Character LoRA]" in msg.text else None)
+    yield pg
+    context.close()
+    assert not errors, f"uncaught errors or plugin warnings on the page: {errors}"
+
+
+def open_tab(page: Any, url: str) -> None:
+    page.goto(url)
+    page.wait_for_function("window.__edFake && window.__edFake.ready")
+    page.locator("#tab-character-lora").click()
+    page.locator("#tab-content-character-lora.active").wait_for()
+
+
+def image_payload(count: int, start: int = 0) -> list[dict[str, str]]:
+    return [
+        {"name": f"hero-{i:02d}.png", "b64": base64.b64encode(picture_bytes(i, size=(160, 192))).decode()}
+        for i in range(start, start + count)
+    ]
+
+
+def drop_images(page: Any, files: list[dict[str, str]]) -> None:
+    """A real drop event carrying File objects, as the browser makes for files dragged from the desktop."""
+    data_transfer = page.evaluate_handle(
+        """(files) => {
+            const dt = new DataTransfer()
+            for (const f of files) {
+                const bin = Uint8Array.from(atob(f.b64), (c) => c.charCodeAt(0))
+                dt.items.add(new File([bin], f.name, { type: "image/png" }))
+            }
+            return dt
+        }""",
+        files,
+    )
+    for event in ("dragenter", "dragover", "drop"):
+        page.dispatch_event("[data-clora=dropzone]", event, {"dataTransfer": data_transfer})
+
+
+def wait_state(page: Any, label: str, timeout: float = 30000) -> None:
+    page.wait_for_function(
+        "(label) => document.querySelector('[data-clora=job-state]')?.textContent === label", arg=label, timeout=timeout
+    )
+
+
+def calls(page: Any, fn: str) -> list[dict[str, Any]]:
+    return page.evaluate("(fn) => window.__edFake.calls.filter((c) => c.fn === fn)", fn)
+
+
+def test_train_from_the_tab_end_to_end(env: Env, page: Any) -> None:
+    open_tab(page, env.ed_url)
+    page.wait_for_selector("[data-clora=root][data-ready=true]", timeout=30000)
+    assert page.locator("[data-clora=banner]").is_hidden()
+
+    # base model defaults to ED's current model, with its architecture from modelsDB
+    assert page.input_value("#clora-base-model") == "tiny-sd15"
+    assert page.get_attribute("[data-clora=arch]", "data-arch") == "sd1"
+    assert "SD 1.x" in page.inner_text("[data-clora=arch]")
+
+    # an SDXL model is shown as such, and training it is refused before upload (the daemon trains SD 1.x)
+    page.select_option("#clora-base-model", "tiny-sdxl")
+    assert page.get_attribute("[data-clora=arch]", "data-arch") == "sdxl"
+    assert "SDXL" in page.inner_text("[data-clora=arch]")
+    assert "SDXL models cannot be trained yet" in page.inner_text("[data-error-for=base_model]")
+    page.select_option("#clora-base-model", "tiny-sd15")
+    assert page.inner_text("[data-error-for=base_model]") == ""
+
+    # the trigger word is validated inline, as the daemon does
+    page.fill("#clora-name", "Captain Mira")
+    page.fill("#clora-trigger", "mira tok")
+    assert "spaces" in page.inner_text("[data-error-for=trigger]")
+    page.fill("#clora-trigger", "m1ra,x")
+    assert "commas" in page.inner_text("[data-error-for=trigger]")
+    page.fill("#clora-trigger", "m1ra")
+    assert page.inner_text("[data-error-for=trigger]") == ""
+    page.fill("#clora-class", "woman")
+
+    # a short run: advanced params (only the changed ones are sent)
+    page.locator("[data-clora=advanced] summary").click()
+    page.fill("#clora-p-epochs", "2")
+    page.fill("#clora-p-repeats", "3")
+    page.fill("#clora-p-batch_size", "1")
+    page.fill("#clora-p-resolution", "256")
+
+    assert page.is_disabled("[data-clora=start]")
+    drop_images(page, image_payload(8))
+    page.wait_for_function("document.querySelectorAll('[data-clora=thumb]').length === 8")
+    page.wait_for_function("!document.querySelector('[data-clora=start]').disabled")
+    assert page.inner_text("[data-clora=count]").startswith("8")
+    get_models_before = len(calls(page, "getModels"))
+
+    page.click("[data-clora=start]")
+    # progress from the WebSocket: state, a moving bar with step/total, epoch, loss, rate, ETA, a log tail
+    page.wait_for_function(
+        "(() => { const s = document.querySelector('[data-clora=stat-step]');"
+        " return s && /^[1-9]\\d* \\/ 48$/.test(s.textContent) })()",
+        timeout=60000,
+    )
+    assert page.inner_text("[data-clora=job-state]") == "Training"
+    page.wait_for_function("/\\d/.test(document.querySelector('[data-clora=stat-loss]').textContent)", timeout=30000)
+    assert page.inner_text("[data-clora=stat-epoch]").endswith("/ 2")
+    assert page.inner_text("[data-clora=log]").strip()
+    assert page.is_visible("[data-clora=cancel]")
+    page.screenshot(path=str(artifacts_dir() / "training.png"), full_page=True)
+
+    # a reload mid-training shows the running job again, not an empty page
+    page.reload()
+    page.wait_for_function("window.__edFake && window.__edFake.ready")
+    page.locator("#tab-character-lora").click()
+    page.wait_for_function(
+        "['Training', 'Saving LoRA', 'Done'].includes(document.querySelector('[data-clora=job-state]')?.textContent)",
+        timeout=30000,
+    )
+    assert page.locator("[data-clora=job-row]").count() >= 1
+    get_models_before = len(calls(page, "getModels"))
+
+    wait_state(page, "Done", timeout=90000)
+    page.wait_for_selector("[data-clora=use-it]:not([disabled])", timeout=30000)
+    job = page.evaluate("window.CharacterLoRA.selectedJob()")
+    lora_id = job["lora_id"]
+    assert lora_id and (env.lora_dir / f"{lora_id}.safetensors").is_file()
+
+    # getModels() was awaited so ED's lists have the LoRA; the keywords went into ED's Bucket
+    assert len(calls(page, "getModels")) > get_models_before
+    assert page.evaluate("(id) => !!modelsDB.lora[id]", lora_id)
+    stores = calls(page, "Bucket.store")
+    assert any(c["args"][0] == f"modelinfo/lora/{lora_id}" and c["args"][1]["keywords"] == ["m1ra"] for c in stores)
+    stored = json.loads(env.fake.bucket[f"modelinfo/lora/{lora_id}.json"])
+    assert stored["keywords"] == ["m1ra"]
+    toasts = [c["args"][0] for c in calls(page, "showToast")]
+    assert any("is ready" in t and "m1ra" in t for t in toasts), toasts
+    page.screenshot(path=str(artifacts_dir() / "done.png"), full_page=True)
+
+    # "Use it": the LoRA in loraModelField at a sensible weight, the trigger in the prompt, the main tab
+    page.click("[data-clora=use-it]")
+    value = page.evaluate("loraModelField.value")
+    assert lora_id in value["modelNames"]
+    assert float(value["modelWeights"][value["modelNames"].index(lora_id)]) == pytest.approx(0.8)
+    assert page.input_value("#prompt").startswith("m1ra, ")
+    assert "active" in (page.get_attribute("#tab-main", "class") or "")
+    assert page.is_visible("#tab-content-main")
+    page.screenshot(path=str(artifacts_dir() / "used.png"), full_page=False)
+
+    # the job list keeps the result after a reload
+    open_tab(page, env.ed_url)
+    row = page.locator(f"[data-job-id='{job['id']}']")
+    row.wait_for()
+    assert "Done" in row.inner_text() and lora_id in row.inner_text()
+
+
+def test_too_few_images_keep_start_disabled(env: Env, page: Any, tmp_path: Path) -> None:
+    open_tab(page, env.ed_url)
+    page.wait_for_selector("[data-clora=root][data-ready=true]", timeout=30000)
+    page.fill("#clora-name", "Few Pics")
+    page.fill("#clora-trigger", "fewp")
+    # the file picker this time
+    paths = []
+    for item in image_payload(5, start=20):
+        p = tmp_path / item["name"]
+        p.write_bytes(base64.b64decode(item["b64"]))
+        paths.append(str(p))
+    page.set_input_files("[data-clora=file-input]", paths)
+    page.wait_for_function("document.querySelectorAll('[data-clora=thumb]').length === 5")
+    assert page.is_disabled("[data-clora=start]")
+    assert "Add at least 3 more pictures" in page.inner_text("[data-clora=images-reason]")
+    assert "Add at least 3 more" in page.inner_text("[data-clora=start-reason]")
+    assert page.inner_text("[data-clora=count]").startswith("5")
+    # removing one updates the count and the reason live
+    page.locator("[data-clora=remove-image]").first.click()
+    page.wait_for_function("document.querySelectorAll('[data-clora=thumb]').length === 4")
+    assert "Add at least 4 more" in page.inner_text("[data-clora=images-reason]")
+    page.screenshot(path=str(artifacts_dir() / "too-few-images.png"), full_page=True)
+
+
+def test_unreachable_daemon_shows_a_banner_with_the_fix(env: Env, page: Any, tmp_path: Path) -> None:
+    # a second ED whose plugin settings point at a daemon config whose port nobody listens on
+    dead_port = free_port()
+    ed_port = free_port()
+    ed_root = make_ed_root(tmp_path / "ed2", listen_port=ed_port)
+    cfg = tmp_path / "dead" / "config.yaml"
+    assert install_plugin.main(
+        ["--ed-root", str(ed_root), "--daemon-python", sys.executable, "--daemon-config", str(cfg), "--no-autostart"]
+    ) == 0
+    update_config_file(cfg, {"port": dead_port})
+    with socket.socket() as s:  # nothing listens there
+        assert s.connect_ex(("127.0.0.1", dead_port)) != 0
+    with ServerThread(FakeEd(ed_root, listen_port=ed_port).app(), ed_port) as server:
+        open_tab(page, server.url)
+        banner = page.locator("[data-clora=banner]")
+        banner.wait_for(state="visible", timeout=20000)
+        text = banner.inner_text()
+        assert f"not running at http://127.0.0.1:{dead_port}" in text
+        assert "Fix:" in text and f"-m daemon --config {cfg}" in text
+        assert page.is_visible("[data-clora=retry]")
+        assert page.is_visible("[data-clora=start-daemon]")
+        assert page.is_disabled("[data-clora=start]")
+        assert "not reachable" in page.inner_text("[data-clora=start-reason]")
+        page.screenshot(path=str(artifacts_dir() / "daemon-unreachable.png"), full_page=True)
+        # Retry re-checks (still down: the banner stays, no page error)
+        page.click("[data-clora=retry]")
+        banner.wait_for(state="visible")
+
+
+def test_cancel_from_the_tab(env: Env, page: Any) -> None:
+    open_tab(page, env.ed_url)
+    page.wait_for_selector("[data-clora=root][data-ready=true]", timeout=30000)
+    page.fill("#clora-name", "Cancel Me")
+    page.fill("#clora-trigger", "cnclme")
+    page.locator("[data-clora=advanced] summary").click()
+    page.fill("#clora-p-epochs", "20")
+    page.fill("#clora-p-resolution", "256")
+    drop_images(page, image_payload(8, start=40))
+    page.wait_for_function("!document.querySelector('[data-clora=start]').disabled")
+    page.click("[data-clora=start]")
+    wait_state(page, "Training", timeout=60000)
+    page.click("[data-clora=cancel]")
+    assert "again" in page.inner_text("[data-clora=cancel]")  # a second click confirms
+    page.click("[data-clora=cancel]")
+    wait_state(page, "Cancelled")
+    assert page.is_hidden("[data-clora=use-it]")
+    assert "Cancelled" in page.locator("[data-clora=job-row]").first.inner_text()
+
+
+def test_not_ready_daemon_lists_each_failing_check_with_its_fix(env: Env, page: Any, tmp_path: Path) -> None:
+    ed_port = free_port()
+    ed_root = make_ed_root(tmp_path / "ed3", listen_port=ed_port)
+    cfg = tmp_path / "d3" / "config.yaml"
+    assert install_plugin.main(
+        ["--ed-root", str(ed_root), "--daemon-python", sys.executable, "--daemon-config", str(cfg), "--no-autostart"]
+    ) == 0
+    port = free_port()
+    update_config_file(cfg, {"port": port, "data_dir": str(tmp_path / "d3" / "data"), "allow_cpu": True,
+                             "kohya": {"script_path": str(tmp_path / "missing" / "train_network.py")}})
+    daemon = DaemonProcess(cfg, f"http://127.0.0.1:{port}", tmp_path / "d3.log")
+    daemon.start()
+    try:
+        with ServerThread(FakeEd(ed_root, listen_port=ed_port).app(), ed_port) as server:
+            open_tab(page, server.url)
+            banner = page.locator("[data-clora=banner]")
+            banner.wait_for(state="visible", timeout=20000)
+            assert "not ready to train" in banner.inner_text()
+            problems = page.locator("[data-clora=problem]").all_inner_texts()
+            assert any(p.startswith("kohya_script:") and "Fix:" in p for p in problems), problems
+            assert page.get_attribute("[data-clora=root]", "data-ready") == "false"
+            assert page.get_attribute("[data-clora=conn]", "data-status") == "live"
+            assert page.is_disabled("[data-clora=start]")
+            assert "not ready" in page.inner_text("[data-clora=start-reason]")
+            page.screenshot(path=str(artifacts_dir() / "daemon-not-ready.png"), full_page=True)
+    finally:
+        daemon.stop()
+
+
+def test_page_origin_not_allowed_by_the_daemon(env: Env, page: Any, tmp_path: Path) -> None:
+    """ED opened on an address the daemon's allowed_origins lacks: the banner names the origin and the fix."""
+    ed_port = free_port()
+    ed_root = make_ed_root(tmp_path / "ed4", listen_port=ed_port)
+    for src, dest in ((install_plugin.UI_PLUGIN_SRC, "ui"), (install_plugin.SERVER_PLUGIN_SRC, "server")):
+        (ed_root / "plugins" / dest / src.name).write_bytes(src.read_bytes())
+    # settings pointing at the running daemon's config, which does not list this ED's port
+    settings = json.loads((env.ed_root / "plugins" / "server" / "character_lora_plugin.json").read_text())
+    (ed_root / "plugins" / "server" / "character_lora_plugin.json").write_text(json.dumps(settings))
+    with ServerThread(FakeEd(ed_root, listen_port=ed_port).app(), ed_port) as server:
+        open_tab(page, server.url)
+        banner = page.locator("[data-clora=banner]")
+        banner.wait_for(state="visible", timeout=20000)
+        text = banner.inner_text()
+        assert f"does not accept calls from this page's address ({server.url})" in text
+        assert f"Add {server.url} to allowed_origins in {env.daemon_config}" in text
+        assert page.locator("[data-clora=problem]").count() == 1
+        assert page.is_disabled("[data-clora=start]")
+
+
+def test_one_iife_no_leaked_globals_and_no_clash_with_other_plugins(env: Env, page: Any) -> None:
+    open_tab(page, env.ed_url)
+    page.wait_for_selector("[data-clora=root][data-ready=true]", timeout=30000)
+    # the other plugin (same top-level names as our internals) loaded too and kept its globals
+    assert page.is_visible("#tab-another")
+    assert page.evaluate("connect() === 'another plugin' && state === \"another plugin's state\" && client === null")
+
+    # load our file alone into a bare page: the only new global is window.CharacterLoRA, and it waits for ED
+    plugin_js = (env.ed_root / "plugins" / "ui" / "character-lora.plugin.js").read_text()
+    page.goto(env.ed_url + "/media/ed-fake/ed-fake.css")  # same origin, no ED scripts
+    before = set(page.evaluate("Object.getOwnPropertyNames(window)"))
+    page.add_script_tag(content=plugin_js)
+    after = set(page.evaluate("Object.getOwnPropertyNames(window)"))
+    assert after - before == {"CharacterLoRA"}
+    assert page.evaluate("window.CharacterLoRA.loaded && document.getElementById('tab-character-lora') === null")
+
+    # ED's scripts arriving after the plugin (a plugin manager evaluating it early): the tab still appears
+    page.goto(env.ed_url)
+    page.wait_for_function("window.__edFake && window.__edFake.ready")
+    assert page.locator("#tab-character-lora").count() == 1
+    page.add_script_tag(content=plugin_js)  # loaded twice: still one tab
+    page.wait_for_timeout(300)
+    assert page.locator("#tab-character-lora").count() == 1
+
+
+def test_reconnects_by_itself_after_the_daemon_restarts(env: Env, page: Any) -> None:
+    open_tab(page, env.ed_url)
+    page.wait_for_selector("[data-clora=root][data-ready=true]", timeout=30000)
+    page.wait_for_selector("[data-clora=conn][data-status=live]", timeout=20000)
+    rows = page.locator("[data-clora=job-row]").count()
+    assert rows >= 1  # the job trained above
+
+    env.daemon.stop()
+    page.wait_for_selector("[data-clora=conn]:not([data-status=live])", timeout=20000)
+    page.wait_for_selector("[data-clora=banner]:not([hidden])", timeout=20000)
+    assert "not running" in page.inner_text("[data-clora=banner]")
+    assert page.locator("[data-clora=job-row]").count() == rows  # the list stays while disconnected
+    page.screenshot(path=str(artifacts_dir() / "daemon-stopped.png"), full_page=True)
+
+    env.daemon.start()
+    page.wait_for_selector("[data-clora=conn][data-status=live]", timeout=45000)
+    page.wait_for_selector("[data-clora=banner][hidden]", state="attached", timeout=20000)
+    assert page.locator("[data-clora=job-row]").count() == rows
+    assert page.get_attribute("[data-clora=root]", "data-ready") == "true"
