@@ -373,3 +373,17 @@ async def test_config_test_is_ready_without_a_default_when_ed_has_sd1_models(sta
     body = await (await client.post("/config/test")).json()
     check = next(c for c in body["checks"] if c["name"] == "base_model")
     assert not check["ok"] and check["fix"]
+
+
+async def test_an_oversized_text_field_is_refused(client: TestClient, config: Config) -> None:
+    resp = await client.post("/train", data=train_form(8, params="{" + " " * 70_000 + "}"))
+    assert resp.status == 400
+    assert (await resp.json())["key"] == "params"
+    assert list((config.data_dir / "tmp").iterdir()) == []
+
+
+async def test_unknown_form_field_and_non_multipart_are_refused(client: TestClient) -> None:
+    resp = await client.post("/train", data=train_form(8, colour="blue"))
+    assert resp.status == 400 and (await resp.json())["key"] == "colour"
+    resp = await client.post("/train", json={"name": "x"})
+    assert resp.status == 400 and "multipart" in (await resp.json())["error"]

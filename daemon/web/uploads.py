@@ -86,9 +86,11 @@ async def _read(request: web.Request, tmp_dir: Path, max_file: int, max_total: i
         elif name in TEXT_FIELDS:
             if name in fields:
                 raise BadInput(f"The field '{name}' was sent twice.", key=name)
-            raw = await part.read(decode=False)
-            if len(raw) > MAX_TEXT_BYTES:
-                raise BadInput(f"The field '{name}' is too long.", key=name)
+            raw = b""
+            while chunk := await part.read_chunk(CHUNK):
+                raw += chunk
+                if len(raw) > MAX_TEXT_BYTES:  # checked while reading: a huge field never sits in memory
+                    raise BadInput(f"The field '{name}' is too long.", key=name)
             try:
                 fields[name] = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
