@@ -205,8 +205,8 @@ def _out_of_memory(line: ErrorLine, lines: Sequence[ErrorLine]) -> Failure:
     return Failure(
         OUT_OF_MEMORY,
         "The graphics card ran out of memory.",
-        "Lower the batch size, the resolution or network_dim, or turn on gradient checkpointing; "
-        "close other programs using the GPU (Easy Diffusion itself may be holding a model in VRAM).",
+        "Lower the batch size, the resolution or network_dim under Advanced; close other programs "
+        "using the GPU (Easy Diffusion itself may be holding a model in VRAM).",
     )
 
 
@@ -251,7 +251,7 @@ def _model_incompatible(line: ErrorLine, lines: Sequence[ErrorLine]) -> Failure:
         MODEL_INCOMPATIBLE,
         "The base model does not match the selected model type "
         "(for example an SDXL or SD 2 model trained as SD 1.5).",
-        "Pick a base model of the type the job is set to, or change the job's model type.",
+        "Pick an SD 1.x base model (SDXL and SD 2 cannot be trained yet).",
     )
 
 
