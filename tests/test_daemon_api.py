@@ -387,3 +387,36 @@ async def test_unknown_form_field_and_non_multipart_are_refused(client: TestClie
     assert resp.status == 400 and (await resp.json())["key"] == "colour"
     resp = await client.post("/train", json={"name": "x"})
     assert resp.status == 400 and "multipart" in (await resp.json())["error"]
+
+
+async def test_preview_pictures_are_reported_and_served(client: TestClient, config: Config) -> None:
+    ws = await client.ws_connect("/ws")
+    assert (await ws.receive_json(timeout=5))["type"] == "snapshot"
+    params = json.dumps({"epochs": 2, "sample_every_n_epochs": 1})
+    job_id = (await (await client.post("/train", data=train_form(8, name="Preview", params=params))).json())["job_id"]
+    samples = []
+    while True:
+        frame = await ws.receive_json(timeout=30)
+        if frame["type"] == "sample":
+            samples.append(frame["data"])
+        if frame["type"] == "result":
+            break
+    await ws.close()
+    assert [s["file"][:16] for s in samples] == ["Preview_e000001_", "Preview_e000002_"]
+    job = await (await client.get(f"/jobs/{job_id}/status")).json()
+    assert job["samples"] == samples
+    prompt = (config.jobs_dir / job_id / "sample_prompts.txt").read_text(encoding="utf-8")
+    assert prompt.startswith("ohwx person") and "--d 42" in prompt
+    resp = await client.get(samples[0]["url"])
+    assert resp.status == 200 and resp.content_type == "image/png"
+    assert (await resp.read())[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (await client.get(samples[0]["url"], headers={"Authorization": ""})).status == 401
+    for bad in ("nope.png", "..%2F..%2Fjobs.sqlite3", "%2e%2e"):
+        assert (await client.get(f"/jobs/{job_id}/samples/{bad}")).status == 404, bad
+
+
+async def test_no_previews_on_cpu_unless_asked(client: TestClient, config: Config) -> None:
+    job_id = (await (await client.post("/train", data=train_form(8))).json())["job_id"]
+    job = await wait_for_state(client, job_id, {"done"})
+    assert job["params"]["sample_every_n_epochs"] == 0 and job["samples"] == []
+    assert not (config.jobs_dir / job_id / "sample_prompts.txt").exists()

@@ -292,3 +292,24 @@ def test_write_dataset_config_replaces_atomically(tmp_path: Path) -> None:
     write_dataset_config(path, dataset_config(image_dir="/img", class_tokens="ohwx", params=GPU))
     assert "stale" not in path.read_text()
     assert os.listdir(tmp_path) == ["dataset.toml"]  # no temp file left behind
+
+
+def test_previews_need_both_the_param_and_a_prompt_file() -> None:
+    assert "--sample_prompts" not in build_command(GPU, launch())  # no prompt file written
+    argv = build_command(GPU, launch(sample_prompts="/jobs/j1/sample_prompts.txt"))
+    assert value(argv, "--sample_prompts") == "/jobs/j1/sample_prompts.txt"
+    assert value(argv, "--sample_every_n_epochs") == str(GPU.sample_every_n_epochs)
+    assert value(argv, "--sample_sampler") == "euler_a"
+    assert "--sample_prompts" not in build_command(CPU, launch(sample_prompts="/p.txt"))  # CPU default: none
+
+
+def test_sample_prompt_line_uses_kohya_prompt_options() -> None:
+    from daemon.pipeline.kohya import sample_prompt_file
+
+    text = sample_prompt_file(trigger="ohwx", class_token="woman", params=GPU, cpu=False)
+    assert text.endswith("\n") and text.count("\n") == 1
+    prompt, _, options = text.strip().partition(" --")
+    assert prompt == "ohwx woman, portrait, looking at viewer"
+    opts = dict(o.split(" ", 1) for o in options.split(" --"))
+    assert opts["w"] == opts["h"] == str(GPU.resolution)
+    assert opts["d"] == str(GPU.seed) and int(opts["s"]) > 0 and opts["n"] == "lowres, blurry"

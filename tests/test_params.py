@@ -138,6 +138,7 @@ def test_overrides_accept_the_exact_client_keys() -> None:
         "mixed_precision": "bf16",
         "seed": 7,
         "save_every_n_epochs": 2,
+        "sample_every_n_epochs": 1,
     }
     assert set(overrides) == set(OVERRIDE_KEYS)
     p = resolve(overrides)
@@ -155,6 +156,7 @@ def test_overrides_accept_the_exact_client_keys() -> None:
         seed=7,
         save_every_n_epochs=2,
         preset="quality",
+        sample_every_n_epochs=1,
     )
     # JSON integers for float fields come out as floats (kohya prints them into argv and metadata).
     assert type(p.network_alpha) is float and type(p.text_encoder_lr) is float
@@ -252,3 +254,13 @@ def test_from_json_fills_keys_an_older_record_lacks_from_its_preset() -> None:
 def test_params_are_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         resolve().epochs = 3  # type: ignore[misc]
+
+
+def test_previews_are_off_on_cpu_unless_asked_and_bounded_by_epochs() -> None:
+    assert resolve({}).sample_every_n_epochs == PRESETS["balanced"].sample_every_n_epochs > 0
+    assert resolve({}, cpu=True).sample_every_n_epochs == 0
+    assert resolve({"sample_every_n_epochs": 1}, cpu=True).sample_every_n_epochs == 1
+    assert resolve({"epochs": 1}).sample_every_n_epochs == 0  # the preset's 2 would never fire
+    with pytest.raises(BadInput) as err:
+        resolve({"epochs": 2, "sample_every_n_epochs": 3})
+    assert err.value.key == "sample_every_n_epochs"

@@ -46,7 +46,7 @@ async def test_real_kohya_trains_through_the_daemon(start_daemon, tmp_path: Path
     ready = await (await client.post("/config/test")).json()
     assert ready["ready"], ready["checks"]
     params = {"resolution": 256, "epochs": 2, "repeats": 1, "batch_size": 4, "network_dim": 4,
-              "network_alpha": 2, "save_every_n_epochs": 1}
+              "network_alpha": 2, "save_every_n_epochs": 1, "sample_every_n_epochs": 2}
     resp = await client.post("/train", data=train_form(8, name="Real Run", trigger="sksreal",
                                                        params=json.dumps(params)))
     assert resp.status == 202, await resp.text()
@@ -58,6 +58,11 @@ async def test_real_kohya_trains_through_the_daemon(start_daemon, tmp_path: Path
     events = (await (await client.get(f"/jobs/{job_id}/events")).json())["events"]
     assert [e["data"]["file"] for e in events if e["type"] == "checkpoint"] == [
         "Real_Run-000001.safetensors", "Real_Run.safetensors"]
+    # kohya's own preview picture, found by the watcher and served
+    assert [s["file"][:17] for s in job["samples"]] == ["Real_Run_e000002_"]
+    assert [e["data"]["file"] for e in events if e["type"] == "sample"] == [job["samples"][0]["file"]]
+    picture = await client.get(job["samples"][0]["url"])
+    assert picture.status == 200 and (await picture.read())[:4] == b"\x89PNG"
     with safe_open(job["artifact"], framework="numpy") as fh:
         keys = list(fh.keys())
         meta = fh.metadata()

@@ -84,6 +84,10 @@ class Job:
     created_at: float = 0.0
     updated_at: float = 0.0
     logs: list[str] = field(default_factory=list)
+    samples: list[str] = field(default_factory=list)  # preview pictures kohya made, oldest first
+
+    def sample_url(self, file: str) -> str:
+        return f"/jobs/{self.id}/samples/{file}"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -97,6 +101,7 @@ class Job:
             "state": self.state.value,
             "progress": self.progress.to_json(),
             "logs": list(self.logs),
+            "samples": [{"file": f, "url": self.sample_url(f)} for f in self.samples],
             "artifact": self.artifact,
             "lora_id": self.lora_id,
             "error": self.error.to_json() if self.error else None,

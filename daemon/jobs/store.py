@@ -38,7 +38,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     pid INTEGER,
-    pid_started REAL
+    pid_started REAL,
+    samples TEXT NOT NULL DEFAULT '[]'
 );
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created_at);
 CREATE TABLE IF NOT EXISTS log_lines (
@@ -103,10 +104,11 @@ class JobStore:
         job.updated_at = time.time()
         with self._lock:
             self._db.execute(
-                "UPDATE jobs SET state=?, progress=?, artifact=?, lora_id=?, error=?, updated_at=? WHERE id=?",
+                "UPDATE jobs SET state=?, progress=?, artifact=?, lora_id=?, error=?, samples=?, updated_at=?"
+                " WHERE id=?",
                 (
                     job.state.value, json.dumps(job.progress.to_json()), job.artifact, job.lora_id,
-                    _dump_error(job.error), job.updated_at, job.id,
+                    _dump_error(job.error), json.dumps(job.samples), job.updated_at, job.id,
                 ),
             )
 
@@ -210,6 +212,7 @@ class JobStore:
             created_at=row["created_at"],
             updated_at=row["updated_at"],
             logs=logs,
+            samples=json.loads(row["samples"]),
         )
 
 

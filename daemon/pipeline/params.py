@@ -49,6 +49,9 @@ class TrainParams:
     seed: int
     save_every_n_epochs: int  # 0 = only the final file
     preset: str
+    # 0 = none. A preview picture of the character every N epochs, so a user can see it learn (and stop
+    # early); costs a few seconds per picture on a GPU, minutes on a CPU.
+    sample_every_n_epochs: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,6 +79,7 @@ _COERCE: dict[str, Any] = {
     "seed": int,
     "save_every_n_epochs": int,
     "preset": str,
+    "sample_every_n_epochs": int,
 }
 
 # `repeats` here is only a placeholder: resolve_params derives it from the image count unless the client
@@ -95,17 +99,19 @@ PRESETS: dict[str, TrainParams] = {
         seed=42,
         save_every_n_epochs=2,
         preset="balanced",
+        sample_every_n_epochs=2,
     ),
 }
 # Fewer, larger steps: images/s grows almost linearly with batch size, so batch 4 for ~6 epochs is
 # roughly a third of balanced's wall time; the higher LR makes up for the ~300 steps.
 PRESETS["fast"] = replace(
     PRESETS["balanced"], epochs=6, batch_size=4, network_dim=16, network_alpha=8.0, unet_lr=3e-4,
-    save_every_n_epochs=0, preset="fast",
+    save_every_n_epochs=0, preset="fast", sample_every_n_epochs=0,
 )
 # ~1500 steps at the balanced LR and a larger rank for more detail; still inside the 800-2000 band.
 PRESETS["quality"] = replace(
     PRESETS["balanced"], epochs=15, network_dim=64, network_alpha=32.0, save_every_n_epochs=3, preset="quality",
+    sample_every_n_epochs=3,
 )
 
 OVERRIDE_KEYS: tuple[str, ...] = (
@@ -122,6 +128,7 @@ OVERRIDE_KEYS: tuple[str, ...] = (
     "mixed_precision",
     "seed",
     "save_every_n_epochs",
+    "sample_every_n_epochs",
 )
 
 # key -> (min, max) for the plain integer ranges; the cross-field checks live in _check_relations.
@@ -133,6 +140,7 @@ _INT_RANGES: dict[str, tuple[int, int]] = {
     "network_dim": (1, 256),
     "seed": (0, MAX_SEED),
     "save_every_n_epochs": (0, 100),
+    "sample_every_n_epochs": (0, 100),
 }
 _FLOAT_KEYS = frozenset({"network_alpha", "unet_lr", "text_encoder_lr"})
 _CHOICES: dict[str, tuple[str, ...]] = {"optimizer": OPTIMIZERS, "mixed_precision": MIXED_PRECISIONS}
@@ -172,9 +180,10 @@ def resolve_params(overrides: Mapping[str, object], *, image_count: int, cpu: bo
         _force_cpu_safe(values, overrides)
     if values["optimizer"] in ADAPTIVE_OPTIMIZERS:
         _default_adaptive_lrs(values, overrides)
-    if "save_every_n_epochs" not in overrides and values["save_every_n_epochs"] > values["epochs"]:
-        # The preset's interval would never fire with the client's shorter run.
-        values["save_every_n_epochs"] = 0
+    for key in ("save_every_n_epochs", "sample_every_n_epochs"):
+        if key not in overrides and values[key] > values["epochs"]:
+            # The preset's interval would never fire with the client's shorter run.
+            values[key] = 0
     _check_relations(values)
     return TrainParams(**values)
 
@@ -223,6 +232,9 @@ def _force_cpu_safe(values: dict[str, Any], overrides: Mapping[str, object]) -> 
                 key="optimizer",
             )
         values["optimizer"] = "AdamW"
+    if "sample_every_n_epochs" not in overrides:
+        # A 512 px preview takes minutes on a CPU; only when asked for.
+        values["sample_every_n_epochs"] = 0
 
 
 def _default_adaptive_lrs(values: dict[str, Any], overrides: Mapping[str, object]) -> None:
@@ -251,4 +263,9 @@ def _check_relations(values: dict[str, Any]) -> None:
         raise BadInput(
             f"'save_every_n_epochs' must be from 0 (final file only) to epochs ({epochs}).",
             key="save_every_n_epochs",
+        )
+    if values["sample_every_n_epochs"] > epochs:
+        raise BadInput(
+            f"'sample_every_n_epochs' must be from 0 (no preview pictures) to epochs ({epochs}).",
+            key="sample_every_n_epochs",
         )

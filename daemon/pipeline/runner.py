@@ -37,6 +37,7 @@ from daemon.pipeline.progress import (
     TotalSteps,
     split_glued_line,
 )
+from daemon.pipeline.samples import SampleWatcher
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,14 @@ class JobPaths:
     @property
     def trainer_log(self) -> Path:
         return self.root / "trainer.log"
+
+    @property
+    def sample_prompts(self) -> Path:
+        return self.root / "sample_prompts.txt"
+
+    @property
+    def samples(self) -> Path:
+        return self.output / "sample"  # where kohya writes preview pictures
 
 
 def job_paths(config: Config, job_id: str) -> JobPaths:
@@ -133,6 +142,11 @@ class JobReporter:
         if self._progress_dirty and time.monotonic() - self._last_progress >= PROGRESS_INTERVAL_S:
             await self.progress(self.job.progress, force=True)
 
+    async def sample(self, path: Path) -> None:
+        self.job.samples.append(path.name)
+        await asyncio.to_thread(self._store.save, self.job)
+        await self._hub.emit(EventType.SAMPLE, self.job.id, {"file": path.name, "url": self.job.sample_url(path.name)})
+
     async def checkpoint(self, path: str) -> None:
         await self._hub.emit(EventType.CHECKPOINT, self.job.id, {"file": Path(path).name})
 
@@ -170,7 +184,7 @@ class JobRunner:
             await reporter.state(JobState.PREPPING)
             params = TrainParams.from_json(job.params)
             cpu = await self._device(job)
-            await asyncio.to_thread(self._prepare, job, params, paths)
+            await asyncio.to_thread(self._prepare, job, params, paths, cpu)
             if cancel.is_set():
                 await reporter.finish(JobState.CANCELLED)
                 return
@@ -213,7 +227,7 @@ class JobRunner:
             "no_gpu", f"No CUDA GPU was found ({gpu.error or 'torch sees no CUDA device'}).",
             "Install a CUDA build of torch in the kohya venv, or set allow_cpu: true in the daemon config."))
 
-    def _prepare(self, job: Job, params: TrainParams, paths: JobPaths) -> None:
+    def _prepare(self, job: Job, params: TrainParams, paths: JobPaths, cpu: bool) -> None:
         for check in (check_script(self._config), check_workspace(self._config)):
             if not check.ok:
                 raise JobFailed(JobError("setup", f"kohya is not set up: {check.detail}.", check.fix))
@@ -227,6 +241,11 @@ class JobRunner:
                                text=dataset.caption(job.trigger, job.class_token))
         config = kohya.dataset_config(image_dir=str(paths.images), class_tokens=job.class_token, params=params)
         kohya.write_dataset_config(paths.dataset_config, config)
+        if params.sample_every_n_epochs > 0:
+            paths.sample_prompts.write_text(
+                kohya.sample_prompt_file(trigger=job.trigger, class_token=job.class_token, params=params, cpu=cpu),
+                encoding="utf-8",
+            )
         if paths.output.exists():
             shutil.rmtree(paths.output)
         paths.output.mkdir(parents=True)
@@ -250,6 +269,7 @@ class JobRunner:
             cpu=cpu,
             trigger=job.trigger,
             job_id=job.id,
+            sample_prompts=str(paths.sample_prompts) if paths.sample_prompts.is_file() else None,
         )
 
     async def _train(self, job: Job, params: TrainParams, paths: JobPaths, cpu: bool,
@@ -265,6 +285,8 @@ class JobRunner:
                                      "Check kohya.python / kohya.accelerate_bin in the daemon config.")) from exc
         self.process = proc
         await asyncio.to_thread(self._store.set_process, job.id, proc.pid, proc.started)
+        samples = SampleWatcher(paths.samples, reporter.sample)
+        await samples.start()
         watcher = asyncio.create_task(self._kill_on_cancel(proc, cancel))
         ticker = asyncio.create_task(self._tick(reporter))
         tracker = ProgressTracker()
@@ -284,6 +306,7 @@ class JobRunner:
             ticker.cancel()
             if proc.returncode is None:  # shutdown or an error in this loop: never leave the trainer behind
                 await proc.terminate_tree()
+            await samples.stop()
             self.process = None
             await asyncio.to_thread(self._store.set_process, job.id, None, None)
         await reporter.progress(progress, force=True)

@@ -160,6 +160,21 @@ async def job_logs(request: web.Request) -> web.Response:
     return web.json_response({"lines": await asyncio.to_thread(store.logs, job_id)})
 
 
+@routes.get("/jobs/{job_id}/samples/{file}")
+async def job_sample(request: web.Request) -> web.StreamResponse:
+    job_id, file = request.match_info["job_id"], request.match_info["file"]
+    job = await asyncio.to_thread(request.app[STORE].get, job_id)
+    if job is None:
+        raise NotFound(f"There is no job {job_id}.")
+    # Only names the daemon itself recorded from kohya's sample folder are served.
+    if file not in job.samples:
+        raise NotFound(f"Job {job_id} has no preview picture '{file}'.")
+    path = job_paths(request.app[CONFIG], job.id).samples / file
+    if not path.is_file():
+        raise NotFound(f"The preview picture '{file}' was deleted.")
+    return web.FileResponse(path, headers={"Cache-Control": "private, max-age=3600"})
+
+
 @routes.post("/jobs/{job_id}/cancel")
 async def cancel_job(request: web.Request) -> web.Response:
     queue = request.app[QUEUE]

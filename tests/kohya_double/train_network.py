@@ -106,6 +106,17 @@ def build_parser() -> argparse.ArgumentParser:
     add("--output_name", type=str, default=None)
     add("--save_precision", type=str, default=None, choices=[None, "float", "fp16", "bf16"])
     add("--save_every_n_epochs", type=int, default=None)
+    add("--sample_prompts", type=str, default=None)
+    add("--sample_every_n_epochs", type=int, default=None)
+    add("--sample_every_n_steps", type=int, default=None)
+    add("--sample_at_first", **flag)
+    add(
+        "--sample_sampler",
+        type=str,
+        default="ddim",
+        choices=["ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver",
+                 "dpmsolver++", "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a"],
+    )
     add("--save_every_n_steps", type=int, default=None)
     add("--save_last_n_epochs", type=int, default=None)
     add("--save_state", **flag)
@@ -742,11 +753,39 @@ def train(args: argparse.Namespace, datasets: list[Dataset], console: Console) -
         every = args.save_every_n_epochs
         if every and epoch % every == 0 and epoch < run.epochs and fail != "no_output":
             save_lora(args, run, output_dir / f"{name}-{epoch:06d}.safetensors", epoch, step)
+        if args.sample_every_n_epochs and epoch % args.sample_every_n_epochs == 0:
+            sample_images(args, console, output_dir, name, epoch, step)
     bar.close()
     if fail == "no_output":
         return
     save_lora(args, run, output_dir / f"{name}.safetensors", run.epochs, step)
     console.log("model saved.")
+
+
+def sample_images(args: argparse.Namespace, console: Console, output_dir: Path, name: str, epoch: int,
+                  step: int) -> None:
+    """Like kohya's sample_images_common: one PNG per prompt line into <output_dir>/sample/."""
+    console.log(f"generating sample images at step / サンプル画像生成 ステップ: {step}")
+    if not args.sample_prompts or not Path(args.sample_prompts).is_file():
+        console.log(f"No prompt file / プロンプトファイルがありません: {args.sample_prompts}", "ERROR")
+        return
+    from PIL import Image
+
+    lines = [ln.strip() for ln in Path(args.sample_prompts).read_text(encoding="utf-8").splitlines()]
+    sample_dir = output_dir / "sample"
+    sample_dir.mkdir(parents=True, exist_ok=True)
+    for index, line in enumerate(ln for ln in lines if ln and not ln.startswith("#")):
+        prompt, _, options = line.partition(" --")
+        opts = dict(o.split(" ", 1) for o in options.split(" --") if " " in o)
+        width, height = int(opts.get("w", 512)), int(opts.get("h", 512))
+        seed = opts.get("d")
+        console.log(f"prompt: {prompt}")
+        console.log(f"height: {height}")
+        console.log(f"width: {width}")
+        stamp = time.strftime("%Y%m%d%H%M%S", time.localtime())
+        suffix = "" if seed is None else f"_{seed}"
+        picture = Image.new("RGB", (width, height), ((epoch * 40) % 256, 90, 160))
+        picture.save(sample_dir / f"{name}_e{epoch:06d}_{index:02d}_{stamp}{suffix}.png")
 
 
 def fail_now(kind: str) -> NoReturn:
