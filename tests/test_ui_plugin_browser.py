@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -244,10 +245,24 @@ def calls(page: Any, fn: str) -> list[dict[str, Any]]:
     return page.evaluate("(fn) => window.__edFake.calls.filter((c) => c.fn === fn)", fn)
 
 
+SAMPLE_IMGS_LOADED = """(n) => {
+    const imgs = Array.from(document.querySelectorAll('[data-clora=samples] [data-clora=sample-img]'))
+    return imgs.length === n && imgs.every((i) => i.src.startsWith('blob:') && i.complete && i.naturalWidth > 0)
+}"""
+
+
+def sample_labels(page: Any) -> list[str]:
+    return page.locator("[data-clora=sample] .clora-sample-label").all_inner_texts()
+
+
 def test_train_from_the_tab_end_to_end(env: Env, page: Any) -> None:
+    sample_requests: list[str] = []
+    page.on("request", lambda req: sample_requests.append(req.url) if "/samples/" in req.url else None)
     open_tab(page, env.ed_url)
     page.wait_for_selector("[data-clora=root][data-ready=true]", timeout=30000)
     assert page.locator("[data-clora=banner]").is_hidden()
+    # an empty form says what to type first; an invalid value says what to fix
+    assert page.inner_text("[data-clora=start-reason]") == "Type a character name."
 
     # base model defaults to ED's current model, with its architecture from modelsDB
     assert page.input_value("#clora-base-model") == "tiny-sd15"
@@ -263,9 +278,13 @@ def test_train_from_the_tab_end_to_end(env: Env, page: Any) -> None:
     assert page.inner_text("[data-error-for=base_model]") == ""
 
     # the trigger word is validated inline, as the daemon does
+    page.fill("#clora-name", "Captain Mira!")
+    assert page.inner_text("[data-clora=start-reason]") == "Fix the name first."
     page.fill("#clora-name", "Captain Mira")
+    assert page.inner_text("[data-clora=start-reason]") == "Type a trigger word."
     page.fill("#clora-trigger", "mira tok")
     assert "spaces" in page.inner_text("[data-error-for=trigger]")
+    assert page.inner_text("[data-clora=start-reason]") == "Fix the trigger word first."
     page.fill("#clora-trigger", "m1ra,x")
     assert "commas" in page.inner_text("[data-error-for=trigger]")
     page.fill("#clora-trigger", "m1ra")
@@ -278,6 +297,17 @@ def test_train_from_the_tab_end_to_end(env: Env, page: Any) -> None:
     page.fill("#clora-p-repeats", "3")
     page.fill("#clora-p-batch_size", "1")
     page.fill("#clora-p-resolution", "256")
+    # unchanged, the preview field shows what the daemon will use: the preset's 2, or 0 on a CPU-only daemon
+    checks = daemon_json(env, "POST", "/config/test")["checks"]
+    cpu = any(c["name"] == "gpu" and c["detail"].startswith("no CUDA GPU") for c in checks)
+    assert page.input_value("#clora-p-sample_every_n_epochs") == ("0" if cpu else "2")
+    # a preview picture every epoch; more than the run's epochs is refused inline, as the daemon would
+    page.fill("#clora-p-sample_every_n_epochs", "3")
+    assert "from 0 (off) to the number of epochs (2)" in page.inner_text("[data-clora=params-error]")
+    assert page.get_attribute("#clora-p-sample_every_n_epochs", "aria-invalid") == "true"
+    page.fill("#clora-p-sample_every_n_epochs", "1")
+    assert page.inner_text("[data-clora=params-error]") == ""
+    assert page.get_attribute("#clora-p-sample_every_n_epochs", "aria-invalid") == "false"
 
     assert page.is_disabled("[data-clora=start]")
     drop_images(page, image_payload(8))
@@ -301,6 +331,7 @@ def test_train_from_the_tab_end_to_end(env: Env, page: Any) -> None:
     page.screenshot(path=str(artifacts_dir() / "training.png"), full_page=True)
 
     # a reload mid-training shows the running job again, not an empty page
+    sample_requests.clear()
     page.reload()
     page.wait_for_function("window.__edFake && window.__edFake.ready")
     page.locator("#tab-character-lora").click()
@@ -310,6 +341,14 @@ def test_train_from_the_tab_end_to_end(env: Env, page: Any) -> None:
     )
     assert page.locator("[data-clora=job-row]").count() >= 1
     get_models_before = len(calls(page, "getModels"))
+    # the first preview (epoch 1) shows while the second epoch still trains: from the job JSON if it came
+    # before the reload, else from its `sample` event
+    page.wait_for_function(
+        "document.querySelectorAll('[data-clora=sample]').length >= 1"
+        " && document.querySelector('[data-clora=job-state]').textContent === 'Training'",
+        timeout=30000,
+    )
+    assert sample_labels(page)[0] == "epoch 1"
 
     wait_state(page, "Done", timeout=90000)
     page.wait_for_selector("[data-clora=use-it]:not([disabled])", timeout=30000)
@@ -328,6 +367,33 @@ def test_train_from_the_tab_end_to_end(env: Env, page: Any) -> None:
     assert any("is ready" in t and "m1ra" in t for t in toasts), toasts
     page.screenshot(path=str(artifacts_dir() / "done.png"), full_page=True)
 
+    # preview pictures: epoch 2's came live (no reload since epoch 1), oldest first, the newest highlighted,
+    # each fetched once with the token and shown from a blob: URL although the panel was rebuilt since
+    assert job["params"]["sample_every_n_epochs"] == 1
+    assert [re.search(r"_e(\d{6})_", s["file"]).group(1) for s in job["samples"]] == ["000001", "000002"]  # type: ignore[union-attr]
+    page.wait_for_function(SAMPLE_IMGS_LOADED, arg=2, timeout=30000)
+    assert sample_labels(page) == ["epoch 1", "epoch 2"]
+    assert "clora-latest" in (page.locator("[data-clora=sample]").last.get_attribute("class") or "")
+    assert "clora-latest" not in (page.locator("[data-clora=sample]").first.get_attribute("class") or "")
+    assert sorted(sample_requests) == sorted(env_url(env, s["url"]) for s in job["samples"]), sample_requests
+    page.locator("[data-clora=samples]").scroll_into_view_if_needed()
+    page.screenshot(path=str(artifacts_dir() / "samples.png"), full_page=True)
+    # a click opens it bigger; Esc closes; so does a click on the overlay
+    page.locator("[data-clora=sample]").last.click()
+    page.wait_for_function(
+        "(() => { const i = document.querySelector('[data-clora=viewer] img');"
+        " return i && i.src.startsWith('blob:') && i.complete && i.naturalWidth > 0 })()"
+    )
+    assert "epoch 2" in page.inner_text("[data-clora=viewer]")
+    assert page.evaluate("document.querySelector('[data-clora=viewer] img').getBoundingClientRect().width") > 300
+    page.screenshot(path=str(artifacts_dir() / "sample-viewer.png"), full_page=False)
+    page.keyboard.press("Escape")
+    assert page.locator("[data-clora=viewer]").count() == 0
+    page.locator("[data-clora=sample]").first.click()
+    assert "epoch 1" in page.inner_text("[data-clora=viewer]")
+    page.click("[data-clora=viewer]")
+    assert page.locator("[data-clora=viewer]").count() == 0
+
     # "Use it": the LoRA in loraModelField at a sensible weight, the trigger in the prompt, the main tab
     page.click("[data-clora=use-it]")
     value = page.evaluate("loraModelField.value")
@@ -338,11 +404,62 @@ def test_train_from_the_tab_end_to_end(env: Env, page: Any) -> None:
     assert page.is_visible("#tab-content-main")
     page.screenshot(path=str(artifacts_dir() / "used.png"), full_page=False)
 
-    # the job list keeps the result after a reload
+    # the job list keeps the result after a reload, and the panel its preview pictures (from the job JSON)
     open_tab(page, env.ed_url)
     row = page.locator(f"[data-job-id='{job['id']}']")
     row.wait_for()
     assert "Done" in row.inner_text() and lora_id in row.inner_text()
+    page.wait_for_function(SAMPLE_IMGS_LOADED, arg=2, timeout=30000)
+    assert sample_labels(page) == ["epoch 1", "epoch 2"]
+
+
+def daemon_json(env: Env, method: str, path: str) -> Any:
+    req = urllib.request.Request(
+        env.daemon.url + path, method=method, headers={"Authorization": f"Bearer {env.token}"}
+    )
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def env_url(env: Env, path: str) -> str:
+    """The daemon URL of a daemon path (as the page fetches it)."""
+    return env.daemon.url + path
+
+
+def test_preview_field_shows_what_the_daemon_will_use(env: Env, page: Any) -> None:
+    """With a CUDA GPU (faked in /config/test's answer) the presets' preview intervals show, and follow epochs."""
+
+    def gpu_daemon(route: Any) -> None:
+        resp = route.fetch()
+        data = resp.json()
+        for check in data["checks"]:
+            if check["name"] == "gpu":
+                check.update(ok=True, detail="NVIDIA Test GPU, 24 GB VRAM (torch 2.4.0)")
+        route.fulfill(response=resp, json=data)
+
+    page.route("**/config/test", gpu_daemon)
+    open_tab(page, env.ed_url)
+    page.wait_for_selector("[data-clora=root][data-ready=true]", timeout=30000)
+    page.locator("[data-clora=advanced] summary").click()
+    field = "#clora-p-sample_every_n_epochs"
+    presets = daemon_json(env, "GET", "/presets")["presets"]
+    assert page.input_value(field) == str(presets["balanced"]["sample_every_n_epochs"]) == "2"
+    page.select_option("#clora-preset", "quality")
+    assert page.input_value(field) == str(presets["quality"]["sample_every_n_epochs"])
+    page.select_option("#clora-preset", "fast")
+    assert page.input_value(field) == "0"
+    page.select_option("#clora-preset", "balanced")
+    page.fill("#clora-p-epochs", "1")  # shorter than the interval: the daemon drops it, and so does the field
+    assert page.input_value(field) == "0"
+    page.fill("#clora-p-epochs", "4")
+    assert page.input_value(field) == "2"
+    assert page.inner_text("[data-clora=params-error]") == ""
+    page.fill(field, "3")
+    page.fill("#clora-p-epochs", "2")
+    assert "(2)" in page.inner_text("[data-clora=params-error]")
+    assert page.get_attribute(field, "aria-invalid") == "true"
+    page.click("[data-clora=advanced] .clora-actions button")  # Reset to preset
+    assert page.input_value(field) == "2" and page.inner_text("[data-clora=params-error]") == ""
 
 
 def test_too_few_images_keep_start_disabled(env: Env, page: Any, tmp_path: Path) -> None:
@@ -407,13 +524,25 @@ def test_cancel_from_the_tab(env: Env, page: Any) -> None:
     page.fill("#clora-p-epochs", "20")
     page.fill("#clora-p-resolution", "256")
     drop_images(page, image_payload(8, start=40))
+    page.wait_for_function("document.querySelectorAll('[data-clora=thumb]').length === 8")
+    # previews every 25 epochs of 20: refused before upload, with the reason on the field and on Start
+    page.fill("#clora-p-sample_every_n_epochs", "25")
+    assert "(20)" in page.inner_text("[data-clora=params-error]")
+    assert page.is_disabled("[data-clora=start]")
+    assert "Preview every N epochs must be from 0 (off)" in page.inner_text("[data-clora=start-reason]")
+    page.fill("#clora-p-sample_every_n_epochs", "5")
     page.wait_for_function("!document.querySelector('[data-clora=start]').disabled")
     page.click("[data-clora=start]")
     wait_state(page, "Training", timeout=60000)
+    # none yet (epoch 5 is far off): a muted line says when they come
+    page.wait_for_selector("[data-clora=samples-note]")
+    assert page.inner_text("[data-clora=samples]") == "Preview pictures appear every 5 epochs."
+    assert page.locator("[data-clora=sample]").count() == 0
     page.click("[data-clora=cancel]")
     assert "again" in page.inner_text("[data-clora=cancel]")  # a second click confirms
     page.click("[data-clora=cancel]")
     wait_state(page, "Cancelled")
+    assert page.is_hidden("[data-clora=samples]")  # finished without any: nothing to announce
     assert page.is_hidden("[data-clora=use-it]")
     assert "Cancelled" in page.locator("[data-clora=job-row]").first.inner_text()
 

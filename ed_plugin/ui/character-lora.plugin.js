@@ -54,7 +54,11 @@
         { key: "unet_lr", label: "U-Net learning rate", type: "float", step: "any", min: 0 },
         { key: "text_encoder_lr", label: "Text encoder learning rate", type: "float", step: "any", min: 0 },
         { key: "seed", label: "Seed", type: "int", step: 1, min: 0, max: 4294967295 },
+        // at most `epochs` (checked in paramsProblem); 0 = no preview pictures
+        { key: "sample_every_n_epochs", label: "Preview every N epochs", type: "int", step: 1, min: 0, max: 100, title: "A preview picture of the character every N epochs; 0 = off" },
     ]
+    // kohya's preview names: <name>_e<epoch:06d>_<idx>_<timestamp>[_<seed>].png
+    const SAMPLE_NAME_RE = /_e(\d+)_(\d+)_\d+(?:_\d+)?\.png$/i
 
     // ------------------------------------------------------------------ ED globals, looked up safely
 
@@ -292,6 +296,29 @@
                 throw new DaemonError(msg, { status: res.status, hint: data && data.hint, key: data && data.key })
             }
             return data
+        }
+
+        /** GET a binary file (a preview picture) with the token; an <img src> could not send it. */
+        async blob(path, { timeoutMs = 30000 } = {}) {
+            if (!this.url) throw new DaemonError("The daemon's address is not known.", { kind: "network" })
+            const headers = this.token ? { Authorization: "Bearer " + this.token } : {}
+            const ctrl = typeof AbortController !== "undefined" ? new AbortController() : null
+            const timer = ctrl ? setTimeout(() => ctrl.abort(), timeoutMs) : null
+            try {
+                let res
+                try {
+                    res = await fetch(this.url + path, { headers, mode: "cors", signal: ctrl ? ctrl.signal : undefined })
+                } catch (e) {
+                    throw new DaemonError("The daemon at " + this.url + " cannot be reached.", { kind: "network" })
+                }
+                if (!res.ok) {
+                    const data = await res.json().catch(() => null)
+                    throw new DaemonError((data && data.error) || "The daemon answered " + res.status + ".", { status: res.status })
+                }
+                return await res.blob()
+            } finally {
+                if (timer) clearTimeout(timer)
+            }
         }
 
         openSocket() {
@@ -681,6 +708,11 @@
                 if (job) job.checkpoints = (job.checkpoints || []).concat([data.file])
                 break
             }
+            case "sample": {
+                const job = jobOrFetch(id)
+                if (job && data.url) job.samples = mergeSamples(job.samples, [{ file: data.file, url: data.url }])
+                break
+            }
             case "job_deleted":
                 state.jobs.delete(id)
                 if (state.selectedId === id) {
@@ -714,7 +746,22 @@
         if (!job || !job.id) return
         const prev = state.jobs.get(job.id)
         if (prev && prev.checkpoints && !job.checkpoints) job.checkpoints = prev.checkpoints
+        // a job's previews only grow: keep one a `sample` frame brought that an older answer lacks
+        job.samples = mergeSamples(job.samples, prev && prev.samples)
         state.jobs.set(job.id, job)
+    }
+
+    /** `base` (the daemon's order, oldest first) plus any of `extra` it lacks, by url. */
+    function mergeSamples(base, extra) {
+        const out = Array.isArray(base) ? base.filter((s) => s && s.url) : []
+        const urls = new Set(out.map((s) => s.url))
+        for (const s of Array.isArray(extra) ? extra : []) {
+            if (s && s.url && !urls.has(s.url)) {
+                urls.add(s.url)
+                out.push(s)
+            }
+        }
+        return out
     }
 
     /** A full list of jobs (WebSocket snapshot or GET /jobs): the daemon's word replaces ours. */
@@ -969,7 +1016,13 @@
         if (state.ready && !state.ready.ready) return "The daemon is not ready (see the message above)."
         const errs = formErrors()
         const labels = { name: "name", trigger: "trigger word", class_token: "class word", base_model: "base model" }
-        for (const k of Object.keys(errs)) if (errs[k]) return "Fix the " + labels[k] + " first."
+        // an empty field says what to type; "Fix … first" is for a value that is there but wrong
+        const whenEmpty = { name: ["Type a character name.", ui.name], trigger: ["Type a trigger word.", ui.trigger] }
+        for (const k of Object.keys(errs)) {
+            if (!errs[k]) continue
+            if (whenEmpty[k] && !whenEmpty[k][1].value.trim()) return whenEmpty[k][0]
+            return "Fix the " + labels[k] + " first."
+        }
         const img = imagesProblem()
         if (img) return img
         const p = paramsProblem()
@@ -990,16 +1043,56 @@
     }
 
     function paramsProblem() {
+        const issue = paramsIssue()
+        return issue ? issue.text : null
+    }
+
+    /** The first changed Advanced value the daemon would refuse: {key, text}, or null. */
+    function paramsIssue() {
         for (const f of PARAM_FIELDS) {
             if (!state.paramsDirty.has(f.key)) continue
             const v = readParam(f)
             if (v === undefined) continue
-            if (!isFinite(v) || (f.type === "int" && !Number.isInteger(v))) return f.label + " must be a " + (f.type === "int" ? "whole " : "") + "number."
-            if (f.min !== undefined && v < f.min) return f.label + " must be at least " + f.min + "."
-            if (f.max !== undefined && v > f.max) return f.label + " must be at most " + f.max + "."
-            if (f.key === "resolution" && v % 64) return "Resolution must be a multiple of 64."
+            const bad = (text) => ({ key: f.key, text })
+            if (!isFinite(v) || (f.type === "int" && !Number.isInteger(v))) return bad(f.label + " must be a " + (f.type === "int" ? "whole " : "") + "number.")
+            if (f.min !== undefined && v < f.min) return bad(f.label + " must be at least " + f.min + ".")
+            if (f.max !== undefined && v > f.max) return bad(f.label + " must be at most " + f.max + ".")
+            if (f.key === "resolution" && v % 64) return bad("Resolution must be a multiple of 64.")
+        }
+        // the daemon refuses a sent preview interval longer than the run (400, key sample_every_n_epochs)
+        if (state.paramsDirty.has("sample_every_n_epochs")) {
+            const v = readParam({ key: "sample_every_n_epochs" })
+            const epochs = effectiveEpochs()
+            if (v !== undefined && epochs && v > epochs) {
+                return { key: "sample_every_n_epochs", text: "Preview every N epochs must be from 0 (off) to the number of epochs (" + epochs + ")." }
+            }
         }
         return null
+    }
+
+    function effectiveEpochs() {
+        const v = state.paramsDirty.has("epochs") ? readParam({ key: "epochs" }) : undefined
+        return v !== undefined && Number.isInteger(v) && v >= 1 ? v : presetValues().epochs
+    }
+
+    /** The daemon's "no CUDA GPU … training on the CPU" gpu check (allow_cpu). */
+    function trainsOnCpu() {
+        const checks = state.ready && Array.isArray(state.ready.checks) ? state.ready.checks : []
+        const gpu = checks.find((c) => c.name === "gpu")
+        return !!(gpu && gpu.ok && /^no CUDA GPU/i.test(gpu.detail || ""))
+    }
+
+    /** What an unchanged Advanced field shows: what the daemon will use when the key is not sent. */
+    function paramDefault(f) {
+        const p = presetValues()
+        let v = p[f.key]
+        if (f.key === "sample_every_n_epochs") {
+            // the daemon turns previews off on a CPU, and drops an interval the run never reaches
+            if (trainsOnCpu()) v = 0
+            const epochs = effectiveEpochs()
+            if (typeof v === "number" && epochs && v > epochs) v = 0
+        }
+        return v === undefined || v === null ? "" : String(v)
     }
 
     function collectParams() {
@@ -1189,6 +1282,8 @@
 .clora-adv { display: grid; grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)); gap: 8px; margin-top: 8px; }
 .clora-adv label { display: block; font-size: 9pt; color: var(--small-label-color, #aaa); margin-bottom: 2px; }
 .clora-adv input.clora-dirty { border-color: var(--accent-color); }
+.clora-adv input[aria-invalid="true"] { border-color: var(--status-red, red); }
+.clora-root details > .clora-err { margin-top: 6px; }
 .clora-drop { border: 2px dashed var(--background-color4); border-radius: 7px; padding: 14px; text-align: center; cursor: pointer;
     background: var(--background-color3); color: var(--small-label-color, #aaa); transition: border-color 0.15s, background 0.15s; }
 .clora-drop:hover, .clora-drop.clora-over { border-color: var(--accent-color); background: var(--background-color1); color: var(--text-color); }
@@ -1220,6 +1315,29 @@
 .clora-stats span { display: block; font-size: 8pt; color: var(--small-label-color, #999); }
 .clora-log { background: var(--background-color4); border-radius: 5px; padding: 6px 8px; height: 170px; overflow: auto; font-family: monospace; font-size: 8.5pt;
     white-space: pre-wrap; word-break: break-all; margin: 0; color: var(--text-color); }
+.clora-samples { margin: 0 0 8px 0; }
+.clora-samples-head { font-size: 9pt; color: var(--small-label-color, #999); margin-bottom: 4px; }
+.clora-sample-strip { display: flex; gap: 6px; align-items: flex-end; overflow-x: auto; padding-bottom: 4px; }
+.clora-root .clora-sample { flex: 0 0 auto; display: flex; flex-direction: column; align-items: center; gap: 2px; padding: 0; margin: 0;
+    background: none; border: none; color: var(--small-label-color, #999); font-size: 8pt; cursor: pointer; }
+.clora-root .clora-sample:hover { background: none; color: var(--text-color); }
+.clora-sample-pic { position: relative; display: block; width: 64px; height: 64px; border-radius: 5px; overflow: hidden;
+    background: var(--background-color4); border: 2px solid var(--background-color3); }
+.clora-sample.clora-latest .clora-sample-pic { width: 112px; height: 112px; border-color: var(--accent-color); }
+.clora-sample-label { max-width: 68px; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+.clora-sample.clora-latest .clora-sample-label { max-width: 116px; color: var(--text-color); font-weight: bold; }
+.clora-sample:hover .clora-sample-pic, .clora-sample:focus-visible .clora-sample-pic { border-color: var(--accent-color-hover, var(--accent-color)); }
+.clora-sample img { display: none; width: 100%; height: 100%; object-fit: cover; }
+.clora-sample[data-status="ok"] img { display: block; }
+.clora-sample:not([data-status="ok"]) .clora-sample-pic::after { content: "…"; position: absolute; inset: 0; display: flex; align-items: center; justify-content: center; }
+.clora-sample[data-status="error"] .clora-sample-pic::after { content: "!"; color: var(--status-red, red); font-weight: bold; }
+.clora-viewer { position: fixed; inset: 0; z-index: 10000; display: flex; flex-direction: column; align-items: center; justify-content: center; gap: 8px;
+    background: rgba(0, 0, 0, 0.85); cursor: zoom-out; outline: none; }
+.clora-viewer img { width: min(90vw, 80vh); height: auto; max-height: 80vh; object-fit: contain; border-radius: 7px; background: var(--background-color4);
+    box-shadow: 0 4px 8px 0 rgba(0, 0, 0, 0.15), 0 6px 20px 0 rgba(0, 0, 0, 0.15); }
+.clora-viewer-caption { color: var(--text-color); font-size: 10pt; text-align: center; }
+.clora-viewer-caption span { color: var(--small-label-color, #999); }
+.clora-viewer-hint { display: block; font-size: 9pt; margin-top: 2px; }
 .clora-actions { display: flex; gap: 8px; margin-top: 8px; flex-wrap: wrap; align-items: center; }
 .clora-result { margin-top: 8px; padding: 8px; border-radius: 5px; background: var(--background-color3); }
 .clora-result.clora-error { border-left: 3px solid var(--status-red, red); }
@@ -1301,7 +1419,7 @@
         const advGrid = el("div", { className: "clora-adv" })
         for (const f of PARAM_FIELDS) {
             const input = el("input", {
-                attrs: { id: "clora-p-" + f.key, type: "number", step: f.step, min: f.min, max: f.max, "data-param": f.key, inputmode: f.type === "int" ? "numeric" : "decimal" },
+                attrs: { id: "clora-p-" + f.key, type: "number", step: f.step, min: f.min, max: f.max, title: f.title, "data-param": f.key, inputmode: f.type === "int" ? "numeric" : "decimal" },
             })
             input.addEventListener("input", () => {
                 state.paramsDirty.add(f.key)
@@ -1318,12 +1436,14 @@
             "Reset to preset"
         )
         ui.serverErrors.params = el("div", { className: "clora-err" })
+        ui.paramsError = el("div", { className: "clora-err", attrs: { "data-clora": "params-error", role: "alert" } })
         ui.advanced = el(
             "details",
             { attrs: { "data-clora": "advanced" } },
             el("summary", { text: "Advanced" }),
             advGrid,
-            el("div", { className: "clora-actions" }, resetBtn, el("span", { className: "clora-help", text: "Changed values are sent; the rest come from the preset. Repeats: empty = automatic (≈200 image views per epoch)." })),
+            ui.paramsError,
+            el("div", { className: "clora-actions" }, resetBtn, el("span", { className: "clora-help", text: "Changed values are sent; the rest come from the preset. Repeats: empty = automatic (≈200 image views per epoch). Preview: 0 = off." })),
             ui.serverErrors.params
         )
 
@@ -1499,7 +1619,6 @@
     }
 
     function fillParamsFromPreset() {
-        const p = presetValues()
         for (const f of PARAM_FIELDS) {
             const input = ui.params[f.key]
             if (state.paramsDirty.has(f.key)) continue
@@ -1508,7 +1627,7 @@
                 input.value = ""
                 input.placeholder = "auto (" + autoRepeats(state.images.length || MIN_IMAGES) + ")"
             } else {
-                input.value = p[f.key] === undefined || p[f.key] === null ? "" : String(p[f.key])
+                input.value = paramDefault(f)
             }
         }
     }
@@ -1590,6 +1709,15 @@
             ? "≈ " + (steps || "?") + " steps · " + (state.paramsDirty.has("epochs") ? readParam({ key: "epochs" }) : p.epochs) + " epochs · rank " + (state.paramsDirty.has("network_dim") ? readParam({ key: "network_dim" }) : p.network_dim)
             : ""
         if (ui.params.repeats && !state.paramsDirty.has("repeats")) ui.params.repeats.placeholder = "auto (" + autoRepeats(state.images.length || MIN_IMAGES) + ")"
+        const preview = PARAM_FIELDS.find((f) => f.key === "sample_every_n_epochs")
+        if (ui.params[preview.key] && !state.paramsDirty.has(preview.key)) {
+            const d = paramDefault(preview) // follows a changed epoch count, as the daemon does
+            if (ui.params[preview.key].value !== d) ui.params[preview.key].value = d
+        }
+        // Advanced values, checked as typed (the Start reason repeats the first problem)
+        const issue = paramsIssue()
+        ui.paramsError.textContent = issue ? issue.text : ""
+        for (const f of PARAM_FIELDS) ui.params[f.key].setAttribute("aria-invalid", issue && issue.key === f.key ? "true" : "false")
 
         // images
         const n = state.images.length
@@ -1640,6 +1768,13 @@
     function renderJobPanel() {
         if (!ui.jobPanel) return
         const job = selectedJob()
+        const shownId = job ? job.id : null
+        if (shownId !== samplesJobId) {
+            // another job (or none) in the panel: let the previous job's pictures go
+            samplesJobId = shownId
+            closeViewer()
+            pruneSamples(shownId)
+        }
         if (!job) {
             renderedJobKey = null
             ui.jobPanel.replaceChildren(el("h4", {}, icon("fa-hourglass-half"), "Training"), el("div", { className: "clora-empty", text: "No training yet. Fill in the form and press Start training." }))
@@ -1664,6 +1799,9 @@
             return el("div", {}, el("span", { text: label }), v)
         }
         p.stats = el("div", { className: "clora-stats" }, stat("Step", "step"), stat("Epoch", "epoch"), stat("Loss", "loss"), stat("Speed", "rate"), stat("Time left", "eta"))
+        p.samples = el("div", { className: "clora-samples", attrs: { "data-clora": "samples", hidden: true } })
+        p.sampleNodes = new Map() // sample url -> {btn, img}
+        p.samplesKey = null
         p.log = el("pre", { className: "clora-log", attrs: { "data-clora": "log", "aria-live": "off" } })
         p.actions = el("div", { className: "clora-actions" })
         if (!isFinished(job)) {
@@ -1721,6 +1859,7 @@
             el("div", { className: "clora-job-title" }, el("div", {}, el("b", { text: job.name }), " ", el("span", { className: "clora-small", text: "trigger “" + job.trigger + "”, " + (job.image_count || "?") + " pictures" })), p.badge),
             p.bar,
             p.stats,
+            p.samples,
             p.log,
             ...(result ? [result] : []),
             p.actions
@@ -1742,6 +1881,7 @@
         p.loss.textContent = typeof pr.loss === "number" ? pr.loss.toFixed(4) : "–"
         p.rate.textContent = fmtRate(pr.rate)
         p.eta.textContent = isFinished(job) ? "–" : fmtDuration(pr.eta_s)
+        updateSamples(job, p)
         const lines = job.logs || []
         const text = lines.join("\n")
         if (p.log.textContent !== text) {
@@ -1749,6 +1889,163 @@
             p.log.textContent = text
             if (atBottom) p.log.scrollTop = p.log.scrollHeight
         }
+    }
+
+    // ------------------------------------------------------------------ preview pictures
+
+    // The daemon serves previews only with the token, so each is fetched as a blob and shown through an
+    // object URL. Cached by URL for the job in the panel (a redraw reuses it); revoked when it leaves.
+    const sampleCache = new Map() // daemon url + sample url -> {jobId, url, status, objectUrl, error, dead}
+    let samplesJobId = null
+
+    function sampleLabel(file) {
+        const m = SAMPLE_NAME_RE.exec(file || "")
+        if (!m) return file || "?"
+        const idx = parseInt(m[2], 10)
+        return "epoch " + parseInt(m[1], 10) + (idx > 0 ? " #" + (idx + 1) : "")
+    }
+
+    function sampleKey(url) {
+        return (client.url || "") + url
+    }
+
+    /** The cache entry for a preview, fetching it the first time (or again after a failure, on `retry`). */
+    function loadSample(jobId, url, { retry = false } = {}) {
+        const key = sampleKey(url)
+        const have = sampleCache.get(key)
+        if (have && !(retry && have.status === "error")) return have
+        const entry = { jobId, url, status: "loading", objectUrl: null, error: null, dead: false }
+        sampleCache.set(key, entry)
+        client
+            .blob(url)
+            .then((blob) => {
+                if (entry.dead) return
+                entry.objectUrl = URL.createObjectURL(blob)
+                entry.status = "ok"
+            })
+            .catch((e) => {
+                if (entry.dead) return
+                entry.status = "error"
+                entry.error = e.message
+            })
+            .finally(() => {
+                if (entry.dead) return
+                const node = ui.jobParts && ui.jobParts.sampleNodes && ui.jobParts.sampleNodes.get(url)
+                if (node) paintSample(node, entry)
+            })
+        return entry
+    }
+
+    /** Forget (and revoke) every cached preview that is not the given job's. */
+    function pruneSamples(keepJobId) {
+        for (const [key, entry] of Array.from(sampleCache.entries())) {
+            if (entry.jobId === keepJobId) continue
+            entry.dead = true
+            if (entry.objectUrl) URL.revokeObjectURL(entry.objectUrl)
+            sampleCache.delete(key)
+        }
+    }
+
+    function paintSample(node, entry) {
+        node.btn.dataset.status = entry.status
+        if (entry.status === "ok" && node.img.getAttribute("src") !== entry.objectUrl) node.img.src = entry.objectUrl
+        if (entry.status === "error") node.btn.title = node.label + ": could not load it (" + entry.error + "). Click to try again."
+        else node.btn.title = node.label + " (" + node.file + "), click to enlarge"
+    }
+
+    function makeSampleNode(job, sample) {
+        const label = sampleLabel(sample.file)
+        const img = el("img", { attrs: { alt: "Preview, " + label, draggable: "false", "data-clora": "sample-img" } })
+        const btn = el(
+            "button",
+            { className: "clora-sample", attrs: { type: "button", "data-clora": "sample", "data-file": sample.file } },
+            el("span", { className: "clora-sample-pic" }, img),
+            el("span", { className: "clora-sample-label", text: label })
+        )
+        const node = { btn, img, label, file: sample.file }
+        btn.addEventListener("click", () => {
+            const entry = loadSample(job.id, sample.url)
+            if (entry.status === "ok") openViewer(node, entry)
+            else if (entry.status === "error") paintSample(node, loadSample(job.id, sample.url, { retry: true }))
+        })
+        paintSample(node, loadSample(job.id, sample.url))
+        return node
+    }
+
+    /** The job's previews, oldest first, the newest larger; a note while none came yet. */
+    function updateSamples(job, p) {
+        if (!p.samples) return
+        const samples = Array.isArray(job.samples) ? job.samples.filter((s) => s && s.url) : []
+        const every = (job.params && Number(job.params.sample_every_n_epochs)) || 0
+        const key = samples.map((s) => s.url).join("\n") + "|" + every + "|" + isFinished(job)
+        if (key === p.samplesKey) return
+        p.samplesKey = key
+        if (!samples.length) {
+            p.sampleNodes.clear()
+            const waiting = every > 0 && !isFinished(job)
+            p.samples.hidden = !waiting
+            p.samples.replaceChildren(
+                ...(waiting
+                    ? [el("div", { className: "clora-empty", attrs: { "data-clora": "samples-note" }, text: every === 1 ? "Preview pictures appear every epoch." : "Preview pictures appear every " + every + " epochs." })]
+                    : [])
+            )
+            return
+        }
+        let strip = p.samples.querySelector(".clora-sample-strip")
+        const head = el(
+            "div",
+            { className: "clora-samples-head" },
+            icon("fa-images"),
+            " Preview pictures (" + samples.length + ")" + (every > 0 && !isFinished(job) ? " · every " + (every === 1 ? "epoch" : every + " epochs") : "") + " · click one to enlarge"
+        )
+        const atEnd = !strip || strip.scrollWidth - strip.scrollLeft - strip.clientWidth < 24
+        if (!strip) strip = el("div", { className: "clora-sample-strip", attrs: { "data-clora": "sample-strip" } })
+        const nodes = samples.map((s, i) => {
+            let node = p.sampleNodes.get(s.url)
+            if (!node) {
+                node = makeSampleNode(job, s)
+                p.sampleNodes.set(s.url, node)
+            }
+            node.btn.classList.toggle("clora-latest", i === samples.length - 1)
+            return node.btn
+        })
+        strip.replaceChildren(...nodes)
+        p.samples.hidden = false
+        p.samples.replaceChildren(head, strip)
+        if (atEnd) strip.scrollLeft = strip.scrollWidth // keep the newest in view
+    }
+
+    function openViewer(node, entry) {
+        closeViewer()
+        const viewer = el(
+            "div",
+            { className: "clora-viewer", attrs: { role: "dialog", "aria-modal": "true", "aria-label": "Preview picture, " + node.label, tabindex: "-1", "data-clora": "viewer" } },
+            el("img", { attrs: { src: entry.objectUrl, alt: "Preview, " + node.label, "data-clora": "viewer-img" } }),
+            el("div", { className: "clora-viewer-caption" }, el("b", { text: node.label }), " ", el("span", { text: node.file }), el("span", { className: "clora-viewer-hint", text: "Click or press Esc to close" }))
+        )
+        viewer.addEventListener("click", () => closeViewer())
+        ui.viewer = viewer
+        ui.viewerOpener = node.btn
+        ui.root.appendChild(viewer)
+        document.addEventListener("keydown", onViewerKey, true)
+        viewer.focus()
+    }
+
+    function onViewerKey(e) {
+        if (e.key !== "Escape") return
+        e.preventDefault()
+        e.stopPropagation() // ED's own Esc handlers must not act on it
+        closeViewer()
+    }
+
+    function closeViewer() {
+        if (!ui.viewer) return
+        document.removeEventListener("keydown", onViewerKey, true)
+        ui.viewer.remove()
+        ui.viewer = null
+        const opener = ui.viewerOpener
+        ui.viewerOpener = null
+        if (opener && opener.isConnected) opener.focus()
     }
 
     function renderJobList() {
