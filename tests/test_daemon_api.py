@@ -227,6 +227,7 @@ async def test_config_test_reports_each_check(client: TestClient) -> None:
     names = {c["name"] for c in body["checks"]}
     assert {"kohya_script", "kohya_workspace", "launcher", "base_model", "lora_dir", "disk", "gpu"} <= names
     assert body["ready"] is True, body
+    assert body["device"] == "cpu" and body["gpu"] is None
     gpu = next(c for c in body["checks"] if c["name"] == "gpu")
     assert "no CUDA GPU" in gpu["detail"]
 
@@ -237,7 +238,7 @@ async def test_config_test_not_ready_without_gpu_unless_cpu_allowed(start_daemon
     cfg = make_config(tmp_path, port=free_port(), allow_cpu=False, kohya={"script_path": str(tmp_path / "nope.py")})
     client = await start_daemon(cfg)
     body = await (await client.post("/config/test")).json()
-    assert body["ready"] is False
+    assert body["ready"] is False and body["device"] is None
     failing = {c["name"]: c for c in body["checks"] if not c["ok"]}
     assert set(failing) == {"kohya_script", "gpu"}
     assert all(c["fix"] for c in failing.values())

@@ -298,8 +298,7 @@ def test_train_from_the_tab_end_to_end(env: Env, page: Any) -> None:
     page.fill("#clora-p-batch_size", "1")
     page.fill("#clora-p-resolution", "256")
     # unchanged, the preview field shows what the daemon will use: the preset's 2, or 0 on a CPU-only daemon
-    checks = daemon_json(env, "POST", "/config/test")["checks"]
-    cpu = any(c["name"] == "gpu" and c["detail"].startswith("no CUDA GPU") for c in checks)
+    cpu = daemon_json(env, "POST", "/config/test")["device"] == "cpu"
     assert page.input_value("#clora-p-sample_every_n_epochs") == ("0" if cpu else "2")
     # a preview picture every epoch; more than the run's epochs is refused inline, as the daemon would
     page.fill("#clora-p-sample_every_n_epochs", "3")
@@ -432,6 +431,7 @@ def test_preview_field_shows_what_the_daemon_will_use(env: Env, page: Any) -> No
     def gpu_daemon(route: Any) -> None:
         resp = route.fetch()
         data = resp.json()
+        data.update(device="cuda", gpu={"name": "NVIDIA Test GPU", "vram_gb": 24.0})
         for check in data["checks"]:
             if check["name"] == "gpu":
                 check.update(ok=True, detail="NVIDIA Test GPU, 24 GB VRAM (torch 2.4.0)")

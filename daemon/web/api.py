@@ -39,6 +39,9 @@ async def config_test(request: web.Request) -> web.Response:
     return web.json_response({
         "ready": all(c.ok for c in checks),
         "lora_dir": str(config.ed_lora_dir),
+        # What jobs will train on: "cuda", "cpu" (no GPU, allow_cpu) or null (no GPU, not allowed).
+        "device": "cuda" if gpu.cuda else ("cpu" if config.allow_cpu else None),
+        "gpu": {"name": gpu.name, "vram_gb": gpu.vram_gb} if gpu.cuda else None,
         "checks": [c.to_json() for c in checks],
     })
 

@@ -1075,11 +1075,9 @@
         return v !== undefined && Number.isInteger(v) && v >= 1 ? v : presetValues().epochs
     }
 
-    /** The daemon's "no CUDA GPU … training on the CPU" gpu check (allow_cpu). */
+    /** The daemon trains on the CPU (no CUDA GPU, allow_cpu): /config/test says so in `device`. */
     function trainsOnCpu() {
-        const checks = state.ready && Array.isArray(state.ready.checks) ? state.ready.checks : []
-        const gpu = checks.find((c) => c.name === "gpu")
-        return !!(gpu && gpu.ok && /^no CUDA GPU/i.test(gpu.detail || ""))
+        return !!(state.ready && state.ready.device === "cpu")
     }
 
     /** What an unchanged Advanced field shows: what the daemon will use when the key is not sent. */
