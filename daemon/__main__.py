@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -12,7 +13,8 @@ from aiohttp import web
 
 from daemon import __version__
 from daemon.config import FORBIDDEN_PORTS, ConfigError, load_or_create
-from daemon.web.app import create_app
+from daemon.instance_lock import AlreadyRunning
+from daemon.web.app import AccessLogger, create_app
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -42,9 +44,39 @@ def main(argv: list[str] | None = None) -> int:
     if created:
         print(f"Wrote a default config to {path}", flush=True)
     print(f"Config: {path}", flush=True)
-    print(f"Character LoRA daemon {__version__} listening on {config.url}", flush=True)
-    web.run_app(create_app(config), host=config.host, port=config.port, print=None, shutdown_timeout=10)
+    problem = port_problem(config.host, config.port)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
+
+    def started(_: str) -> None:  # run_app calls this once the port is bound
+        print(f"Character LoRA daemon {__version__} listening on {config.url}", flush=True)
+
+    try:
+        web.run_app(create_app(config), host=config.host, port=config.port, print=started, shutdown_timeout=10,
+                    access_log_class=AccessLogger)
+    except AlreadyRunning as exc:
+        print(f"error: {exc.message} {exc.hint}", file=sys.stderr)
+        return 1
     return 0
+
+
+def port_problem(host: str, port: int) -> str | None:
+    """A sentence if host:port cannot be bound (another program, or a daemon already running)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        return f"host '{host}' cannot be resolved: {exc}"
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        if sys.platform != "win32":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp binds
+        try:
+            sock.bind(addr)
+        except OSError as exc:
+            return (f"cannot listen on {host}:{port} ({exc.strerror}); is the daemon already running? "
+                    "Otherwise pick another port with --port or in the config.")
+    return None
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
     {"type": <EventType>, "job_id": <id or null>, "data": {...}, "seq": <int>, "ts": <ms since epoch>}
 
-`seq` grows by one per event within a daemon run, so a client can tell it missed nothing.
+`seq` grows by one per event within a daemon run; the snapshot carries the seq of the last event it
+includes, so after it a client sees seq + 1, seq + 2, ... and can tell it missed nothing.
 """
 
 from __future__ import annotations

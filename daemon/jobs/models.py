@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -40,7 +41,8 @@ class Progress:
     eta_s: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        # JSON has no inf/nan: a diverging loss or a zero rate must not break every job listing.
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
 
     @classmethod
     def from_json(cls, data: dict[str, Any] | None) -> Progress:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import shutil
+from functools import partial
 
 from daemon.config import Config
 from daemon.errors import Conflict, NotFound
@@ -46,7 +47,7 @@ class JobQueue:
         """Shutdown: the running trainer is killed (tree) and its job marked interrupted."""
         if self._worker is not None:
             self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._worker
             self._worker = None
 
@@ -71,22 +72,20 @@ class JobQueue:
             self._store.save(job)
 
     async def submit(self, job: Job) -> None:
-        await asyncio.to_thread(self._store.insert, job)
-        await self._hub.emit(EventType.JOB_CREATED, job.id, job.to_json())
+        await self._hub.emit(EventType.JOB_CREATED, job.id, job.to_json(), persist=partial(self._store.insert, job))
         self._pending.put_nowait(job.id)
 
     async def cancel(self, job_id: str) -> Job:
         job = await self._get(job_id)
         if job.state.finished:
             raise Conflict(f"Job {job_id} is already {job.state.value}; there is nothing to cancel.")
+        # Set before any await: the worker checks it when it takes the job, the runner while it runs.
+        self._cancels.setdefault(job_id, asyncio.Event()).set()
         if job.state is JobState.QUEUED and self._current != job_id:
             job.state = JobState.CANCELLED
-            await asyncio.to_thread(self._store.save, job)
             data = {"state": job.state.value, "error": None, "artifact": None, "lora_id": None}
-            await self._hub.emit(EventType.STATE, job.id, data)
+            await self._hub.emit(EventType.STATE, job.id, data, persist=partial(self._store.save, job))
             await self._hub.emit(EventType.RESULT, job.id, data)
-            return job
-        self._cancels.setdefault(job_id, asyncio.Event()).set()
         return job
 
     async def wait_finished(self, job_id: str, timeout: float) -> Job:
@@ -101,7 +100,7 @@ class JobQueue:
 
     async def delete(self, job_id: str) -> None:
         job = await self._get(job_id)
-        if job.state.active or (job.state is JobState.QUEUED and self._current == job_id):
+        if job.state.active or self._current == job_id:
             raise Conflict(
                 f"Job {job_id} is {job.state.value}; cancel it before deleting it.",
                 hint=f"POST /jobs/{job_id}/cancel first.",
@@ -110,8 +109,8 @@ class JobQueue:
             await self.cancel(job_id)
         # Only the job's working files; a LoRA published into ED's folder stays.
         await asyncio.to_thread(shutil.rmtree, job_paths(self._config, job_id).root, True)
-        await asyncio.to_thread(self._store.delete, job_id)
-        await self._hub.emit(EventType.JOB_DELETED, job_id, {})
+        await self._hub.emit(EventType.JOB_DELETED, job_id, {}, persist=partial(self._store.delete, job_id))
+        self._cancels.pop(job_id, None)
 
     async def _get(self, job_id: str) -> Job:
         job = await asyncio.to_thread(self._store.get, job_id)
@@ -122,13 +121,34 @@ class JobQueue:
     async def _work(self) -> None:
         while True:
             job_id = await self._pending.get()
-            job = await asyncio.to_thread(self._store.get, job_id)
-            if job is None or job.state is not JobState.QUEUED:
-                continue
-            cancel = self._cancels.setdefault(job_id, asyncio.Event())
-            self._current = job_id
+            self._current = job_id  # before any await, so cancel/delete see the job as taken
             try:
+                cancel = self._cancels.setdefault(job_id, asyncio.Event())
+                if cancel.is_set():
+                    continue  # cancelled while queued; cancel() already recorded it
+                job = await asyncio.to_thread(self._store.get, job_id)
+                if job is None or job.state is not JobState.QUEUED:
+                    continue
                 await self._runner.run(job, cancel)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # One job's broken error path (a full disk, say) must not stop every later job.
+                log.exception("the worker failed on job %s", job_id)
+                await self._mark_failed(job_id)
             finally:
                 self._current = None
                 self._cancels.pop(job_id, None)
+
+    async def _mark_failed(self, job_id: str) -> None:
+        try:
+            job = await asyncio.to_thread(self._store.get, job_id)
+            if job is not None and not job.state.finished:
+                job.state = JobState.ERROR
+                job.error = JobError("internal", "The daemon failed while running this job.",
+                                     "See the daemon's console output, then start the job again.")
+                await self._hub.emit(EventType.RESULT, job_id, {"state": "error", "error": job.error.to_json(),
+                                                               "artifact": None, "lora_id": None},
+                                     persist=partial(self._store.save, job))
+        except Exception:
+            log.exception("could not record the failure of job %s", job_id)

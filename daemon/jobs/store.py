@@ -18,7 +18,7 @@ from typing import Any
 from daemon.events import Event
 from daemon.jobs.models import Job, JobError, JobState, Progress
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 LOG_TAIL = 60
 
 _SCHEMA = """
@@ -38,8 +38,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     pid INTEGER,
-    pid_started REAL,
-    samples TEXT NOT NULL DEFAULT '[]'
+    pid_started REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created_at);
 CREATE TABLE IF NOT EXISTS log_lines (
@@ -58,6 +57,11 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_job ON events (job_id, id);
 """
 
+# MIGRATIONS[n] takes a database from user_version n to n + 1.
+MIGRATIONS: dict[int, str] = {
+    1: "ALTER TABLE jobs ADD COLUMN samples TEXT NOT NULL DEFAULT '[]'",
+}
+
 
 class JobStore:
     def __init__(self, path: Path) -> None:
@@ -75,6 +79,8 @@ class JobStore:
                     f"{path} was written by a newer version of the daemon (schema {version}); upgrade the daemon"
                 )
             self._db.executescript(_SCHEMA)
+            for step in range(max(version, 1), SCHEMA_VERSION):
+                self._db.execute(MIGRATIONS[step])
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def close(self) -> None:

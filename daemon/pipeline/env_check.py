@@ -19,6 +19,7 @@ from pathlib import Path
 from daemon.config import Config
 from daemon.pipeline.base_models import list_models
 from daemon.pipeline.model_arch import ARCH_LABELS, TRAINABLE_ARCHS, detect_arch
+from daemon.pipeline.process import NO_WINDOW
 
 MIN_FREE_BYTES = 2 * 1024**3
 GPU_PROBE_TIMEOUT_S = 90
@@ -84,6 +85,7 @@ def probe_gpu(python: str | None) -> GpuInfo:
             text=True,
             timeout=GPU_PROBE_TIMEOUT_S,
             env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+            creationflags=NO_WINDOW,
         )
         info = json.loads(done.stdout.strip().splitlines()[-1])
     except (OSError, subprocess.TimeoutExpired, ValueError, IndexError) as exc:

@@ -23,6 +23,7 @@ import psutil
 log = logging.getLogger(__name__)
 
 IS_WINDOWS = sys.platform == "win32"
+NO_WINDOW: int = getattr(subprocess, "CREATE_NO_WINDOW", 0)
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,8 @@ async def start_trainer(argv: Sequence[str], *, cwd: str, env: Mapping[str, str]
     """Start `argv` (never through a shell) with piped output, stdin closed, in a new process group."""
     kwargs: dict[str, object] = {}
     if IS_WINDOWS:
-        kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
+        # No console window: started from ED the daemon has none, and closing a new one would kill training.
+        kwargs["creationflags"] = NO_WINDOW | subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
     else:
         kwargs["start_new_session"] = True
     proc = await asyncio.create_subprocess_exec(

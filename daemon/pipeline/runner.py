@@ -13,7 +13,8 @@ import os
 import shutil
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 from daemon.config import Config
@@ -98,7 +99,8 @@ def output_name(job: Job) -> str:
 
 
 class JobReporter:
-    """Persist, then publish: the single way a running job tells the world anything."""
+    """The single way a running job tells the world anything: each change is saved and published as
+    one step (EventHub.publish), so a client never sees it twice or misses it."""
 
     def __init__(self, job: Job, store: JobStore, hub: EventHub) -> None:
         self.job = job
@@ -109,10 +111,14 @@ class JobReporter:
         self._pending_logs: list[str] = []
         self._last_log_flush = 0.0
 
+    def _save(self) -> Callable[[], None]:
+        # A copy: the store writes in a worker thread while this job keeps changing on the loop.
+        job = replace(self.job, progress=replace(self.job.progress), samples=list(self.job.samples))
+        return partial(self._store.save, job)
+
     async def state(self, state: JobState) -> None:
         self.job.state = state
-        await asyncio.to_thread(self._store.save, self.job)
-        await self._hub.emit(EventType.STATE, self.job.id, self._state_data())
+        await self._hub.emit(EventType.STATE, self.job.id, self._state_data(), persist=self._save())
 
     async def progress(self, progress: Progress, *, force: bool = False) -> None:
         self.job.progress = progress
@@ -122,8 +128,7 @@ class JobReporter:
             return
         self._last_progress = now
         self._progress_dirty = False
-        await asyncio.to_thread(self._store.save, self.job)
-        await self._hub.emit(EventType.PROGRESS, self.job.id, progress.to_json())
+        await self._hub.emit(EventType.PROGRESS, self.job.id, progress.to_json(), persist=self._save())
 
     async def log_lines(self, lines: list[str], *, force: bool = False) -> None:
         self._pending_logs.extend(lines)
@@ -132,8 +137,8 @@ class JobReporter:
             return
         batch, self._pending_logs = self._pending_logs, []
         self._last_log_flush = now
-        await asyncio.to_thread(self._store.append_logs, self.job.id, batch)
-        await self._hub.emit(EventType.LOG, self.job.id, {"lines": batch})
+        await self._hub.emit(EventType.LOG, self.job.id, {"lines": batch},
+                             persist=partial(self._store.append_logs, self.job.id, batch))
 
     async def tick(self) -> None:
         """Send what the throttles held back; called periodically while the trainer runs."""
@@ -144,8 +149,8 @@ class JobReporter:
 
     async def sample(self, path: Path) -> None:
         self.job.samples.append(path.name)
-        await asyncio.to_thread(self._store.save, self.job)
-        await self._hub.emit(EventType.SAMPLE, self.job.id, {"file": path.name, "url": self.job.sample_url(path.name)})
+        await self._hub.emit(EventType.SAMPLE, self.job.id, {"file": path.name, "url": self.job.sample_url(path.name)},
+                             persist=self._save())
 
     async def checkpoint(self, path: str) -> None:
         await self._hub.emit(EventType.CHECKPOINT, self.job.id, {"file": Path(path).name})
@@ -180,7 +185,11 @@ class JobRunner:
     async def run(self, job: Job, cancel: asyncio.Event) -> None:
         reporter = JobReporter(job, self._store, self._hub)
         paths = job_paths(self._config, job.id)
+        copying: asyncio.Future[Path] | None = None
         try:
+            if cancel.is_set():  # cancelled between the queue handing it over and now
+                await reporter.finish(JobState.CANCELLED)
+                return
             await reporter.state(JobState.PREPPING)
             params = TrainParams.from_json(job.params)
             cpu = await self._device(job)
@@ -194,27 +203,42 @@ class JobRunner:
                 await reporter.finish(JobState.CANCELLED)
                 return
             await reporter.state(JobState.COPYING)
-            final = await asyncio.to_thread(self._publish, job, result)
-            job.artifact = str(final)
-            job.lora_id = publish.lora_id(final, self._config.ed_lora_dir)
-            await reporter.log_lines([f"LoRA published: {final}"], force=True)
+            # A thread cannot be stopped: on shutdown the copy still finishes, and is recorded (below).
+            copying = asyncio.ensure_future(asyncio.to_thread(self._publish, job, result))
+            self._record_artifact(job, await asyncio.shield(copying))
+            await reporter.log_lines([f"LoRA published: {job.artifact}"], force=True)
             await reporter.finish(JobState.DONE)
         except JobFailed as exc:
             await reporter.finish(JobState.ERROR, error=exc.error)
         except DaemonError as exc:
             await reporter.finish(JobState.ERROR, error=JobError("setup", exc.message, exc.hint or ""))
         except asyncio.CancelledError:
-            # The daemon is shutting down: the trainer was killed by the queue; the job was interrupted.
-            job.error = JobError("interrupted", "The daemon stopped while this job was running.",
-                                 "Start the job again.")
-            job.state = JobState.INTERRUPTED
-            await asyncio.to_thread(self._store.save, job)
+            await self._interrupted(job, copying)
             raise
         except Exception as exc:
             log.exception("job %s failed unexpectedly", job.id)
             await reporter.finish(JobState.ERROR, error=JobError(
                 "internal", f"The daemon hit an unexpected error: {type(exc).__name__}: {exc}",
                 "See the daemon's console output; please report this."))
+
+    def _record_artifact(self, job: Job, final: Path) -> None:
+        job.artifact = str(final)
+        job.lora_id = publish.lora_id(final, self._config.ed_lora_dir)
+
+    async def _interrupted(self, job: Job, copying: asyncio.Future[Path] | None) -> None:
+        """The daemon is shutting down (the queue already killed the trainer): record how far the job got."""
+        if copying is not None:
+            try:
+                self._record_artifact(job, await copying)
+                job.state, job.error = JobState.DONE, None
+            except Exception as exc:  # the copy itself failed; say so rather than 'interrupted'
+                job.state = JobState.ERROR
+                job.error = JobError("publish_failed", str(exc), "Start the job again.")
+        else:
+            job.state = JobState.INTERRUPTED
+            job.error = JobError("interrupted", "The daemon stopped while this job was running.",
+                                 "Start the job again.")
+        await asyncio.to_thread(self._store.save, job)
 
     async def _device(self, job: Job) -> bool:
         """True when training runs on the CPU. Fails the job when there is no GPU and CPU is not allowed."""
@@ -302,8 +326,9 @@ class JobRunner:
                 await self._apply(tracker.finish(), progress, reporter)
             exit_code = await proc.wait()
         finally:
-            watcher.cancel()
-            ticker.cancel()
+            for task in (watcher, ticker):
+                task.cancel()
+            await asyncio.gather(watcher, ticker, return_exceptions=True)
             if proc.returncode is None:  # shutdown or an error in this loop: never leave the trainer behind
                 await proc.terminate_tree()
             await samples.stop()
@@ -350,7 +375,7 @@ class JobRunner:
             elif isinstance(event, StepProgress):
                 progress.step, progress.total = event.step, event.total
                 progress.rate, progress.eta_s = event.rate, event.eta_s
-                if event.loss is not None and not math.isnan(event.loss):
+                if event.loss is not None and math.isfinite(event.loss):
                     progress.loss = event.loss
                 changed = True
             elif isinstance(event, CheckpointSaved):

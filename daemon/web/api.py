@@ -60,7 +60,7 @@ async def models(request: web.Request) -> web.Response:
     found = await asyncio.to_thread(base_models.describe_models, config.ed_models_dir)
     default = None
     if config.base_model is not None:
-        default = {"file": config.base_model.name, "arch": detect_arch(config.base_model)}
+        default = {"file": config.base_model.name, "arch": await asyncio.to_thread(detect_arch, config.base_model)}
     return web.json_response({"models": [m.to_json() for m in found], "default": default,
                               "supported_archs": list(TRAINABLE_ARCHS)})
 
@@ -74,6 +74,7 @@ async def train(request: web.Request) -> web.Response:
         max_file=config.max_image_bytes,
         max_total=config.max_request_bytes,
     )
+    paths = None
     try:
         job = await _new_job(request, form.fields, form.uploads)
         paths = job_paths(config, job.id)
@@ -81,6 +82,8 @@ async def train(request: web.Request) -> web.Response:
         await asyncio.to_thread(shutil.move, str(form.tmp_dir), str(paths.uploads))
     except BaseException:
         shutil.rmtree(form.tmp_dir, ignore_errors=True)
+        if paths is not None:
+            shutil.rmtree(paths.root, ignore_errors=True)
         raise
     await request.app[QUEUE].submit(job)
     return web.json_response({"job_id": job.id, "state": job.state.value}, status=202)
@@ -91,8 +94,8 @@ async def _new_job(request: web.Request, form: dict[str, str], uploads: list[dat
     name = fields.check_name(form.get("name"))
     trigger = fields.check_trigger(form.get("trigger"))
     class_token = fields.check_class_token(form.get("class_token"))
-    base = base_models.resolve_model(form.get("base_model"), models_dir=config.ed_models_dir,
-                                     default=config.base_model)
+    base = await asyncio.to_thread(base_models.resolve_model, form.get("base_model"),
+                                   models_dir=config.ed_models_dir, default=config.base_model)
     if not base.exists():
         raise BadInput(f"The base model {base} does not exist.", key="base_model",
                        hint="Fix base_model in the daemon config or pick a model in Easy Diffusion.")
@@ -184,7 +187,9 @@ async def cancel_job(request: web.Request) -> web.Response:
     job_id = request.match_info["job_id"]
     await queue.cancel(job_id)
     job = await queue.wait_finished(job_id, timeout=15)
-    return web.json_response(job.to_json())
+    # 200 once the job has stopped (cancelled, or done if the LoRA was already being copied); 202 while
+    # the trainer is still being stopped.
+    return web.json_response(job.to_json(), status=200 if job.state.finished else 202)
 
 
 @routes.delete("/jobs/{job_id}")

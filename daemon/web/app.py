@@ -5,20 +5,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 from collections.abc import AsyncIterator, Callable
 from functools import partial
 
 from aiohttp import WSCloseCode, web
+from aiohttp.abc import AbstractAccessLogger
 
 from daemon.config import Config
 from daemon.gpu import GpuCache
 from daemon.hub import EventHub
+from daemon.instance_lock import InstanceLock
 from daemon.jobs.queue import JobQueue
 from daemon.jobs.store import JobStore
 from daemon.pipeline.env_check import GpuInfo, kohya_python, probe_gpu
 from daemon.pipeline.runner import JobRunner
 from daemon.web.api import routes
-from daemon.web.keys import CONFIG, GPU, HUB, QUEUE, SOCKETS, STORE
+from daemon.web.keys import CONFIG, GPU, HUB, QUEUE, STORE
 from daemon.web.middlewares import error_middleware, security_middleware
 from daemon.web.ws import websocket_handler
 
@@ -29,7 +32,6 @@ def create_app(config: Config, *, gpu_probe: Callable[[], GpuInfo] | None = None
     app = web.Application(middlewares=[error_middleware(), security_middleware(config)])
     app[CONFIG] = config
     app[GPU] = GpuCache(gpu_probe or partial(probe_gpu, kohya_python(config)))
-    app[SOCKETS] = set()
     app.add_routes(routes)
     app.router.add_get("/ws", websocket_handler)
     app.cleanup_ctx.append(_jobs_ctx)
@@ -39,7 +41,19 @@ def create_app(config: Config, *, gpu_probe: Callable[[], GpuInfo] | None = None
 
 async def _jobs_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
-    config.data_dir.mkdir(parents=True, exist_ok=True)
+    lock = InstanceLock(config.data_dir)
+    lock.acquire()  # before recovery: never treat another daemon's running job as left over
+    try:
+        async with _jobs(app, config):
+            yield
+    finally:
+        lock.release()
+
+
+@contextlib.asynccontextmanager
+async def _jobs(app: web.Application, config: Config) -> AsyncIterator[None]:
+    # Uploads of requests a crash cut short; no request can be in flight before we serve.
+    await asyncio.to_thread(shutil.rmtree, config.data_dir / "tmp", True)
     store = JobStore(config.db_path)
     hub = EventHub(store)
     queue = JobQueue(config, store, hub, JobRunner(config, store, hub, app[GPU].get))
@@ -53,6 +67,14 @@ async def _jobs_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _close_sockets(app: web.Application) -> None:
-    for ws in list(app[SOCKETS]):
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(ws.close(code=WSCloseCode.GOING_AWAY, message=b"daemon shutting down"), 2)
+    async def close(ws: web.WebSocketResponse) -> None:
+        await asyncio.wait_for(ws.close(code=WSCloseCode.GOING_AWAY, message=b"daemon shutting down"), 2)
+
+    await app[HUB].close_all(close)
+
+
+class AccessLogger(AbstractAccessLogger):
+    """Method, path, status, time: never the query string, where the WebSocket carries the token."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info("%s %s %s %.3fs", request.method, request.path, response.status, time)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -24,10 +25,18 @@ CORS_METHODS = "GET, POST, DELETE, OPTIONS"
 CORS_HEADERS = "Authorization, Content-Type"
 
 
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
+
+
 def allowed_hosts(config: Config) -> frozenset[str]:
+    """`Host` values that name this daemon; anything else is a DNS-rebinding attempt."""
     names = {config.host, "localhost", "127.0.0.1", "[::1]"}
     if ":" in config.host and not config.host.startswith("["):
         names.add(f"[{config.host}]")
+    if config.host in WILDCARD_HOSTS:
+        # Reached from other machines: by the names of the pages the user allowed (e.g. ED on a LAN IP).
+        hostnames = {urlsplit(origin).hostname or "" for origin in config.allowed_origins} - {""}
+        names |= {f"[{h}]" if ":" in h else h for h in hostnames}
     return frozenset(f"{name}:{config.port}".lower() for name in names)
 
 
@@ -91,6 +100,12 @@ def security_middleware(config: Config) -> Callable[[web.Request, Handler], Awai
                 response = await handler(request)
             except (DaemonError, web.HTTPException) as exc:
                 response = error_response(exc)
+            except Exception:
+                # Answered here, not by the outer middleware, so the page can read it (CORS below).
+                log.exception("unhandled error in %s %s", request.method, request.path)
+                response = web.json_response(
+                    {"error": "The daemon hit an unexpected error; see its console output."}, status=500
+                )
         if cors and not response.prepared:
             response.headers["Access-Control-Allow-Origin"] = origin  # type: ignore[assignment]
             response.headers["Vary"] = "Origin"

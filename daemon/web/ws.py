@@ -6,7 +6,7 @@ import logging
 
 from aiohttp import WSMsgType, web
 
-from daemon.web.keys import HUB, SOCKETS
+from daemon.web.keys import HUB
 
 log = logging.getLogger(__name__)
 
@@ -15,7 +15,6 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     ws = web.WebSocketResponse(heartbeat=30.0)
     await ws.prepare(request)
     hub = request.app[HUB]
-    request.app[SOCKETS].add(ws)
     try:
         await hub.subscribe(ws)
         async for msg in ws:
@@ -23,6 +22,5 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
             if msg.type == WSMsgType.ERROR:
                 log.info("WebSocket closed with error: %s", ws.exception())
     finally:
-        hub.unsubscribe(ws)
-        request.app[SOCKETS].discard(ws)
+        await hub.unsubscribe(ws)
     return ws
