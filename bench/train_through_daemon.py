@@ -211,7 +211,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 "steady_images_per_s": rate * job["params"]["batch_size"] if rate else None,
                 "artifact": job["artifact"], "lora_id": job["lora_id"],
                 "lora": inspect_lora(job["artifact"]) if job["artifact"] else None,
+                "samples": [x["file"] for x in job["samples"]],
             }
+            if job["samples"]:  # kohya's own preview, fetched the way the tab fetches it
+                async with session.get(url + job["samples"][-1]["url"], headers=auth) as resp:
+                    (out / "last-sample.png").write_bytes(await resp.read())
             shutil.copy(work / "data" / "jobs" / job_id / "trainer.log", out / "trainer.log")
             if args.cancel_second:
                 t1 = time.monotonic()
@@ -252,6 +256,7 @@ def main() -> None:
     print(json.dumps({k: job[k] for k in ("state", "total_steps", "wall_s", "first_step_s", "steady_steps_per_s",
                                           "steady_images_per_s")}, indent=2))
     print("lora:", json.dumps(job["lora"]))
+    print("samples:", job["samples"])
     print("gpu peak MiB:", report["gpu_peak_mib"], "| cancel:", json.dumps(report.get("cancel", {}).get("result")))
     print("trainer processes left after daemon shutdown:", report["trainer_processes_after_shutdown"])
 

@@ -279,7 +279,9 @@ def spawn_daemon(settings, cfg_url):
         out = subprocess.DEVNULL
         if log_path:
             try:
-                out = open(log_path, "ab")  # noqa: SIM115 - handed to the child, closed right after Popen
+                # owner-only, like the daemon config: the log may hold paths and job names
+                fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                out = os.fdopen(fd, "ab")  # handed to the child, closed right after Popen
             except OSError:
                 log_path = None
         try:
