@@ -259,13 +259,6 @@ def _check_relations(values: dict[str, Any]) -> None:
             key="text_encoder_lr",
         )
     epochs = values["epochs"]
-    if values["save_every_n_epochs"] > epochs:
-        raise BadInput(
-            f"'save_every_n_epochs' must be from 0 (final file only) to epochs ({epochs}).",
-            key="save_every_n_epochs",
-        )
-    if values["sample_every_n_epochs"] > epochs:
-        raise BadInput(
-            f"'sample_every_n_epochs' must be from 0 (no preview pictures) to epochs ({epochs}).",
-            key="sample_every_n_epochs",
-        )
+    for key, zero_means in (("save_every_n_epochs", "final file only"), ("sample_every_n_epochs", "no previews")):
+        if values[key] > epochs:
+            raise BadInput(f"'{key}' must be from 0 ({zero_means}) to epochs ({epochs}).", key=key)
