@@ -180,7 +180,6 @@ class JobRunner:
         self._store = store
         self._hub = hub
         self._gpu = gpu
-        self.process: TrainerProcess | None = None
 
     async def run(self, job: Job, cancel: asyncio.Event) -> None:
         reporter = JobReporter(job, self._store, self._hub)
@@ -302,21 +301,22 @@ class JobRunner:
         argv = kohya.build_command(params, launch)
         env = kohya.build_env(os.environ, tokenizer_cache_dir=launch.tokenizer_cache_dir, cpu=cpu)
         await reporter.log_lines([f"$ {' '.join(argv)}"], force=True)
+        samples = SampleWatcher(paths.samples, reporter.sample)
+        await samples.start()  # before the trainer, so not even its first picture is missed
         try:
             proc = await start_trainer(argv, cwd=launch.workspace, env=env)
         except OSError as exc:
+            await samples.stop()
             raise JobFailed(JobError("setup", f"The trainer could not be started: {exc}",
                                      "Check kohya.python / kohya.accelerate_bin in the daemon config.")) from exc
-        self.process = proc
-        await asyncio.to_thread(self._store.set_process, job.id, proc.pid, proc.started)
-        samples = SampleWatcher(paths.samples, reporter.sample)
-        await samples.start()
         watcher = asyncio.create_task(self._kill_on_cancel(proc, cancel))
         ticker = asyncio.create_task(self._tick(reporter))
         tracker = ProgressTracker()
         splitters = {"stdout": LineSplitter(), "stderr": LineSplitter()}
         progress = Progress(epochs=params.epochs)
         try:
+            # Recorded so a restart after a daemon crash can kill a trainer left running.
+            await asyncio.to_thread(self._store.set_process, job.id, proc.pid, proc.started)
             with paths.trainer_log.open("a", encoding="utf-8", buffering=1) as raw_log:
                 async for chunk in proc.output():
                     raw_log.write(chunk.text)
@@ -332,7 +332,6 @@ class JobRunner:
             if proc.returncode is None:  # shutdown or an error in this loop: never leave the trainer behind
                 await proc.terminate_tree()
             await samples.stop()
-            self.process = None
             await asyncio.to_thread(self._store.set_process, job.id, None, None)
         await reporter.progress(progress, force=True)
         final = paths.output / f"{output_name(job)}.safetensors"
