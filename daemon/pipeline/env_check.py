@@ -59,6 +59,7 @@ class GpuInfo:
     torch: str | None = None
     error: str | None = None
     probed_at: float = 0.0
+    ran: bool = True  # False when the kohya python could not be started at all
 
 
 def kohya_python(config: Config) -> str | None:
@@ -77,7 +78,7 @@ def kohya_python(config: Config) -> str | None:
 
 def probe_gpu(python: str | None) -> GpuInfo:
     if not python:
-        return GpuInfo(cuda=False, error="no kohya python found", probed_at=time.time())
+        return GpuInfo(cuda=False, error="no kohya python found", probed_at=time.time(), ran=False)
     try:
         done = subprocess.run(
             [python, "-c", _GPU_PROBE],
@@ -89,7 +90,7 @@ def probe_gpu(python: str | None) -> GpuInfo:
         )
         info = json.loads(done.stdout.strip().splitlines()[-1])
     except (OSError, subprocess.TimeoutExpired, ValueError, IndexError) as exc:
-        return GpuInfo(cuda=False, error=f"the GPU probe failed: {exc}", probed_at=time.time())
+        return GpuInfo(cuda=False, error=f"the GPU probe failed: {exc}", probed_at=time.time(), ran=False)
     return GpuInfo(
         cuda=bool(info.get("cuda")),
         name=info.get("name"),
@@ -120,17 +121,24 @@ def check_workspace(config: Config) -> Check:
     return Check("kohya_workspace", True, str(ws))
 
 
-def check_launcher(config: Config) -> Check:
+def check_launcher(config: Config, gpu: GpuInfo) -> Check:
+    """The launcher exists, and the kohya python beside it really runs (the GPU probe ran in it)."""
     if config.kohya.python:
         py = config.kohya.python
         if not py.is_file():
             return Check("launcher", False, f"kohya.python {py} does not exist",
                          "Point kohya.python at the python of the sd-scripts venv.")
+        if not gpu.ran:
+            return Check("launcher", False, f"kohya.python {py} could not be run ({gpu.error})",
+                         "Point kohya.python at a working python of the sd-scripts venv.")
         return Check("launcher", True, f"{py} (runs the script directly)")
     found = shutil.which(config.kohya.accelerate_bin)
     if not found:
         return Check("launcher", False, f"'{config.kohya.accelerate_bin}' was not found",
                      "Set kohya.accelerate_bin to the accelerate of the sd-scripts venv, or kohya.python.")
+    if not gpu.ran:
+        return Check("launcher", False, f"{found} was found, but the python of its venv could not be run ({gpu.error})",
+                     "Set kohya.python to the python of the sd-scripts venv.")
     return Check("launcher", True, found)
 
 
@@ -202,7 +210,7 @@ def run_checks(config: Config, gpu: GpuInfo) -> list[Check]:
     return [
         check_script(config),
         check_workspace(config),
-        check_launcher(config),
+        check_launcher(config, gpu),
         check_base_model(config.base_model, config.ed_models_dir),
         check_lora_dir(config.ed_lora_dir),
         check_disk(config.data_dir),
