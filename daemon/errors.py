@@ -6,7 +6,6 @@
     ├── Forbidden          (403) Origin / Host not allowed
     ├── NotFound           (404)
     ├── Conflict           (409) the job is not in a state that allows this
-    ├── PayloadTooLarge    (413) upload over a size limit
     └── EnvProblem         (503) the machine is not ready (kohya missing, no model, ...)
 
 The web layer turns each into `{"error": message, "hint": ..., "key": ...}` with its status; nothing
@@ -52,10 +51,6 @@ class NotFound(DaemonError):
 
 class Conflict(DaemonError):
     status = 409
-
-
-class PayloadTooLarge(DaemonError):
-    status = 413
 
 
 class EnvProblem(DaemonError):

@@ -101,7 +101,7 @@ async def test_an_oversized_file_is_refused_by_name(start_daemon, tmp_path: Path
     form = train_form(8)
     form.add_field("images", b"\0" * (1024 * 1024 + 10), filename="huge.png", content_type="image/png")
     resp = await client.post("/train", data=form)
-    assert resp.status == 413
+    assert resp.status == 400
     assert "huge.png" in (await resp.json())["error"]
     assert list((cfg.data_dir / "tmp").iterdir()) == []
 
@@ -421,3 +421,17 @@ async def test_no_previews_on_cpu_unless_asked(client: TestClient, config: Confi
     job = await wait_for_state(client, job_id, {"done"})
     assert job["params"]["sample_every_n_epochs"] == 0 and job["samples"] == []
     assert not (config.jobs_dir / job_id / "sample_prompts.txt").exists()
+
+
+async def test_a_request_over_the_total_limit_is_refused(start_daemon, tmp_path: Path) -> None:
+    from tests.helpers import free_port, make_config
+
+    cfg = make_config(tmp_path, port=free_port(), max_request_mb=1)
+    client = await start_daemon(cfg)
+    form = train_form(7)
+    form.add_field("images", b"\0" * (1024 * 1024), filename="big.png", content_type="image/png")
+    resp = await client.post("/train", data=form)
+    assert resp.status == 400
+    body = await resp.json()
+    assert body["key"] == "images" and "per request" in body["error"]
+    assert list((cfg.data_dir / "tmp").iterdir()) == []

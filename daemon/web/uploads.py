@@ -12,7 +12,7 @@ from pathlib import Path
 
 from aiohttp import BodyPartReader, web
 
-from daemon.errors import BadInput, PayloadTooLarge
+from daemon.errors import BadInput
 from daemon.pipeline.dataset import MAX_IMAGES, Upload, display_name
 
 TEXT_FIELDS = frozenset({"name", "trigger", "class_token", "base_model", "params"})
@@ -72,11 +72,11 @@ async def _read(request: web.Request, tmp_dir: Path, max_file: int, max_total: i
                     size += len(chunk)
                     total += len(chunk)
                     if size > max_file:
-                        raise PayloadTooLarge(
+                        raise BadInput(
                             f"'{client}' is larger than the {max_file // (1024 * 1024)} MiB limit per image.",
                             key="images", hint="Use a smaller or more compressed picture.")
                     if total > max_total:
-                        raise PayloadTooLarge(
+                        raise BadInput(
                             f"The upload is larger than the {max_total // (1024 * 1024)} MiB limit per request.",
                             key="images")
                     fh.write(chunk)
