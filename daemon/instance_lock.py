@@ -48,5 +48,11 @@ class InstanceLock:
 
     def release(self) -> None:
         if self._fh is not None:
-            self._fh.close()  # closing the file drops the lock
+            if sys.platform == "win32":
+                import msvcrt
+
+                # Windows frees a lock left to close() only "after a delay": a quick restart would fail.
+                self._fh.seek(0)
+                msvcrt.locking(self._fh.fileno(), msvcrt.LK_UNLCK, 1)
+            self._fh.close()  # on POSIX closing the file drops the lock
             self._fh = None

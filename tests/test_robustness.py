@@ -194,3 +194,21 @@ async def test_the_token_never_reaches_the_access_log(client: TestClient, caplog
 
 def test_make_config_helper_is_valid(tmp_path: Path) -> None:
     assert make_config(tmp_path, port=9131).allow_cpu is True
+
+
+async def test_a_child_left_holding_the_output_neither_hangs_the_job_nor_survives(client: TestClient,
+                                                                                  monkeypatch) -> None:
+    import psutil
+
+    monkeypatch.setenv("KOHYA_DOUBLE_SPAWN_CHILD", "1")  # a grandchild that sleeps with kohya's pipes open
+    job_id = (await (await client.post("/train", data=train_form(8, params='{"epochs": 1}'))).json())["job_id"]
+    job = await wait_for_state(client, job_id, {"done", "error"}, timeout=40)
+    assert job["state"] == "done", job["error"]
+    lines = (await (await client.get(f"/jobs/{job_id}/logs")).json())["lines"]
+    child = next(int(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("double child pid:"))
+    for _ in range(50):
+        if not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE:
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError(f"the trainer's child {child} outlived the job")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import shutil
 from functools import partial
@@ -47,8 +46,7 @@ class JobQueue:
         """Shutdown: the running trainer is killed (tree) and its job marked interrupted."""
         if self._worker is not None:
             self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._worker
+            await asyncio.gather(self._worker, return_exceptions=True)
             self._worker = None
 
     def _recover(self) -> None:
@@ -107,6 +105,9 @@ class JobQueue:
             )
         if job.state is JobState.QUEUED:
             await self.cancel(job_id)
+            if self._current == job_id:  # the worker took it while cancel() read the store
+                raise Conflict(f"Job {job_id} was just starting; it is being cancelled.",
+                               hint="Delete it once it shows as cancelled.")
         # Only the job's working files; a LoRA published into ED's folder stays.
         await asyncio.to_thread(shutil.rmtree, job_paths(self._config, job_id).root, True)
         await self._hub.emit(EventType.JOB_DELETED, job_id, {}, persist=partial(self._store.delete, job_id))

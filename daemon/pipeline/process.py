@@ -40,6 +40,17 @@ class TrainerProcess:
             self.started = psutil.Process(proc.pid).create_time()
         except psutil.Error:
             self.started = 0.0
+        # Descendants seen while the trainer ran: once it exits, its orphans can no longer be found
+        # through it (and Windows has no process group to signal).
+        self._descendants: dict[int, float] = {}
+
+    def remember_descendants(self) -> None:
+        try:
+            for child in psutil.Process(self.pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    self._descendants.setdefault(child.pid, child.create_time())
+        except psutil.Error:
+            pass
 
     @property
     def returncode(self) -> int | None:
@@ -80,18 +91,30 @@ class TrainerProcess:
         finally:
             for task in tasks:
                 task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            # gather, not suppress(CancelledError): a cancel aimed at our caller must still get through
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def wait(self) -> int:
-        return await self._proc.wait()
+        """The exit code, as soon as the trainer exits.
+
+        Not Process.wait(): that also waits for the pipes to close, which a left-over grandchild can
+        postpone forever.
+        """
+        while (code := self._proc.returncode) is None:
+            await asyncio.sleep(0.1)
+        return code
 
     async def terminate_tree(self, grace_s: float = 5.0) -> None:
-        """SIGTERM the whole tree (and group), wait up to `grace_s`, then SIGKILL whatever is left."""
-        await asyncio.to_thread(kill_tree, self.pid, self.started, grace_s)
-        with contextlib.suppress(ProcessLookupError):
-            await asyncio.wait_for(self._proc.wait(), timeout=grace_s + 5)
+        """SIGTERM the whole tree (and group), wait up to `grace_s`, then SIGKILL whatever is left.
+
+        Also after the trainer itself has exited: whatever it left running is still ours to stop.
+        """
+        await asyncio.to_thread(self.remember_descendants)
+        await asyncio.to_thread(
+            kill_tree, self.pid, self.started, grace_s, extra=dict(self._descendants), group=True
+        )
+        with contextlib.suppress(ProcessLookupError, TimeoutError):
+            await asyncio.wait_for(self.wait(), timeout=grace_s + 5)
 
 
 async def start_trainer(argv: Sequence[str], *, cwd: str, env: Mapping[str, str]) -> TrainerProcess:
@@ -114,23 +137,33 @@ async def start_trainer(argv: Sequence[str], *, cwd: str, env: Mapping[str, str]
     return TrainerProcess(proc)
 
 
-def kill_tree(pid: int, started: float | None = None, grace_s: float = 5.0) -> list[int]:
+def kill_tree(pid: int, started: float | None = None, grace_s: float = 5.0, *,
+              extra: dict[int, float] | None = None, group: bool = False) -> list[int]:
     """Stop `pid` and all its descendants. Returns the pids signalled.
 
     `started` (psutil create_time) guards against killing an unrelated process that reused the pid
-    after a daemon restart.
+    after a daemon restart; `extra` are more (pid, create_time) pairs known to belong to the tree.
+    `group=True` signals the process group even when its leader is gone (only for a trainer this
+    daemon is running: its group cannot have been reused while members remain).
     """
+    procs: list[psutil.Process] = []
     try:
         root = psutil.Process(pid)
         if started and abs(root.create_time() - started) > 1.0:
             return []
         procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        procs = []
+        pass
+    for other_pid, created in (extra or {}).items():
+        with contextlib.suppress(psutil.Error):
+            other = psutil.Process(other_pid)
+            if abs(other.create_time() - created) <= 1.0 and other.pid not in {p.pid for p in procs}:
+                procs.append(other)
+    group = group or bool(procs)
     for proc in procs:
         with contextlib.suppress(psutil.Error):
             proc.terminate()
-    if not IS_WINDOWS and procs:
+    if not IS_WINDOWS and group:
         # Descendants that re-parented away from the tree still share the trainer's process group.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGTERM)
@@ -138,7 +171,7 @@ def kill_tree(pid: int, started: float | None = None, grace_s: float = 5.0) -> l
     for proc in alive:
         with contextlib.suppress(psutil.Error):
             proc.kill()
-    if not IS_WINDOWS and procs:
+    if not IS_WINDOWS and group:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
     psutil.wait_procs(alive, timeout=2)

@@ -7,6 +7,7 @@ saves it in SQLite and then publishes it, so what a client sees is what a restar
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -43,6 +44,8 @@ from daemon.pipeline.samples import SampleWatcher
 log = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL_S = 0.25
+OUTPUT_DRAIN_S = 5.0  # after the trainer exits, how long its output may take to close
+DESCENDANT_SCAN_TICKS = 13  # ~2 s
 LOG_FLUSH_INTERVAL_S = 0.3
 _BAR_MARK = "%|"  # tqdm bars ("steps:  50%|█████     | 8/16 ..."): shown as progress, not as log lines
 
@@ -302,37 +305,44 @@ class JobRunner:
         env = kohya.build_env(os.environ, tokenizer_cache_dir=launch.tokenizer_cache_dir, cpu=cpu)
         await reporter.log_lines([f"$ {' '.join(argv)}"], force=True)
         samples = SampleWatcher(paths.samples, reporter.sample)
-        await samples.start()  # before the trainer, so not even its first picture is missed
-        try:
-            proc = await start_trainer(argv, cwd=launch.workspace, env=env)
-        except OSError as exc:
-            await samples.stop()
-            raise JobFailed(JobError("setup", f"The trainer could not be started: {exc}",
-                                     "Check kohya.python / kohya.accelerate_bin in the daemon config.")) from exc
-        watcher = asyncio.create_task(self._kill_on_cancel(proc, cancel))
-        ticker = asyncio.create_task(self._tick(reporter))
         tracker = ProgressTracker()
-        splitters = {"stdout": LineSplitter(), "stderr": LineSplitter()}
         progress = Progress(epochs=params.epochs)
+        proc: TrainerProcess | None = None
+        watcher = ticker = reader = None
+        stop_ticking = asyncio.Event()
         try:
+            await samples.start()  # before the trainer, so not even its first picture is missed
+            try:
+                proc = await start_trainer(argv, cwd=launch.workspace, env=env)
+            except OSError as exc:
+                raise JobFailed(JobError("setup", f"The trainer could not be started: {exc}",
+                                         "Check kohya.python / kohya.accelerate_bin in the daemon config.")) from exc
             # Recorded so a restart after a daemon crash can kill a trainer left running.
             await asyncio.to_thread(self._store.set_process, job.id, proc.pid, proc.started)
-            with paths.trainer_log.open("a", encoding="utf-8", buffering=1) as raw_log:
-                async for chunk in proc.output():
-                    raw_log.write(chunk.text)
-                    await self._consume(splitters[chunk.stream].feed(chunk.text), tracker, progress, reporter)
-                for splitter in splitters.values():
-                    await self._consume(splitter.flush(), tracker, progress, reporter)
-                await self._apply(tracker.finish(), progress, reporter)
+            watcher = asyncio.create_task(self._kill_on_cancel(proc, cancel))
+            ticker = asyncio.create_task(self._tick(reporter, proc, stop_ticking))
+            reader = asyncio.create_task(self._read_output(proc, paths, tracker, progress, reporter))
             exit_code = await proc.wait()
-        finally:
-            for task in (watcher, ticker):
-                task.cancel()
-            await asyncio.gather(watcher, ticker, return_exceptions=True)
-            if proc.returncode is None:  # shutdown or an error in this loop: never leave the trainer behind
+            if not await _finished_within(reader, OUTPUT_DRAIN_S):
+                # kohya has exited, but something it started still holds its output open
                 await proc.terminate_tree()
-            await samples.stop()
-            await asyncio.to_thread(self._store.set_process, job.id, None, None)
+                if not await _finished_within(reader, OUTPUT_DRAIN_S):
+                    reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+            if not reader.cancelled() and (error := reader.exception()) is not None:
+                raise error
+        finally:
+            stop_ticking.set()  # the ticker ends after its current flush, never cut in half
+            for task in (watcher, reader):
+                if task is not None:
+                    task.cancel()
+            await asyncio.gather(*(t for t in (watcher, ticker, reader) if t is not None), return_exceptions=True)
+            try:
+                if proc is not None:
+                    await proc.terminate_tree()  # never leave the trainer, or anything it started, behind
+            finally:
+                await samples.stop()
+                await asyncio.to_thread(self._store.set_process, job.id, None, None)
         await reporter.progress(progress, force=True)
         final = paths.output / f"{output_name(job)}.safetensors"
         failure = classify_failure(
@@ -382,11 +392,27 @@ class JobRunner:
         if changed:
             await reporter.progress(progress)
 
+    async def _read_output(self, proc: TrainerProcess, paths: JobPaths, tracker: ProgressTracker,
+                           progress: Progress, reporter: JobReporter) -> None:
+        splitters = {"stdout": LineSplitter(), "stderr": LineSplitter()}
+        with paths.trainer_log.open("a", encoding="utf-8", buffering=1) as raw_log:
+            async for chunk in proc.output():
+                raw_log.write(chunk.text)
+                await self._consume(splitters[chunk.stream].feed(chunk.text), tracker, progress, reporter)
+            for splitter in splitters.values():
+                await self._consume(splitter.flush(), tracker, progress, reporter)
+            await self._apply(tracker.finish(), progress, reporter)
+
     @staticmethod
-    async def _tick(reporter: JobReporter) -> None:
-        while True:
-            await asyncio.sleep(LOG_FLUSH_INTERVAL_S / 2)
+    async def _tick(reporter: JobReporter, proc: TrainerProcess, stop: asyncio.Event) -> None:
+        ticks = 0
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), LOG_FLUSH_INTERVAL_S / 2)
             await reporter.tick()
+            ticks += 1
+            if ticks % DESCENDANT_SCAN_TICKS == 0:
+                await asyncio.to_thread(proc.remember_descendants)
 
     @staticmethod
     async def _kill_on_cancel(proc: TrainerProcess, cancel: asyncio.Event) -> None:
@@ -399,6 +425,11 @@ class JobRunner:
             return publish.publish(result, self._config.ed_lora_dir, output_name(job))
         except publish.PublishError as exc:
             raise JobFailed(JobError("publish_failed", exc.message, exc.hint or "")) from exc
+
+
+async def _finished_within(task: asyncio.Task[None], seconds: float) -> bool:
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    return bool(done)
 
 
 def job_tail(path: Path, lines: int = 40) -> list[str]:

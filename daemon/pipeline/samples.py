@@ -7,7 +7,6 @@ still be writing it), and a last scan at the end catches anything an event misse
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -51,18 +50,23 @@ class SampleWatcher:
         self.folder = folder
         self._on_sample = on_sample
         self._seen: set[str] = set()
-        self._queue: asyncio.Queue[Path] = asyncio.Queue()
+        self._queue: asyncio.Queue[Path | None] = asyncio.Queue()
         self._observer: Observer | None = None  # type: ignore[valid-type]
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        observer = Observer()
-        observer.schedule(_Handler(asyncio.get_running_loop(), self._queue), str(self.folder), recursive=False)
-        observer.daemon = True
-        await asyncio.to_thread(observer.start)
-        self._observer = observer
         self._task = asyncio.create_task(self._consume())
+        observer = Observer()
+        observer.daemon = True
+        try:
+            observer.schedule(_Handler(asyncio.get_running_loop(), self._queue), str(self.folder), recursive=False)
+            await asyncio.to_thread(observer.start)
+        except OSError as exc:
+            # e.g. Linux out of inotify watches: previews then arrive with the final scan, not live
+            log.warning("cannot watch %s for preview pictures (%s); they will be listed at the end", self.folder, exc)
+            return
+        self._observer = observer
 
     async def stop(self) -> None:
         """Stop watching, then report whatever is in the folder and was not reported yet."""
@@ -71,16 +75,17 @@ class SampleWatcher:
             await asyncio.to_thread(self._observer.join, 5)
             self._observer = None
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            self._queue.put_nowait(None)  # the consumer finishes the picture in hand, then ends
+            (outcome,) = await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+            if isinstance(outcome, Exception):
+                log.warning("reporting a preview picture failed: %s", outcome)
         for path in sorted(self.folder.glob(f"*{SAMPLE_SUFFIX}")):
             await self._report(path, tries=1)
 
     async def _consume(self) -> None:
-        while True:
-            await self._report(await self._queue.get(), tries=_COMPLETE_TRIES)
+        while (path := await self._queue.get()) is not None:
+            await self._report(path, tries=_COMPLETE_TRIES)
 
     async def _report(self, path: Path, *, tries: int) -> None:
         if path.name in self._seen or path.parent != self.folder:
