@@ -73,8 +73,7 @@ class EventHub:
         client = self._clients.pop(socket, None)
         if client is not None:
             client.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await client.task
+            await asyncio.gather(client.task, return_exceptions=True)
 
     async def publish(self, event: Event, persist: Callable[[], None] | None = None) -> None:
         """Run `persist` (blocking store writes) and queue `event`, atomically for subscribers."""

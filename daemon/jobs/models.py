@@ -69,6 +69,12 @@ class JobError:
         return cls(kind=str(data["kind"]), message=str(data["message"]), hint=str(data.get("hint", "")))
 
 
+def interrupted_error() -> JobError:
+    """Why a job that was running when the daemon stopped is not done."""
+    return JobError("interrupted", "The daemon stopped while this job was running.",
+                    "Start the job again with the same pictures.")
+
+
 @dataclass
 class Job:
     id: str
@@ -90,6 +96,15 @@ class Job:
 
     def sample_url(self, file: str) -> str:
         return f"/jobs/{self.id}/samples/{file}"
+
+    def state_data(self) -> dict[str, Any]:
+        """The payload of `state` and `result` events."""
+        return {
+            "state": self.state.value,
+            "error": self.error.to_json() if self.error else None,
+            "artifact": self.artifact,
+            "lora_id": self.lora_id,
+        }
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -11,7 +11,7 @@ from daemon.config import Config
 from daemon.errors import Conflict, NotFound
 from daemon.events import EventType
 from daemon.hub import EventHub
-from daemon.jobs.models import Job, JobError, JobState
+from daemon.jobs.models import Job, JobError, JobState, interrupted_error
 from daemon.jobs.store import JobStore
 from daemon.pipeline.process import kill_tree
 from daemon.pipeline.runner import JobRunner, job_paths
@@ -61,12 +61,7 @@ class JobQueue:
             job = self._store.get(job_id)
             if job is None:
                 continue
-            job.state = JobState.INTERRUPTED
-            job.error = JobError(
-                "interrupted",
-                "The daemon stopped while this job was running.",
-                "Start the job again with the same pictures.",
-            )
+            job.state, job.error = JobState.INTERRUPTED, interrupted_error()
             self._store.save(job)
 
     async def submit(self, job: Job) -> None:
@@ -81,9 +76,8 @@ class JobQueue:
         self._cancels.setdefault(job_id, asyncio.Event()).set()
         if job.state is JobState.QUEUED and self._current != job_id:
             job.state = JobState.CANCELLED
-            data = {"state": job.state.value, "error": None, "artifact": None, "lora_id": None}
-            await self._hub.emit(EventType.STATE, job.id, data, persist=partial(self._store.save, job))
-            await self._hub.emit(EventType.RESULT, job.id, data)
+            await self._hub.emit(EventType.STATE, job.id, job.state_data(), persist=partial(self._store.save, job))
+            await self._hub.emit(EventType.RESULT, job.id, job.state_data())
         return job
 
     async def wait_finished(self, job_id: str, timeout: float) -> Job:
@@ -148,8 +142,6 @@ class JobQueue:
                 job.state = JobState.ERROR
                 job.error = JobError("internal", "The daemon failed while running this job.",
                                      "See the daemon's console output, then start the job again.")
-                await self._hub.emit(EventType.RESULT, job_id, {"state": "error", "error": job.error.to_json(),
-                                                               "artifact": None, "lora_id": None},
-                                     persist=partial(self._store.save, job))
+                await self._hub.emit(EventType.RESULT, job_id, job.state_data(), persist=partial(self._store.save, job))
         except Exception:
             log.exception("could not record the failure of job %s", job_id)

@@ -22,7 +22,7 @@ from daemon.config import Config
 from daemon.errors import DaemonError
 from daemon.events import EventType
 from daemon.hub import EventHub
-from daemon.jobs.models import Job, JobError, JobState, Progress
+from daemon.jobs.models import Job, JobError, JobState, Progress, interrupted_error
 from daemon.jobs.store import JobStore
 from daemon.pipeline import dataset, kohya, publish
 from daemon.pipeline.env_check import GpuInfo, check_script, check_workspace
@@ -121,7 +121,7 @@ class JobReporter:
 
     async def state(self, state: JobState) -> None:
         self.job.state = state
-        await self._hub.emit(EventType.STATE, self.job.id, self._state_data(), persist=self._save())
+        await self._hub.emit(EventType.STATE, self.job.id, self.job.state_data(), persist=self._save())
 
     async def progress(self, progress: Progress, *, force: bool = False) -> None:
         self.job.progress = progress
@@ -163,15 +163,7 @@ class JobReporter:
         await self.progress(self.job.progress, force=True)
         self.job.error = error
         await self.state(state)
-        await self._hub.emit(EventType.RESULT, self.job.id, self._state_data())
-
-    def _state_data(self) -> dict[str, object]:
-        return {
-            "state": self.job.state.value,
-            "error": self.job.error.to_json() if self.job.error else None,
-            "artifact": self.job.artifact,
-            "lora_id": self.job.lora_id,
-        }
+        await self._hub.emit(EventType.RESULT, self.job.id, self.job.state_data())
 
 
 GpuProvider = Callable[[], Awaitable[GpuInfo]]
@@ -237,9 +229,7 @@ class JobRunner:
                 job.state = JobState.ERROR
                 job.error = JobError("publish_failed", str(exc), "Start the job again.")
         else:
-            job.state = JobState.INTERRUPTED
-            job.error = JobError("interrupted", "The daemon stopped while this job was running.",
-                                 "Start the job again.")
+            job.state, job.error = JobState.INTERRUPTED, interrupted_error()
         await asyncio.to_thread(self._store.save, job)
 
     async def _device(self, job: Job) -> bool:

@@ -48,12 +48,15 @@ def error_middleware() -> Callable[[web.Request, Handler], Awaitable[web.StreamR
         except (DaemonError, web.HTTPException) as exc:
             return error_response(exc)
         except Exception:
-            log.exception("unhandled error in %s %s", request.method, request.path)
-            return web.json_response(
-                {"error": "The daemon hit an unexpected error; see its console output."}, status=500
-            )
+            return unexpected_error_response(request)
 
     return middleware
+
+
+def unexpected_error_response(request: web.Request) -> web.Response:
+    """A bug: logged with its traceback, answered without one. Call from an `except` block."""
+    log.exception("unhandled error in %s %s", request.method, request.path)
+    return web.json_response({"error": "The daemon hit an unexpected error; see its console output."}, status=500)
 
 
 def error_response(exc: DaemonError | web.HTTPException) -> web.StreamResponse:
@@ -102,10 +105,7 @@ def security_middleware(config: Config) -> Callable[[web.Request, Handler], Awai
                 response = error_response(exc)
             except Exception:
                 # Answered here, not by the outer middleware, so the page can read it (CORS below).
-                log.exception("unhandled error in %s %s", request.method, request.path)
-                response = web.json_response(
-                    {"error": "The daemon hit an unexpected error; see its console output."}, status=500
-                )
+                response = unexpected_error_response(request)
         if cors and not response.prepared:
             response.headers["Access-Control-Allow-Origin"] = origin  # type: ignore[assignment]
             response.headers["Vary"] = "Origin"
