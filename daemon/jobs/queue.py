@@ -6,14 +6,15 @@ import asyncio
 import logging
 import shutil
 from functools import partial
+from pathlib import Path
 
 from daemon.config import Config
 from daemon.errors import Conflict, NotFound
 from daemon.events import EventType
 from daemon.hub import EventHub
-from daemon.jobs.models import Job, JobError, JobState, interrupted_error
+from daemon.jobs.models import Job, JobError, JobState
+from daemon.jobs.recovery import recover_job
 from daemon.jobs.store import JobStore
-from daemon.pipeline.process import kill_tree
 from daemon.pipeline.runner import JobRunner, job_paths
 
 log = logging.getLogger(__name__)
@@ -50,19 +51,10 @@ class JobQueue:
             self._worker = None
 
     def _recover(self) -> None:
-        """Jobs that were running when the daemon died: kill any trainer left over, mark them interrupted."""
+        """Jobs that were running when the daemon died: stop their trainer tree, then done or interrupted."""
+        taken = {Path(artifact) for artifact in self._store.artifacts()}
         for job_id in self._store.ids_in_states(_ACTIVE):
-            proc = self._store.process_of(job_id)
-            if proc is not None:
-                killed = kill_tree(proc[0], proc[1], grace_s=3.0)
-                if killed:
-                    log.warning("killed trainer processes %s left over from job %s", killed, job_id)
-                self._store.set_process(job_id, None, None)
-            job = self._store.get(job_id)
-            if job is None:
-                continue
-            job.state, job.error = JobState.INTERRUPTED, interrupted_error()
-            self._store.save(job)
+            recover_job(self._config, self._store, job_id, taken)
 
     async def submit(self, job: Job) -> None:
         await self._hub.emit(EventType.JOB_CREATED, job.id, job.to_json(), persist=partial(self._store.insert, job))

@@ -13,12 +13,12 @@ import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from daemon.events import Event
 from daemon.jobs.models import Job, JobError, JobState, Progress
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 LOG_TAIL = 60
 
 _SCHEMA = """
@@ -60,7 +60,15 @@ CREATE INDEX IF NOT EXISTS events_job ON events (job_id, id);
 # MIGRATIONS[n] takes a database from user_version n to n + 1.
 MIGRATIONS: dict[int, str] = {
     1: "ALTER TABLE jobs ADD COLUMN samples TEXT NOT NULL DEFAULT '[]'",
+    # the trainer's descendants as {pid: create time}, so a restart can stop the orphans of a crash
+    2: "ALTER TABLE jobs ADD COLUMN descendants TEXT NOT NULL DEFAULT '{}'",
 }
+
+
+class ProcessRow(NamedTuple):
+    pid: int
+    started: float  # psutil create time, 0 when unknown
+    descendants: dict[int, float]
 
 
 class JobStore:
@@ -80,7 +88,11 @@ class JobStore:
                 )
             self._db.executescript(_SCHEMA)
             for step in range(max(version, 1), SCHEMA_VERSION):
+                # One transaction per step: a crash mid-migration must not leave a column without its version.
+                self._db.execute("BEGIN IMMEDIATE")
                 self._db.execute(MIGRATIONS[step])
+                self._db.execute(f"PRAGMA user_version={step + 1}")
+                self._db.execute("COMMIT")
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def close(self) -> None:
@@ -119,15 +131,24 @@ class JobStore:
             )
 
     def set_process(self, job_id: str, pid: int | None, started: float | None) -> None:
+        """The trainer now running for the job (or none); forgets the previous one's descendants."""
         with self._lock:
-            self._db.execute("UPDATE jobs SET pid=?, pid_started=? WHERE id=?", (pid, started, job_id))
+            self._db.execute("UPDATE jobs SET pid=?, pid_started=?, descendants='{}' WHERE id=?",
+                             (pid, started, job_id))
 
-    def process_of(self, job_id: str) -> tuple[int, float] | None:
+    def set_descendants(self, job_id: str, descendants: dict[int, float]) -> None:
         with self._lock:
-            row = self._db.execute("SELECT pid, pid_started FROM jobs WHERE id=?", (job_id,)).fetchone()
+            self._db.execute("UPDATE jobs SET descendants=? WHERE id=? AND pid IS NOT NULL",
+                             (json.dumps({str(k): v for k, v in descendants.items()}), job_id))
+
+    def process_of(self, job_id: str) -> ProcessRow | None:
+        with self._lock:
+            row = self._db.execute("SELECT pid, pid_started, descendants FROM jobs WHERE id=?",
+                                   (job_id,)).fetchone()
         if row is None or row["pid"] is None:
             return None
-        return int(row["pid"]), float(row["pid_started"] or 0.0)
+        descendants = {int(k): float(v) for k, v in json.loads(row["descendants"] or "{}").items()}
+        return ProcessRow(int(row["pid"]), float(row["pid_started"] or 0.0), descendants)
 
     def get(self, job_id: str) -> Job | None:
         with self._lock:
@@ -150,6 +171,12 @@ class JobStore:
                 f"SELECT id FROM jobs WHERE state IN ({marks}) ORDER BY created_at, rowid", values
             ).fetchall()
         return [row["id"] for row in rows]
+
+    def artifacts(self) -> set[str]:
+        """Every published file a job has recorded."""
+        with self._lock:
+            rows = self._db.execute("SELECT artifact FROM jobs WHERE artifact IS NOT NULL").fetchall()
+        return {row["artifact"] for row in rows}
 
     def delete(self, job_id: str) -> None:
         with self._lock:

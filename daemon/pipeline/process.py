@@ -44,13 +44,21 @@ class TrainerProcess:
         # through it (and Windows has no process group to signal).
         self._descendants: dict[int, float] = {}
 
-    def remember_descendants(self) -> None:
+    def remember_descendants(self) -> bool:
+        """Note the trainer's current descendants; True when there are new ones (worth persisting)."""
+        before = len(self._descendants)
         try:
             for child in psutil.Process(self.pid).children(recursive=True):
                 with contextlib.suppress(psutil.Error):
                     self._descendants.setdefault(child.pid, child.create_time())
         except psutil.Error:
             pass
+        return len(self._descendants) > before
+
+    @property
+    def descendants(self) -> dict[int, float]:
+        """pid -> create time of every descendant seen so far."""
+        return dict(self._descendants)
 
     @property
     def returncode(self) -> int | None:

@@ -12,6 +12,7 @@ import re
 import secrets
 import shutil
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +81,53 @@ def slugify(name: str) -> str:
     return (slug or "lora")[:64]
 
 
+# `.<stem>.<8 hex>.partial`: the stem is a slugify() result. Also matched: the write test of env_check.
+_TEMP_NAME = re.compile(r"\.[A-Za-z0-9_-]{1,64}\.[0-9a-f]{8}\.partial")
+_WRITE_TEST_NAME = re.compile(r"\.write-test-[A-Za-z0-9_]{1,32}\.partial")
+
+
+def temp_name(stem: str) -> str:
+    return f".{stem}.{secrets.token_hex(4)}.partial"
+
+
+def is_our_temp(name: str) -> bool:
+    """True only for names this daemon gives its temporary files (never another program's `.x.partial`)."""
+    return bool(_TEMP_NAME.fullmatch(name) or _WRITE_TEST_NAME.fullmatch(name))
+
+
+def sweep_temp_files(folder: Path) -> list[Path]:
+    """Delete our temporary files that a crash or a power cut left in `folder` (not recursive)."""
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed  # no folder (yet), or unreadable: nothing of ours can be there to clean
+    for entry in entries:
+        if is_our_temp(entry.name) and entry.is_file(follow_symlinks=False):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+    if removed:
+        fsync_dir(folder)
+    return removed
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a name just linked, renamed or removed in `folder` survive a power cut (POSIX only)."""
+    if sys.platform == "win32":
+        return  # NTFS journals names itself; a folder cannot be opened for fsync there
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems (network shares) refuse fsync on a folder; nothing more can be done
+    finally:
+        os.close(fd)
+
+
 def _claim(tmp: Path, target: Path) -> bool:
     """Move `tmp` to `target` only if `target` does not exist. True on success."""
     if sys.platform == "win32":
@@ -102,11 +150,21 @@ def _claim(tmp: Path, target: Path) -> bool:
     return True
 
 
+def candidate_names(stem: str) -> Iterator[str]:
+    """The names publish() tries, in order."""
+    for n in range(1, 10_000):
+        yield f"{stem}.safetensors" if n == 1 else f"{stem}-{n}.safetensors"
+
+
 def publish(source: Path, lora_dir: Path, stem: str) -> Path:
-    """Copy `source` into `lora_dir` as `<stem>.safetensors`, `<stem>-2.safetensors`, ...; returns the path."""
+    """Copy `source` into `lora_dir` as `<stem>.safetensors`, `<stem>-2.safetensors`, ...; returns the path.
+
+    The bytes reach the disk before the name appears, and the name before we return: after a power
+    cut, ED's folder holds either the whole LoRA or only a temporary file that the next start removes.
+    """
     try:
         lora_dir.mkdir(parents=True, exist_ok=True)
-        tmp = lora_dir / f".{stem}.{secrets.token_hex(4)}.partial"
+        tmp = lora_dir / temp_name(stem)
         with source.open("rb") as src, tmp.open("xb") as dst:
             shutil.copyfileobj(src, dst, 1024 * 1024)
             dst.flush()
@@ -117,14 +175,49 @@ def publish(source: Path, lora_dir: Path, stem: str) -> Path:
             hint="Check ed_lora_dir in the daemon config and that the disk has room.",
         ) from exc
     try:
-        for n in range(1, 10_000):
-            target = lora_dir / (f"{stem}.safetensors" if n == 1 else f"{stem}-{n}.safetensors")
+        for name in candidate_names(stem):
+            target = lora_dir / name
             if _claim(tmp, target):
+                fsync_dir(lora_dir)
                 return target
         raise PublishError(f"No free file name for {stem} in {lora_dir}.")
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
+
+
+def find_published(source: Path, lora_dir: Path, stem: str, *, taken: frozenset[Path] = frozenset()) -> Path | None:
+    """The file publish(source, lora_dir, stem) created, if it got that far: one of its names, same bytes.
+
+    `taken` are files other jobs already own (another job of the same name). Used by recovery, when a
+    crash came between the copy and the moment the job recorded it.
+    """
+    names = re.compile(re.escape(stem) + r"(-[0-9]{1,4})?\.safetensors")
+    try:
+        size = source.stat().st_size
+        entries = [e for e in os.scandir(lora_dir) if names.fullmatch(e.name)]
+    except OSError:
+        return None
+    for entry in sorted(entries, key=lambda e: e.name):
+        target = Path(entry.path)
+        with contextlib.suppress(OSError):
+            if (entry.is_file(follow_symlinks=False) and entry.stat().st_size == size and target not in taken
+                    and _same_bytes(source, target)):
+                return target
+    return None
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    try:
+        with a.open("rb") as fa, b.open("rb") as fb:
+            while True:
+                ca, cb = fa.read(1024 * 1024), fb.read(1024 * 1024)
+                if ca != cb:
+                    return False
+                if not ca:
+                    return True
+    except OSError:
+        return False
 
 
 def lora_id(path: Path, lora_dir: Path) -> str:

@@ -393,16 +393,16 @@ class JobRunner:
                 await self._consume(splitter.flush(), tracker, progress, reporter)
             await self._apply(tracker.finish(), progress, reporter)
 
-    @staticmethod
-    async def _tick(reporter: JobReporter, proc: TrainerProcess, stop: asyncio.Event) -> None:
+    async def _tick(self, reporter: JobReporter, proc: TrainerProcess, stop: asyncio.Event) -> None:
         ticks = 0
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), LOG_FLUSH_INTERVAL_S / 2)
             await reporter.tick()
             ticks += 1
-            if ticks % DESCENDANT_SCAN_TICKS == 0:
-                await asyncio.to_thread(proc.remember_descendants)
+            if ticks % DESCENDANT_SCAN_TICKS == 0 and await asyncio.to_thread(proc.remember_descendants):
+                # saved, so a restart after a crash can stop them even once they left the trainer's session
+                await asyncio.to_thread(self._store.set_descendants, reporter.job.id, proc.descendants)
 
     @staticmethod
     async def _kill_on_cancel(proc: TrainerProcess, cancel: asyncio.Event) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shutil
 from collections.abc import AsyncIterator, Callable
 from functools import partial
 
@@ -17,6 +16,7 @@ from daemon.gpu import GpuCache
 from daemon.hub import EventHub
 from daemon.instance_lock import InstanceLock
 from daemon.jobs.queue import JobQueue
+from daemon.jobs.recovery import sweep_temp_files
 from daemon.jobs.store import JobStore
 from daemon.pipeline.env_check import GpuInfo, kohya_python, probe_gpu
 from daemon.pipeline.runner import JobRunner
@@ -52,8 +52,8 @@ async def _jobs_ctx(app: web.Application) -> AsyncIterator[None]:
 
 @contextlib.asynccontextmanager
 async def _jobs(app: web.Application, config: Config) -> AsyncIterator[None]:
-    # Uploads of requests a crash cut short; no request can be in flight before we serve.
-    await asyncio.to_thread(shutil.rmtree, config.data_dir / "tmp", True)
+    # What a crash left half-written (uploads, LoRA copies); no request or copy can be in flight before we serve.
+    await asyncio.to_thread(sweep_temp_files, config)
     store = JobStore(config.db_path)
     hub = EventHub(store)
     queue = JobQueue(config, store, hub, JobRunner(config, store, hub, app[GPU].get))
