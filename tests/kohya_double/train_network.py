@@ -28,6 +28,8 @@ Knobs (environment):
   KOHYA_DOUBLE_RECORD=<path> write the arguments (sys.argv[1:]) as a JSON list before parsing anything
   KOHYA_DOUBLE_SPAWN_CHILD=1 start a sleeping grandchild in the same process group and print
                              `double child pid: N`, so tests can prove the whole tree gets killed
+  KOHYA_DOUBLE_LORA_MB=N     pad every saved LoRA with zero U-Net modules to about N MiB (a real SD1.5
+                             LoRA is 10-150 MiB), so tests can catch the daemon while it copies one
 """
 
 from __future__ import annotations
@@ -590,6 +592,12 @@ def lora_tensors(args: argparse.Namespace, rng: random.Random) -> dict[str, Any]
             tensors.update(module("lora_te", name, n_in, n_out, False))
     for name, n_in, n_out, conv in UNET_MODULES:
         tensors.update(module("lora_unet", name, n_in, n_out, conv))
+    pad_bytes = float(os.environ.get("KOHYA_DOUBLE_LORA_MB", "0")) * 2**20
+    while sum(t.nbytes for t in tensors.values()) < pad_bytes:
+        key = f"lora_unet_double_padding_{len(tensors)}"
+        tensors[f"{key}.lora_down.weight"] = np.zeros((dim, 2**18), dtype=dtype)
+        tensors[f"{key}.lora_up.weight"] = np.zeros((2**18, dim), dtype=dtype)
+        tensors[f"{key}.alpha"] = np.array(args.network_alpha, dtype=dtype)
     return tensors
 
 
