@@ -210,6 +210,7 @@ async def test_killed_while_training_the_whole_trainer_tree_dies_at_the_restart(
     assert "stopped trainer processes left running by the previous daemon" in new.output()
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="sessions are POSIX")
 async def test_killed_while_the_trainer_leader_is_already_gone(site: Site) -> None:
     """Recovery kills the session even when the recorded pid is dead (it died of the broken pipe)."""
     daemon = await site.start(SLOW)
@@ -223,7 +224,35 @@ async def test_killed_while_the_trainer_leader_is_already_gone(site: Site) -> No
     while psutil.pid_exists(leader_pid):  # reaped, not only a zombie: a zombie still names its group
         assert time.monotonic() < end, "init never reaped the killed trainer"
         await asyncio.sleep(0.05)
-    assert any(alive(pid, created) for pid, created in tree[1:])
+    assert any(alive(pid, created) for pid, created in tree)
+    await assert_recovered(site, job_id, tree, {"interrupted"})
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="sessions are POSIX")
+async def test_a_descendant_that_left_the_session_is_found_through_the_store(site: Site) -> None:
+    """Orphaned and in a session of its own, it can only be found because the runner saved it while it ran."""
+    daemon = await site.start({**SLOW, "KOHYA_DOUBLE_SPAWN_CHILD": "own_session"})
+    job_id = await site.submit(train_form(8, params='{"epochs": 4}'))
+    await site.wait_for(job_id, {"training"})
+    tree = await wait_for_tree(site, daemon, 2)
+    leader_pid = next(pid for pid, _ in tree if psutil.Process(pid).ppid() == daemon.proc.pid)
+    loner = next((pid, created) for pid, created in tree if pid != leader_pid)
+    assert os.getsid(loner[0]) != leader_pid
+    end = time.monotonic() + 10
+    while True:  # the runner looks for new descendants every ~2 s
+        with contextlib.closing(sqlite3.connect(f"file:{site.config.db_path}?mode=ro", uri=True)) as db:
+            saved = db.execute("SELECT descendants FROM jobs WHERE id=?", (job_id,)).fetchone()[0]
+        if str(loner[0]) in saved:
+            break
+        assert time.monotonic() < end, f"the descendants were never saved: {saved}"
+        await asyncio.sleep(0.1)
+    site.sigkill(daemon)
+    os.kill(leader_pid, signal.SIGKILL)
+    end = time.monotonic() + 10
+    while psutil.pid_exists(leader_pid):
+        assert time.monotonic() < end, "init never reaped the killed trainer"
+        await asyncio.sleep(0.05)
+    assert alive(*loner)
     await assert_recovered(site, job_id, tree, {"interrupted"})
 
 
@@ -267,6 +296,7 @@ async def test_killed_while_copying_leaves_no_partial_file_and_no_false_result(s
         time.sleep(0.001)  # blocking on purpose: the kill must follow the partial file's creation at once
     site.sigkill(daemon)
     assert site.db_state(job_id) == "copying"
+    assert site.temp_files() != []  # the half-written copy the restart must remove
     await assert_recovered(site, job_id, [], {"interrupted", "done"})
     job = await site.job(job_id)
     published = [p for p in site.loras() if p.name.startswith("Copy_Me")]

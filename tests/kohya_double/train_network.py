@@ -28,6 +28,8 @@ Knobs (environment):
   KOHYA_DOUBLE_RECORD=<path> write the arguments (sys.argv[1:]) as a JSON list before parsing anything
   KOHYA_DOUBLE_SPAWN_CHILD=1 start a sleeping grandchild in the same process group and print
                              `double child pid: N`, so tests can prove the whole tree gets killed
+                             (=own_session: the grandchild starts its own session, as a tool that
+                             daemonises does; only the remembered descendants lead to it)
   KOHYA_DOUBLE_LORA_MB=N     pad every saved LoRA with zero U-Net modules to about N MiB (a real SD1.5
                              LoRA is 10-150 MiB), so tests can catch the daemon while it copies one
 """
@@ -824,11 +826,13 @@ def record_invocation() -> None:
 
 
 def spawn_grandchild() -> None:
-    if os.environ.get("KOHYA_DOUBLE_SPAWN_CHILD") != "1":
+    mode = os.environ.get("KOHYA_DOUBLE_SPAWN_CHILD")
+    if mode not in ("1", "own_session"):
         return
     # Same process group and session as us: only a group kill reaches it, like kohya's dataloader workers.
     child = subprocess.Popen(
-        [sys.executable, "-c", "import time; time.sleep(300)"], stdin=subprocess.DEVNULL, close_fds=True
+        [sys.executable, "-c", "import time; time.sleep(300)"], stdin=subprocess.DEVNULL, close_fds=True,
+        start_new_session=mode == "own_session",
     )
     print(f"double child pid: {child.pid}", flush=True)
 
