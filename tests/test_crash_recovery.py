@@ -117,9 +117,12 @@ class Site:
         self.strays.extend(found)
         return found
 
-    def sigkill(self, daemon: Daemon) -> None:
-        daemon.proc.send_signal(signal.SIGKILL)
+    def sigkill(self, daemon: Daemon) -> list[tuple[int, float]]:
+        """Kill the daemon as a crash would (SIGKILL: no cleanup at all); returns its tree at that moment."""
+        tree = self.tree(daemon)
+        daemon.proc.kill()
         daemon.proc.wait(10)
+        return tree
 
     def db_state(self, job_id: str) -> str:
         with contextlib.closing(sqlite3.connect(f"file:{self.config.db_path}?mode=ro", uri=True)) as db:
@@ -281,9 +284,9 @@ async def test_killed_while_prepping(site: Site) -> None:
         form.add_field("images", data, filename=f"big{i}.png", content_type="image/png")
     job_id = await site.submit(form)
     await site.wait_for(job_id, {"prepping"})
-    site.sigkill(daemon)
+    tree = site.sigkill(daemon)  # whatever prep runs besides the daemon must not outlive it either
     assert site.db_state(job_id) == "prepping"
-    await assert_recovered(site, job_id, [], {"interrupted"})
+    await assert_recovered(site, job_id, tree, {"interrupted"})
 
 
 async def test_killed_while_copying_leaves_no_partial_file_and_no_false_result(site: Site) -> None:
@@ -294,10 +297,10 @@ async def test_killed_while_copying_leaves_no_partial_file_and_no_false_result(s
     while not any(OUR_TEMP.fullmatch(name) for name in os.listdir(lora_dir)):
         assert time.monotonic() < end, (await site.job(job_id))["state"]
         time.sleep(0.001)  # blocking on purpose: the kill must follow the partial file's creation at once
-    site.sigkill(daemon)
+    tree = site.sigkill(daemon)
     assert site.db_state(job_id) == "copying"
     assert site.temp_files() != []  # the half-written copy the restart must remove
-    await assert_recovered(site, job_id, [], {"interrupted", "done"})
+    await assert_recovered(site, job_id, tree, {"interrupted", "done"})
     job = await site.job(job_id)
     published = [p for p in site.loras() if p.name.startswith("Copy_Me")]
     if job["state"] == "interrupted":  # a LoRA that reached ED's folder is never recorded as interrupted
@@ -314,9 +317,9 @@ async def test_killed_right_after_the_lora_appeared_the_job_is_done(site: Site) 
     while not final.exists():
         assert time.monotonic() < end, (await site.job(job_id))["state"]
         time.sleep(0.001)
-    site.sigkill(daemon)
+    tree = site.sigkill(daemon)
     assert site.db_state(job_id) in {"copying", "done"}
-    await assert_recovered(site, job_id, [], {"done"})
+    await assert_recovered(site, job_id, tree, {"done"})
     job = await site.job(job_id)
     assert (job["artifact"], job["lora_id"]) == (str(final), "Just_Made_It")
     assert publish.verify_lora(final).unet_modules > 0

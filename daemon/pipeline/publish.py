@@ -103,10 +103,13 @@ def sweep_temp_files(folder: Path) -> list[Path]:
     except OSError:
         return removed  # no folder (yet), or unreadable: nothing of ours can be there to clean
     for entry in entries:
-        if is_our_temp(entry.name) and entry.is_file(follow_symlinks=False):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(entry.path)
-                removed.append(Path(entry.path))
+        if not (is_our_temp(entry.name) and entry.is_file(follow_symlinks=False)):
+            continue
+        try:
+            os.unlink(entry.path)
+        except OSError:
+            continue  # already gone, or a read-only folder: never a reason to stop the daemon starting
+        removed.append(Path(entry.path))
     if removed:
         fsync_dir(folder)
     return removed
