@@ -431,15 +431,20 @@ ORPHANS = textwrap.dedent("""
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="sessions are POSIX")
-def test_kill_leftovers_stops_the_orphans_of_a_dead_leader_and_spares_a_mismatched_record() -> None:
-    leader = subprocess.Popen([sys.executable, "-c", ORPHANS], stdout=subprocess.PIPE, start_new_session=True)
+def test_kill_leftovers_stops_the_orphans_of_a_dead_leader_and_spares_strangers() -> None:
+    leader = subprocess.Popen([sys.executable, "-c", ORPHANS + "import time; time.sleep(60)"],
+                              stdout=subprocess.PIPE, start_new_session=True)
     assert leader.stdout is not None
     orphan = int(leader.stdout.readline())
     started = psutil.Process(leader.pid).create_time()
-    leader.wait(10)  # the leader is gone; its child lives on in its session
     created = psutil.Process(orphan).create_time()
     try:
-        assert kill_leftovers(TrainerRecord(leader.pid, started - 1000, {}), grace_s=1) == []
+        # the recorded trainer was another process that had this pid before: its session is not this one
+        assert kill_leftovers(TrainerRecord(leader.pid, started - 30, {}), grace_s=1) == []
+        leader.kill()
+        leader.wait(10)  # the leader is gone; its child lives on in its session
+        # a trainer started after the child was born cannot be its ancestor
+        assert kill_leftovers(TrainerRecord(leader.pid, created + 30, {}), grace_s=1) == []
         assert alive(orphan, created)
         killed = kill_leftovers(TrainerRecord(leader.pid, started, {}), grace_s=1)
         assert pids(killed) == [orphan]
@@ -447,6 +452,9 @@ def test_kill_leftovers_stops_the_orphans_of_a_dead_leader_and_spares_a_mismatch
     finally:
         with contextlib.suppress(psutil.Error):
             psutil.Process(orphan).kill()
+        if leader.poll() is None:
+            leader.kill()
+            leader.wait()
 
 
 async def test_a_trainer_leads_its_own_session_and_reports_new_descendants(tmp_path: Path) -> None:

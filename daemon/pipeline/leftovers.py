@@ -52,12 +52,12 @@ class ProcInfo:
 
 
 def scan() -> list[ProcInfo]:
-    """A snapshot of every process we can see."""
+    """A snapshot of every live process we can see."""
     found: list[ProcInfo] = []
-    for proc in psutil.process_iter(["pid", "ppid", "create_time", "name"]):
+    for proc in psutil.process_iter(["pid", "ppid", "create_time", "name", "status"]):
         info = proc.info
-        if info.get("create_time") is None:
-            continue
+        if info.get("create_time") is None or info.get("status") == psutil.STATUS_ZOMBIE:
+            continue  # unreadable, or already dead and only waiting to be reaped
         session = group = None
         if not IS_WINDOWS:
             with contextlib.suppress(OSError):
