@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from daemon.config import Config
 from daemon.errors import DaemonError, Forbidden, Unauthorized
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-PUBLIC_ROUTES = frozenset({("GET", "/health")})
+PUBLIC_ROUTES = frozenset({("GET", "/health"), ("HEAD", "/health")})
 CORS_METHODS = "GET, POST, DELETE, OPTIONS"
 CORS_HEADERS = "Authorization, Content-Type"
 
@@ -47,6 +48,8 @@ def error_middleware() -> Callable[[web.Request, Handler], Awaitable[web.StreamR
             return await handler(request)
         except (DaemonError, web.HTTPException) as exc:
             return error_response(exc)
+        except ConnectionError:
+            return client_gone_response(request)
         except Exception:
             return unexpected_error_response(request)
 
@@ -57,6 +60,36 @@ def unexpected_error_response(request: web.Request) -> web.Response:
     """A bug: logged with its traceback, answered without one. Call from an `except` block."""
     log.exception("unhandled error in %s %s", request.method, request.path)
     return web.json_response({"error": "The daemon hit an unexpected error; see its console output."}, status=500)
+
+
+def client_gone_response(request: web.Request) -> web.Response:
+    """The client hung up mid-request (a closed tab, a dropped upload): normal, so one quiet line. The handler
+    has already removed what the request stored; this answer reaches no one."""
+    log.info("the client left during %s %s", request.method, request.path)
+    return web.json_response({"error": "The connection closed before the request was complete."}, status=400)
+
+
+class QuietProtocolErrors(logging.Filter):
+    """aiohttp answers a request it cannot parse (no valid HTTP: a header over 8 KiB, control characters in
+    a header, a bad request line) with its own 400 before any handler runs, and logs the parser's traceback
+    at ERROR. That is the client's mistake, not ours: keep one line at INFO."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError) and 400 <= (exc.code or 400) < 500:
+            record.msg, record.args = "refused a request that is not valid HTTP: %s", (_one_line(exc.message),)
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())[:200]
+
+
+def quiet_protocol_errors(logger: logging.Logger) -> None:
+    if not any(isinstance(f, QuietProtocolErrors) for f in logger.filters):
+        logger.addFilter(QuietProtocolErrors())
 
 
 def error_response(exc: DaemonError | web.HTTPException) -> web.StreamResponse:
@@ -103,6 +136,8 @@ def security_middleware(config: Config) -> Callable[[web.Request, Handler], Awai
                 response = await handler(request)
             except (DaemonError, web.HTTPException) as exc:
                 response = error_response(exc)
+            except ConnectionError:
+                response = client_gone_response(request)
             except Exception:
                 # Answered here, not by the outer middleware, so the page can read it (CORS below).
                 response = unexpected_error_response(request)
@@ -125,5 +160,10 @@ def _check_token(request: web.Request, token: bytes) -> None:
     if not sent:
         raise Unauthorized("This call needs the daemon token.",
                            hint="Send 'Authorization: Bearer <token>' (the token is in the daemon config).")
-    if not hmac.compare_digest(sent.encode(), token):
+    try:
+        # aiohttp keeps header bytes that are not UTF-8 as surrogates; such a token can only be wrong.
+        sent_bytes = sent.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        sent_bytes = b""
+    if not hmac.compare_digest(sent_bytes, token):
         raise Unauthorized("The daemon token is wrong.", hint="Use the token from the daemon config file.")
