@@ -87,7 +87,8 @@ class InsufficientStorage(DaemonError):
 
 
 _FULL = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
-_UNWRITABLE = frozenset({errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR})
+# EEXIST: mkdir(exist_ok=True) found a file where the folder should be.
+_UNWRITABLE = frozenset({errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST})
 
 
 def storage_error(exc: OSError, folder: Path) -> DaemonError | None:

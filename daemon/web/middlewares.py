@@ -47,7 +47,7 @@ def error_middleware() -> Callable[[web.Request, Handler], Awaitable[web.StreamR
         try:
             return await handler(request)
         except (DaemonError, web.HTTPException) as exc:
-            return error_response(exc)
+            return error_response(exc, request)
         except ConnectionError:
             return client_gone_response(request)
         except Exception:
@@ -87,20 +87,37 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())[:200]
 
 
-def quiet_protocol_errors(logger: logging.Logger) -> None:
+def protocol_logger() -> logging.Logger:
+    """The logger aiohttp's connection handler writes to (handler_args in app.py), with malformed requests
+    kept to one line."""
+    logger = logging.getLogger("daemon.web.http")
     if not any(isinstance(f, QuietProtocolErrors) for f in logger.filters):
         logger.addFilter(QuietProtocolErrors())
+    return logger
 
 
-def error_response(exc: DaemonError | web.HTTPException) -> web.StreamResponse:
+def error_response(exc: DaemonError | web.HTTPException, request: web.BaseRequest | None = None) -> web.StreamResponse:
     """Every error as JSON `{"error": sentence, ...}`; redirects and successes pass through."""
     if isinstance(exc, DaemonError):
         return web.json_response(exc.to_json(), status=exc.status)
     if exc.status < 400:
         raise exc
-    message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
+    message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else _http_sentence(exc, request)
     headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
     return web.json_response({"error": message}, status=exc.status, headers=headers)
+
+
+def _http_sentence(exc: web.HTTPException, request: web.BaseRequest | None) -> str:
+    """aiohttp's own refusals (no such route, wrong method) as a sentence naming the request."""
+    if request is None:
+        return f"{exc.reason}."
+    target = f"{request.method} {_one_line(request.path)}"
+    if isinstance(exc, web.HTTPNotFound):
+        return f"There is no {target}; the README lists the daemon's routes."
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        return f"{target} is not allowed; this path takes {allowed}."
+    return f"{exc.reason}: {target}."
 
 
 def security_middleware(config: Config) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
@@ -135,7 +152,7 @@ def security_middleware(config: Config) -> Callable[[web.Request, Handler], Awai
                     _check_token(request, token)
                 response = await handler(request)
             except (DaemonError, web.HTTPException) as exc:
-                response = error_response(exc)
+                response = error_response(exc, request)
             except ConnectionError:
                 response = client_gone_response(request)
             except Exception:
