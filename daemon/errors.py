@@ -19,8 +19,10 @@ below `web/` knows about HTTP beyond the `status` number.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -107,6 +109,18 @@ def storage_error(exc: OSError, folder: Path) -> DaemonError | None:
                  "config to a writable folder.",
         )
     return None
+
+
+@contextlib.contextmanager
+def disk_errors(folder: Path) -> Iterator[None]:
+    """Writes under `folder`: a full disk or an unwritable folder becomes its sentence, anything else stays."""
+    try:
+        yield
+    except OSError as exc:
+        error = None if isinstance(exc, ConnectionError) else storage_error(exc, folder)
+        if error is None:
+            raise
+        raise error from exc
 
 
 # sqlite3 result codes (the low byte of `sqlite_errorcode`, Python 3.11+); older Pythons: the message.

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from daemon import __version__
 from daemon.config import Config
-from daemon.errors import BadInput, NotFound, database_error, storage_error
+from daemon.errors import BadInput, NotFound, database_error, disk_errors
 from daemon.jobs import fields
 from daemon.jobs.models import Job
 from daemon.pipeline import base_models, dataset
@@ -78,15 +78,16 @@ async def train(request: web.Request) -> web.Response:
         try:
             job = await _new_job(request, form.fields, form.uploads)
             paths = job_paths(config, job.id)
-            try:
+            with disk_errors(config.jobs_dir):
                 paths.root.mkdir(parents=True)
                 await asyncio.to_thread(shutil.move, str(form.tmp_dir), str(paths.uploads))
-            except OSError as exc:
-                raise storage_error(exc, config.jobs_dir) or exc from exc
             try:
                 await queue.submit(job)
             except sqlite3.Error as exc:
-                raise database_error(exc, config.db_path) or exc from exc
+                error = database_error(exc, config.db_path)
+                if error is None:
+                    raise
+                raise error from exc
         except BaseException:
             shutil.rmtree(form.tmp_dir, ignore_errors=True)
             if paths is not None:

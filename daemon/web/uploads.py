@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import secrets
 import shutil
+import warnings
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,15 +19,21 @@ from typing import TypeVar
 
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from aiohttp.multipart import BadContentDispositionHeader, BadContentDispositionParam
 from aiohttp.web_protocol import RequestPayloadError
 
-from daemon.errors import BadInput, RequestTimeout, TooMany, UnsupportedMedia, storage_error
+from daemon.errors import BadInput, RequestTimeout, TooMany, UnsupportedMedia, disk_errors
 from daemon.pipeline.dataset import MAX_IMAGES, Upload, display_name
 
 TEXT_FIELDS = frozenset({"name", "trigger", "class_token", "base_model", "params"})
 FILE_FIELD = "images"
 MAX_TEXT_BYTES = 64 * 1024
 CHUNK = 256 * 1024
+
+# aiohttp warns (on the console) about each malformed Content-Disposition; it is the client's mistake, and
+# it is answered: the part has no usable name, so the form is refused as an unknown field.
+warnings.filterwarnings("ignore", category=BadContentDispositionHeader)
+warnings.filterwarnings("ignore", category=BadContentDispositionParam)
 
 T = TypeVar("T")
 TextCheck = Callable[[str, str], None]
@@ -77,12 +84,10 @@ async def read_train_form(request: web.Request, *, tmp_root: Path, limits: Uploa
     """Store the form's files under `tmp_root`; each text field is passed to `check_text` as it arrives,
     so a bad name sent before the pictures is refused before any picture is stored."""
     _check_body_headers(request)
-    try:
+    tmp_dir = tmp_root / f"upload-{secrets.token_hex(8)}"
+    with disk_errors(tmp_root):
         tmp_root.mkdir(parents=True, exist_ok=True)
-        tmp_dir = tmp_root / f"upload-{secrets.token_hex(8)}"
         tmp_dir.mkdir()
-    except OSError as exc:
-        raise storage_error(exc, tmp_root) or exc from exc
     try:
         form = await _Reader(request, tmp_dir, limits, check_text).read()
     except BaseException:
@@ -144,17 +149,12 @@ class _Reader:
         client = display_name(_filename(part), index)
         target = self._tmp_dir / f"{index + 1:03d}.upload"
         size = 0
-        try:
-            with target.open("wb") as fh:
-                while chunk := await self._step(part.read_chunk(CHUNK)):
-                    size += len(chunk)
-                    self._total += len(chunk)
-                    self._check_sizes(client, size)
-                    fh.write(chunk)
-        except OSError as exc:
-            if isinstance(exc, ConnectionError):
-                raise
-            raise storage_error(exc, self._tmp_dir.parent) or exc from exc
+        with disk_errors(self._tmp_dir.parent), target.open("wb") as fh:
+            while chunk := await self._step(part.read_chunk(CHUNK)):
+                size += len(chunk)
+                self._total += len(chunk)
+                self._check_sizes(client, size)
+                fh.write(chunk)
         if size == 0:
             raise BadInput(f"'{client}' is empty.", key="images")
         return Upload(target, client)
