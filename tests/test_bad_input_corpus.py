@@ -514,3 +514,24 @@ def test_params_parse_failures_are_bad_input_not_crashes() -> None:
         with pytest.raises(BadInput):
             parse_params(raw)
     assert parse_params('{"epochs": 3, "unet_lr": 1e-4}') == {"epochs": 3, "unet_lr": 1e-4}
+
+
+def test_the_typed_fields_still_take_ordinary_values() -> None:
+    from daemon.jobs import fields
+
+    assert fields.check_name("Hero-1 the_2nd") == "Hero-1 the_2nd"
+    assert fields.check_trigger("oh-wx") == "oh-wx" and fields.check_trigger("ÿøñ") == "ÿøñ"
+    assert fields.check_class_token("  young   woman ") == "young woman"
+    assert fields.check_class_token("") == "person" and fields.check_class_token("T-rex") == "T-rex"
+
+
+@pytest.mark.parametrize(("key", "value"), [("max_uploads", 0), ("max_uploads", "2"), ("max_queued_jobs", 0),
+                                            ("upload_stall_s", 0), ("upload_timeout_s", 5)])
+def test_the_upload_limits_are_validated_settings(key: str, value: object) -> None:
+    from daemon.config import ConfigError, parse_config
+
+    raw = {"token": TOKEN, key: value}  # upload_timeout_s 5 is below the default stall limit (60 s)
+    with pytest.raises(ConfigError, match=key):
+        parse_config(raw, base_dir=None)
+    cfg = parse_config({"token": TOKEN}, base_dir=None)
+    assert (cfg.max_uploads, cfg.max_queued_jobs, cfg.upload_stall_s, cfg.upload_timeout_s) == (2, 10, 60, 1800)

@@ -69,8 +69,8 @@ class JobQueue:
         """TooMany when `max_queued_jobs` jobs already wait; /train asks before it stores any picture."""
         waiting = len(await asyncio.to_thread(self._store.ids_in_states, [JobState.QUEUED]))
         if waiting >= self._config.max_queued_jobs:
-            raise TooMany(f"{waiting} jobs are already waiting; the queue holds at most "
-                          f"{self._config.max_queued_jobs}.",
+            raise TooMany(f"The queue is full: {waiting} job(s) are waiting, at most {self._config.max_queued_jobs} "
+                          "may (max_queued_jobs).",
                           hint="Wait for a job to finish (or cancel one), then start this one again.")
 
     async def submit(self, job: Job) -> None:

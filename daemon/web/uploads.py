@@ -66,7 +66,7 @@ class UploadSlots:
     def take(self) -> Iterator[None]:
         if self.busy >= self.limit:
             raise TooMany(
-                f"{self.busy} uploads are already in progress; the daemon takes at most {self.limit} at once.",
+                f"The daemon is already receiving {self.busy} upload(s), at most {self.limit} at once (max_uploads).",
                 hint="Wait for them to finish, then send the pictures again.",
             )
         self.busy += 1
