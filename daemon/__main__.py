@@ -12,7 +12,7 @@ from pathlib import Path
 from aiohttp import web
 
 from daemon import __version__
-from daemon.config import FORBIDDEN_PORTS, ConfigError, load_or_create
+from daemon.config import FORBIDDEN_PORTS, ConfigError, load_or_create, prepare_data_dir
 from daemon.instance_lock import AlreadyRunning
 from daemon.web.app import AccessLogger, create_app
 
@@ -34,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the config folder or file cannot be created or read
+        print(f"error: cannot use the config file {exc.filename or args.config} ({exc.strerror}); "
+              "pass --config with a path you can write to", file=sys.stderr)
+        return 2
     if args.host:
         config = replace(config, host=args.host)
     if args.port is not None:
@@ -44,6 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     if created:
         print(f"Wrote a default config to {path}", flush=True)
     print(f"Config: {path}", flush=True)
+    try:
+        prepare_data_dir(config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     problem = port_problem(config.host, config.port)
     if problem:
         print(f"error: {problem}", file=sys.stderr)

@@ -52,6 +52,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("allow_cpu", False, "train on the CPU when no CUDA GPU is found (very slow; for tests)"),
     Setting("max_image_mb", 25, "largest accepted upload, per image, in MiB"),
     Setting("max_request_mb", 400, "largest accepted /train request, in MiB"),
+    Setting("max_uploads", 2, "uploads (POST /train) streamed at the same time; one more is answered 429"),
+    Setting("max_queued_jobs", 10, "jobs waiting in the queue; one more is answered 429"),
+    Setting("upload_stall_s", 60, "seconds an upload may send nothing before it is answered 408"),
+    Setting("upload_timeout_s", 1800, "seconds a whole upload may take before it is answered 408"),
     Setting("kohya.script_path", None, "sd-scripts' train_network.py"),
     Setting("kohya.workspace", None, "the sd-scripts folder (the trainer's working directory)"),
     Setting("kohya.accelerate_bin", "accelerate", "the `accelerate` launcher of the kohya venv"),
@@ -89,6 +93,10 @@ class Config:
     max_request_bytes: int
     kohya: KohyaConfig = field(default_factory=KohyaConfig)
     path: Path | None = None
+    max_uploads: int = 2
+    max_queued_jobs: int = 10
+    upload_stall_s: int = 60
+    upload_timeout_s: int = 1800
 
     @property
     def db_path(self) -> Path:
@@ -193,6 +201,7 @@ def parse_config(raw: Mapping[str, Any], *, base_dir: Path | None, path: Path | 
         tokenizer_cache_dir=_opt_path(kohya_raw, "tokenizer_cache_dir", base_dir, "kohya.tokenizer_cache_dir"),
         extra_args=tuple(extra),
     )
+    stall = _int(raw, "upload_stall_s", 60, 1, 3600)
     if kohya.workspace is None and kohya.script_path is not None:
         kohya = KohyaConfig(**{**kohya.__dict__, "workspace": kohya.script_path.parent})
 
@@ -210,6 +219,10 @@ def parse_config(raw: Mapping[str, Any], *, base_dir: Path | None, path: Path | 
         max_request_bytes=_int(raw, "max_request_mb", 400, 1, 10_000) * 1024 * 1024,
         kohya=kohya,
         path=path,
+        max_uploads=_int(raw, "max_uploads", 2, 1, 64),
+        max_queued_jobs=_int(raw, "max_queued_jobs", 10, 1, 1000),
+        upload_stall_s=stall,
+        upload_timeout_s=_int(raw, "upload_timeout_s", 1800, stall, 86_400),
     )
 
 
@@ -284,6 +297,19 @@ def load_config(path: Path) -> Config:
         raw["token"] = secrets.token_urlsafe(32)
         update_config_file(path, {"token": raw["token"]})
     return parse_config(raw, base_dir=path.parent, path=path)
+
+
+def prepare_data_dir(config: Config) -> None:
+    """Create the data folder and prove it is writable, or raise ConfigError saying which folder and why."""
+    where = f" in {config.path}" if config.path else ""
+    try:
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=config.data_dir):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError("data_dir", f"cannot create or write the data folder {config.data_dir} ({reason}); "
+                          f"make it writable or set data_dir{where} to a folder you can write to") from exc
 
 
 def load_or_create(path: Path | None) -> tuple[Config, Path, bool]:

@@ -45,8 +45,10 @@ def launch(**changes: object) -> KohyaLaunch:
 
 
 def value(argv: list[str], flag: str) -> str:
-    assert argv.count(flag) == 1, f"{flag} appears {argv.count(flag)} times"
-    return argv[argv.index(flag) + 1]
+    """The value of `flag`, whether passed as `--flag value` or glued as `--flag=value`."""
+    glued = [a.split("=", 1)[1] for a in argv if a.startswith(f"{flag}=")]
+    assert argv.count(flag) + len(glued) == 1, f"{flag} appears {argv.count(flag) + len(glued)} times"
+    return glued[0] if glued else argv[argv.index(flag) + 1]
 
 
 def script_args(argv: list[str], script: str = "/opt/sd-scripts/train_network.py") -> list[str]:

@@ -9,7 +9,7 @@ from functools import partial
 from pathlib import Path
 
 from daemon.config import Config
-from daemon.errors import Conflict, NotFound
+from daemon.errors import Conflict, NotFound, TooMany
 from daemon.events import EventType
 from daemon.hub import EventHub
 from daemon.jobs.models import Job, JobError, JobState
@@ -32,6 +32,7 @@ class JobQueue:
         self._cancels: dict[str, asyncio.Event] = {}
         self._current: str | None = None
         self._worker: asyncio.Task[None] | None = None
+        self._submitting = asyncio.Lock()
 
     @property
     def current(self) -> str | None:
@@ -56,8 +57,19 @@ class JobQueue:
         for job_id in self._store.ids_in_states(_ACTIVE):
             recover_job(self._config, self._store, job_id, taken)
 
+    async def check_room(self) -> None:
+        """TooMany when `max_queued_jobs` jobs already wait; /train asks before it stores any picture."""
+        waiting = len(await asyncio.to_thread(self._store.ids_in_states, [JobState.QUEUED]))
+        if waiting >= self._config.max_queued_jobs:
+            raise TooMany(f"The queue is full: {waiting} job(s) are waiting, at most {self._config.max_queued_jobs} "
+                          "may (max_queued_jobs).",
+                          hint="Wait for a job to finish (or cancel one), then start this one again.")
+
     async def submit(self, job: Job) -> None:
-        await self._hub.emit(EventType.JOB_CREATED, job.id, job.to_json(), persist=partial(self._store.insert, job))
+        async with self._submitting:  # check and insert as one step: two uploads cannot both take the last place
+            await self.check_room()
+            await self._hub.emit(EventType.JOB_CREATED, job.id, job.to_json(),
+                                 persist=partial(self._store.insert, job))
         self._pending.put_nowait(job.id)
 
     async def cancel(self, job_id: str) -> Job:

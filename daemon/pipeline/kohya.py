@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -91,8 +92,8 @@ def _script_args(params: TrainParams, launch: KohyaLaunch) -> list[str]:
         launch.dataset_config,
         "--output_dir",
         launch.output_dir,
-        "--output_name",
-        launch.output_name,
+        # Values derived from what the user typed are glued to their flag: argparse never reads them as options.
+        f"--output_name={launch.output_name}",
         "--save_model_as",
         "safetensors",
         # Without it the LoRA is saved in the training dtype (fp32 on CPU): twice the size, no gain.
@@ -156,12 +157,9 @@ def _script_args(params: TrainParams, launch: KohyaLaunch) -> list[str]:
     if launch.logging_dir:
         args += ["--logging_dir", launch.logging_dir]
     args += [
-        "--training_comment",
-        f"job={launch.job_id}; trigger={launch.trigger}",
-        "--metadata_trigger_phrase",
-        launch.trigger,
-        "--metadata_title",
-        launch.output_name,
+        f"--training_comment=job={launch.job_id}; trigger={launch.trigger}",
+        f"--metadata_trigger_phrase={launch.trigger}",
+        f"--metadata_title={launch.output_name}",
     ]
     return [*args, *launch.extra_args]
 
@@ -203,12 +201,18 @@ def build_env(base: Mapping[str, str], *, tokenizer_cache_dir: str | None, cpu: 
     return env
 
 
+def _prompt_text(text: str) -> str:
+    """User text made inert in kohya's prompt file: one line, and no ' --' (kohya splits options on it)."""
+    flat = " ".join(text.split())
+    return re.sub(r"(^|\s)-+", r"\1", flat)
+
+
 def sample_prompt_file(*, trigger: str, class_token: str, params: TrainParams, cpu: bool) -> str:
     """kohya's `--sample_prompts` text: one preview of the character, seeded so epochs compare."""
     steps = SAMPLE_STEPS_CPU if cpu else SAMPLE_STEPS_GPU
     size = params.resolution
     return (
-        f"{trigger} {class_token}, portrait, looking at viewer --n lowres, blurry"
+        f"{_prompt_text(trigger)} {_prompt_text(class_token)}, portrait, looking at viewer --n lowres, blurry"
         f" --w {size} --h {size} --d {params.seed} --s {steps} --l 7\n"
     )
 

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
+import sqlite3
 import time
 import uuid
-from typing import Any
+from pathlib import Path
 
 from aiohttp import web
 
 from daemon import __version__
-from daemon.errors import BadInput, NotFound
+from daemon.config import Config
+from daemon.errors import BadInput, NotFound, database_error, disk_errors
 from daemon.jobs import fields
 from daemon.jobs.models import Job
 from daemon.pipeline import base_models, dataset
@@ -21,7 +22,7 @@ from daemon.pipeline.model_arch import ARCH_LABELS, TRAINABLE_ARCHS, detect_arch
 from daemon.pipeline.params import PRESETS, resolve_params
 from daemon.pipeline.runner import job_paths
 from daemon.web.keys import CONFIG, GPU, QUEUE, STORE
-from daemon.web.uploads import read_train_form
+from daemon.web.uploads import UPLOAD_SLOTS, UploadLimits, read_train_form
 
 routes = web.RouteTableDef()
 
@@ -68,25 +69,53 @@ async def models(request: web.Request) -> web.Response:
 @routes.post("/train")
 async def train(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
-    form = await read_train_form(
-        request,
-        tmp_root=config.data_dir / "tmp",
-        max_file=config.max_image_bytes,
-        max_total=config.max_request_bytes,
-    )
-    paths = None
-    try:
-        job = await _new_job(request, form.fields, form.uploads)
-        paths = job_paths(config, job.id)
-        paths.root.mkdir(parents=True)
-        await asyncio.to_thread(shutil.move, str(form.tmp_dir), str(paths.uploads))
-    except BaseException:
-        shutil.rmtree(form.tmp_dir, ignore_errors=True)
-        if paths is not None:
-            shutil.rmtree(paths.root, ignore_errors=True)
-        raise
-    await request.app[QUEUE].submit(job)
+    queue = request.app[QUEUE]
+    await queue.check_room()  # a full queue is said before a single picture is uploaded
+    with request.app[UPLOAD_SLOTS].take():
+        form = await read_train_form(request, tmp_root=config.data_dir / "tmp", limits=upload_limits(config),
+                                     check_text=_check_text)
+        paths = None
+        try:
+            job = await _new_job(request, form.fields, form.uploads)
+            paths = job_paths(config, job.id)
+            with disk_errors(config.jobs_dir):
+                paths.root.mkdir(parents=True)
+                await asyncio.to_thread(shutil.move, str(form.tmp_dir), str(paths.uploads))
+            try:
+                await queue.submit(job)
+            except sqlite3.Error as exc:
+                error = database_error(exc, config.db_path)
+                if error is None:
+                    raise
+                raise error from exc
+        except BaseException:
+            shutil.rmtree(form.tmp_dir, ignore_errors=True)
+            if paths is not None:
+                shutil.rmtree(paths.root, ignore_errors=True)
+            raise
     return web.json_response({"job_id": job.id, "state": job.state.value}, status=202)
+
+
+def upload_limits(config: Config) -> UploadLimits:
+    return UploadLimits(max_file=config.max_image_bytes, max_total=config.max_request_bytes,
+                        idle_timeout_s=config.upload_stall_s, total_timeout_s=config.upload_timeout_s)
+
+
+MAX_BASE_MODEL_CHARS = 255
+
+
+def _check_text(name: str, value: str) -> None:
+    """Each text field as soon as it arrives: a bad one stops the upload before more pictures are stored."""
+    if name == "name":
+        fields.check_name(value)
+    elif name == "trigger":
+        fields.check_trigger(value)
+    elif name == "class_token":
+        fields.check_class_token(value)
+    elif name == "params":
+        fields.parse_params(value)
+    elif name == "base_model" and (len(value) > MAX_BASE_MODEL_CHARS or fields.has_control(value)):
+        raise BadInput("'base_model' must be the file name of a model Easy Diffusion lists.", key="base_model")
 
 
 async def _new_job(request: web.Request, form: dict[str, str], uploads: list[dataset.Upload]) -> Job:
@@ -104,7 +133,8 @@ async def _new_job(request: web.Request, form: dict[str, str], uploads: list[dat
         raise BadInput(
             f"{base.name} is an {ARCH_LABELS[arch]} model; only SD 1.x models can be trained for now.",
             key="base_model", hint="Choose an SD 1.x checkpoint such as sd-v1-5.")
-    overrides = _parse_params(form.get("params"))
+    _check_text("base_model", form.get("base_model") or "")
+    overrides = fields.parse_params(form.get("params"))
     dataset.check_count(len(uploads))
     for upload in uploads:
         await asyncio.to_thread(dataset.check_image, upload)
@@ -120,18 +150,6 @@ async def _new_job(request: web.Request, form: dict[str, str], uploads: list[dat
         image_count=len(uploads),
         created_at=time.time(),
     )
-
-
-def _parse_params(raw: str | None) -> dict[str, Any]:
-    if raw is None or not raw.strip():
-        return {}
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise BadInput(f"'params' is not valid JSON: {exc.msg}.", key="params") from exc
-    if not isinstance(value, dict):
-        raise BadInput("'params' must be a JSON object such as {\"epochs\": 10}.", key="params")
-    return value
 
 
 @routes.get("/jobs")
@@ -175,10 +193,19 @@ async def job_sample(request: web.Request) -> web.StreamResponse:
     # Only names the daemon itself recorded from kohya's sample folder are served.
     if file not in job.samples:
         raise NotFound(f"Job {job_id} has no preview picture '{file}'.")
-    path = job_paths(request.app[CONFIG], job.id).samples / file
-    if not path.is_file():
+    path = await asyncio.to_thread(_sample_path, job_paths(request.app[CONFIG], job.id).samples, file)
+    if path is None:
         raise NotFound(f"The preview picture '{file}' was deleted.")
     return web.FileResponse(path, headers={"Cache-Control": "private, max-age=3600"})
+
+
+def _sample_path(folder: Path, file: str) -> Path | None:
+    """The real file inside `folder`, or None: a symlink (even one pointing inside) is never followed."""
+    path = folder / file
+    if folder.is_symlink() or path.is_symlink() or not path.is_file():
+        return None
+    real = path.resolve()
+    return real if real.is_relative_to(folder.resolve()) else None
 
 
 @routes.post("/jobs/{job_id}/cancel")

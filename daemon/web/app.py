@@ -22,15 +22,20 @@ from daemon.pipeline.env_check import GpuInfo, kohya_python, probe_gpu
 from daemon.pipeline.runner import JobRunner
 from daemon.web.api import routes
 from daemon.web.keys import CONFIG, GPU, HUB, QUEUE, STORE
-from daemon.web.middlewares import error_middleware, security_middleware
+from daemon.web.middlewares import error_middleware, protocol_logger, security_middleware
+from daemon.web.uploads import UPLOAD_SLOTS, UploadSlots
 from daemon.web.ws import websocket_handler
 
 log = logging.getLogger(__name__)
 
 
 def create_app(config: Config, *, gpu_probe: Callable[[], GpuInfo] | None = None) -> web.Application:
-    app = web.Application(middlewares=[error_middleware(), security_middleware(config)])
+    # Bodies are read as sent: a compressed body is refused with a sentence (uploads.py) instead of failing
+    # inside aiohttp's decompressor, where no handler can answer.
+    app = web.Application(middlewares=[error_middleware(), security_middleware(config)],
+                          handler_args={"auto_decompress": False, "logger": protocol_logger()})
     app[CONFIG] = config
+    app[UPLOAD_SLOTS] = UploadSlots(config.max_uploads)
     app[GPU] = GpuCache(gpu_probe or partial(probe_gpu, kohya_python(config)))
     app.add_routes(routes)
     app.router.add_get("/ws", websocket_handler)

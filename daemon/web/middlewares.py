@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from daemon.config import Config
 from daemon.errors import DaemonError, Forbidden, Unauthorized
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-PUBLIC_ROUTES = frozenset({("GET", "/health")})
+PUBLIC_ROUTES = frozenset({("GET", "/health"), ("HEAD", "/health")})
 CORS_METHODS = "GET, POST, DELETE, OPTIONS"
 CORS_HEADERS = "Authorization, Content-Type"
 
@@ -46,7 +47,9 @@ def error_middleware() -> Callable[[web.Request, Handler], Awaitable[web.StreamR
         try:
             return await handler(request)
         except (DaemonError, web.HTTPException) as exc:
-            return error_response(exc)
+            return error_response(exc, request)
+        except ConnectionError:
+            return client_gone_response(request)
         except Exception:
             return unexpected_error_response(request)
 
@@ -59,15 +62,62 @@ def unexpected_error_response(request: web.Request) -> web.Response:
     return web.json_response({"error": "The daemon hit an unexpected error; see its console output."}, status=500)
 
 
-def error_response(exc: DaemonError | web.HTTPException) -> web.StreamResponse:
+def client_gone_response(request: web.Request) -> web.Response:
+    """The client hung up mid-request (a closed tab, a dropped upload): normal, so one quiet line. The handler
+    has already removed what the request stored; this answer reaches no one."""
+    log.info("the client left during %s %s", request.method, request.path)
+    return web.json_response({"error": "The connection closed before the request was complete."}, status=400)
+
+
+class QuietProtocolErrors(logging.Filter):
+    """aiohttp answers a request it cannot parse (no valid HTTP: a header over 8 KiB, control characters in
+    a header, a bad request line) with its own 400 before any handler runs, and logs the parser's traceback
+    at ERROR. That is the client's mistake, not ours: keep one line at INFO."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError) and 400 <= (exc.code or 400) < 500:
+            record.msg, record.args = "refused a request that is not valid HTTP: %s", (_one_line(exc.message),)
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())[:200]
+
+
+def protocol_logger() -> logging.Logger:
+    """The logger aiohttp's connection handler writes to (handler_args in app.py), with malformed requests
+    kept to one line."""
+    logger = logging.getLogger("daemon.web.http")
+    if not any(isinstance(f, QuietProtocolErrors) for f in logger.filters):
+        logger.addFilter(QuietProtocolErrors())
+    return logger
+
+
+def error_response(exc: DaemonError | web.HTTPException, request: web.BaseRequest | None = None) -> web.StreamResponse:
     """Every error as JSON `{"error": sentence, ...}`; redirects and successes pass through."""
     if isinstance(exc, DaemonError):
         return web.json_response(exc.to_json(), status=exc.status)
     if exc.status < 400:
         raise exc
-    message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
+    message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else _http_sentence(exc, request)
     headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
     return web.json_response({"error": message}, status=exc.status, headers=headers)
+
+
+def _http_sentence(exc: web.HTTPException, request: web.BaseRequest | None) -> str:
+    """aiohttp's own refusals (no such route, wrong method) as a sentence naming the request."""
+    if request is None:
+        return f"{exc.reason}."
+    target = f"{request.method} {_one_line(request.path)}"
+    if isinstance(exc, web.HTTPNotFound):
+        return f"There is no {target}; the README lists the daemon's routes."
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        return f"{target} is not allowed; this path takes {allowed}."
+    return f"{exc.reason}: {target}."
 
 
 def security_middleware(config: Config) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
@@ -102,7 +152,9 @@ def security_middleware(config: Config) -> Callable[[web.Request, Handler], Awai
                     _check_token(request, token)
                 response = await handler(request)
             except (DaemonError, web.HTTPException) as exc:
-                response = error_response(exc)
+                response = error_response(exc, request)
+            except ConnectionError:
+                response = client_gone_response(request)
             except Exception:
                 # Answered here, not by the outer middleware, so the page can read it (CORS below).
                 response = unexpected_error_response(request)
@@ -125,5 +177,10 @@ def _check_token(request: web.Request, token: bytes) -> None:
     if not sent:
         raise Unauthorized("This call needs the daemon token.",
                            hint="Send 'Authorization: Bearer <token>' (the token is in the daemon config).")
-    if not hmac.compare_digest(sent.encode(), token):
+    try:
+        # aiohttp keeps header bytes that are not UTF-8 as surrogates; such a token can only be wrong.
+        sent_bytes = sent.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        sent_bytes = b""
+    if not hmac.compare_digest(sent_bytes, token):
         raise Unauthorized("The daemon token is wrong.", hint="Use the token from the daemon config file.")

@@ -1,24 +1,50 @@
-"""Streaming the /train multipart form to disk, under our own file names, within size limits.
+"""Streaming the /train multipart form to disk, under our own file names, within size and time limits.
 
-Nothing of a rejected request stays on disk: the caller owns `tmp_dir` only when this returns.
+Nothing of a rejected request stays on disk: the caller owns `tmp_dir` only when this returns. Every way
+a form can be malformed (bad part headers, a body that is not what its headers say, a client that stalls
+or leaves) ends as a DaemonError or a ConnectionError, never as an aiohttp parser exception.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import secrets
 import shutil
+import warnings
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from aiohttp.multipart import BadContentDispositionHeader, BadContentDispositionParam
+from aiohttp.web_protocol import RequestPayloadError
 
-from daemon.errors import BadInput
+from daemon.errors import BadInput, RequestTimeout, TooMany, UnsupportedMedia, disk_errors
 from daemon.pipeline.dataset import MAX_IMAGES, Upload, display_name
 
 TEXT_FIELDS = frozenset({"name", "trigger", "class_token", "base_model", "params"})
 FILE_FIELD = "images"
 MAX_TEXT_BYTES = 64 * 1024
 CHUNK = 256 * 1024
+
+# aiohttp warns (on the console) about each malformed Content-Disposition; it is the client's mistake, and
+# it is answered: the part has no usable name, so the form is refused as an unknown field.
+warnings.filterwarnings("ignore", category=BadContentDispositionHeader)
+warnings.filterwarnings("ignore", category=BadContentDispositionParam)
+
+T = TypeVar("T")
+TextCheck = Callable[[str, str], None]
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    max_file: int
+    max_total: int
+    idle_timeout_s: float  # the longest silence between two pieces of the body
+    total_timeout_s: float  # the longest a whole form may take
 
 
 @dataclass
@@ -28,75 +54,155 @@ class TrainForm:
     tmp_dir: Path
 
 
-async def read_train_form(request: web.Request, *, tmp_root: Path, max_file: int, max_total: int) -> TrainForm:
-    if not request.content_type.startswith("multipart/form-data"):
-        raise BadInput("POST /train expects multipart/form-data with fields name, trigger and images.")
-    tmp_root.mkdir(parents=True, exist_ok=True)
+class UploadSlots:
+    """At most `limit` forms stream to disk at once; one more is refused instead of queued (no waiting
+    handler holds a socket and, later, a temp folder)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.busy = 0
+
+    @contextlib.contextmanager
+    def take(self) -> Iterator[None]:
+        if self.busy >= self.limit:
+            raise TooMany(
+                f"The daemon is already receiving {self.busy} upload(s), at most {self.limit} at once (max_uploads).",
+                hint="Wait for them to finish, then send the pictures again.",
+            )
+        self.busy += 1
+        try:
+            yield
+        finally:
+            self.busy -= 1
+
+
+UPLOAD_SLOTS = web.AppKey("upload_slots", UploadSlots)
+
+
+async def read_train_form(request: web.Request, *, tmp_root: Path, limits: UploadLimits,
+                          check_text: TextCheck) -> TrainForm:
+    """Store the form's files under `tmp_root`; each text field is passed to `check_text` as it arrives,
+    so a bad name sent before the pictures is refused before any picture is stored."""
+    _check_body_headers(request)
     tmp_dir = tmp_root / f"upload-{secrets.token_hex(8)}"
-    tmp_dir.mkdir()
+    with disk_errors(tmp_root):
+        tmp_root.mkdir(parents=True, exist_ok=True)
+        tmp_dir.mkdir()
     try:
-        form = await _read(request, tmp_dir, max_file, max_total)
+        form = await _Reader(request, tmp_dir, limits, check_text).read()
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     return form
 
 
-async def _read(request: web.Request, tmp_dir: Path, max_file: int, max_total: int) -> TrainForm:
-    fields: dict[str, str] = {}
-    uploads: list[Upload] = []
-    total = 0
-    try:
-        reader = await request.multipart()
-    except (ValueError, AssertionError) as exc:
-        raise BadInput(f"The upload is not a valid multipart form: {exc}") from exc
-    while True:
+def _check_body_headers(request: web.Request) -> None:
+    if not request.content_type.startswith("multipart/form-data"):
+        raise BadInput("POST /train expects multipart/form-data with fields name, trigger and images.")
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        # The daemon reads bodies as sent (see app.py, auto_decompress=False): pictures do not compress.
+        raise UnsupportedMedia("POST /train takes an uncompressed body; send it without Content-Encoding.")
+
+
+class _Reader:
+    def __init__(self, request: web.Request, tmp_dir: Path, limits: UploadLimits, check_text: TextCheck) -> None:
+        self._request = request
+        self._tmp_dir = tmp_dir
+        self._limits = limits
+        self._check_text = check_text
+        self._deadline = asyncio.get_running_loop().time() + limits.total_timeout_s
+        self._total = 0
+
+    async def read(self) -> TrainForm:
+        fields: dict[str, str] = {}
+        uploads: list[Upload] = []
         try:
-            part = await reader.next()
-        except ValueError as exc:
-            raise BadInput(f"The upload is not a valid multipart form: {exc}") from exc
-        if part is None:
-            break
-        if not isinstance(part, BodyPartReader):
-            raise BadInput("Nested multipart bodies are not accepted.")
-        name = part.name or ""
-        if name == FILE_FIELD:
-            if len(uploads) >= MAX_IMAGES:
-                raise BadInput(f"More than {MAX_IMAGES} images were sent; at most {MAX_IMAGES} are accepted.",
-                               key="images", hint="Keep the best, most varied pictures.")
-            client = display_name(part.filename, len(uploads))
-            target = tmp_dir / f"{len(uploads) + 1:03d}.upload"
-            size = 0
-            with target.open("wb") as fh:
-                while chunk := await part.read_chunk(CHUNK):
-                    size += len(chunk)
-                    total += len(chunk)
-                    if size > max_file:
-                        raise BadInput(
-                            f"'{client}' is larger than the {max_file // (1024 * 1024)} MiB limit per image.",
-                            key="images", hint="Use a smaller or more compressed picture.")
-                    if total > max_total:
-                        raise BadInput(
-                            f"The upload is larger than the {max_total // (1024 * 1024)} MiB limit per request.",
-                            key="images")
-                    fh.write(chunk)
-            if size == 0:
-                raise BadInput(f"'{client}' is empty.", key="images")
-            uploads.append(Upload(target, client))
-        elif name in TEXT_FIELDS:
-            if name in fields:
-                raise BadInput(f"The field '{name}' was sent twice.", key=name)
-            raw = b""
-            while chunk := await part.read_chunk(CHUNK):
-                raw += chunk
-                if len(raw) > MAX_TEXT_BYTES:  # checked while reading: a huge field never sits in memory
-                    raise BadInput(f"The field '{name}' is too long.", key=name)
-            try:
-                fields[name] = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise BadInput(f"The field '{name}' is not UTF-8 text.", key=name) from exc
-        else:
-            raise BadInput(
-                f"Unknown form field '{display_name(name, 0)}'; expected name, trigger, class_token, base_model,"
-                " params and images.", key=display_name(name, 0))
-    return TrainForm(fields=fields, uploads=uploads, tmp_dir=tmp_dir)
+            reader = await self._request.multipart()
+        except (ValueError, AssertionError, KeyError) as exc:
+            raise BadInput("The upload is not a valid multipart form (its boundary is missing or wrong).") from exc
+        while True:
+            part = await self._step(reader.next())
+            if part is None:
+                break
+            if not isinstance(part, BodyPartReader):
+                raise BadInput("Nested multipart bodies are not accepted.")
+            name = part.name or ""
+            if name == FILE_FIELD:
+                uploads.append(await self._store_file(part, len(uploads)))
+            elif name in TEXT_FIELDS:
+                if name in fields:
+                    raise BadInput(f"The field '{name}' was sent twice.", key=name)
+                fields[name] = await self._text(part, name)
+                self._check_text(name, fields[name])
+            else:
+                shown = display_name(name, 0)
+                raise BadInput(
+                    f"Unknown form field '{shown}'; expected name, trigger, class_token, base_model,"
+                    " params and images.", key=shown)
+        return TrainForm(fields=fields, uploads=uploads, tmp_dir=self._tmp_dir)
+
+    async def _store_file(self, part: BodyPartReader, index: int) -> Upload:
+        if index >= MAX_IMAGES:
+            raise BadInput(f"More than {MAX_IMAGES} images were sent; at most {MAX_IMAGES} are accepted.",
+                           key="images", hint="Keep the best, most varied pictures.")
+        client = display_name(_filename(part), index)
+        target = self._tmp_dir / f"{index + 1:03d}.upload"
+        size = 0
+        with disk_errors(self._tmp_dir.parent), target.open("wb") as fh:
+            while chunk := await self._step(part.read_chunk(CHUNK)):
+                size += len(chunk)
+                self._total += len(chunk)
+                self._check_sizes(client, size)
+                fh.write(chunk)
+        if size == 0:
+            raise BadInput(f"'{client}' is empty.", key="images")
+        return Upload(target, client)
+
+    def _check_sizes(self, client: str, size: int) -> None:
+        if size > self._limits.max_file:
+            raise BadInput(f"'{client}' is larger than the {self._limits.max_file // (1024 * 1024)} MiB limit per "
+                           "image.", key="images", hint="Use a smaller or more compressed picture.")
+        if self._total > self._limits.max_total:
+            raise BadInput(f"The upload is larger than the {self._limits.max_total // (1024 * 1024)} MiB limit per "
+                           "request.", key="images")
+
+    async def _text(self, part: BodyPartReader, name: str) -> str:
+        raw = b""
+        while chunk := await self._step(part.read_chunk(CHUNK)):
+            raw += chunk
+            if len(raw) > MAX_TEXT_BYTES:  # checked while reading: a huge field never sits in memory
+                raise BadInput(f"The field '{name}' is too long.", key=name)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BadInput(f"The field '{name}' is not UTF-8 text.", key=name) from exc
+
+    async def _step(self, read: Awaitable[T]) -> T:
+        """One read from the client, within the idle and total limits; parser failures become sentences."""
+        remaining = self._deadline - asyncio.get_running_loop().time()
+        idle = self._limits.idle_timeout_s
+        try:
+            return await asyncio.wait_for(read, timeout=max(0.0, min(idle, remaining)))
+        except asyncio.TimeoutError as exc:
+            if remaining <= idle:
+                raise RequestTimeout(f"The upload took longer than {self._limits.total_timeout_s:g} s.",
+                                     hint="Send fewer or smaller pictures, or check the connection.") from exc
+            raise RequestTimeout(f"The upload stalled: nothing arrived for {idle:g} s.",
+                                 hint="Check the connection, then send the pictures again.") from exc
+        except LineTooLong as exc:
+            raise BadInput("A part header of the upload is longer than 8 KiB; file names must be short.") from exc
+        except HttpProcessingError as exc:
+            raise BadInput("A part header of the upload is malformed (control characters, line breaks or bad "
+                           "syntax); rename the file and try again.") from exc
+        except RequestPayloadError as exc:
+            raise BadInput("The upload's body does not match its headers (length or transfer encoding).") from exc
+        except (ValueError, AssertionError, LookupError, UnicodeError) as exc:
+            raise BadInput("The upload is not a valid multipart form.") from exc
+
+
+def _filename(part: BodyPartReader) -> str | None:
+    try:
+        return part.filename
+    except (ValueError, LookupError, UnicodeError):  # an odd `filename*=` charset: the name is only for messages
+        return None
