@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import re
 import socket
@@ -75,7 +76,7 @@ async def test_a_trainer_printing_32_mb_then_saving_ends_done(client: TestClient
     while True:
         frame = await ws.receive_json(timeout=30)
         if frame["type"] == "log":
-            assert len(frame["data"]["lines"]) <= LOG_RING + 1
+            assert len(frame["data"]["lines"]) <= LOG_RING
             for line in frame["data"]["lines"]:
                 if m := SKIPPED_NOTE.match(line):
                     skipped += int(m.group(1))
@@ -289,3 +290,50 @@ async def _next_frame(ws: object, timeout: float) -> dict | None:
         return await ws.receive_json(timeout=timeout)  # type: ignore[attr-defined]
     except (asyncio.TimeoutError, TimeoutError):
         return None
+
+
+# --- progress delivery (issue 6 §5) -----------------------------------------------------------------------
+
+
+class _CollectingSocket:
+    def __init__(self) -> None:
+        self.frames: list[dict] = []
+
+    async def send_str(self, data: str) -> None:
+        self.frames.append(json.loads(data))
+
+    async def close(self, *, code: int = 1000, message: bytes = b"") -> bool:
+        return True
+
+
+async def test_held_back_progress_is_sent_without_waiting_for_more_output(tmp_path: Path) -> None:
+    from daemon.jobs.models import Job, JobState, Progress
+
+    store = JobStore(tmp_path / "db.sqlite3")
+    hub = EventHub(store)
+    job = Job(id="j", name="n", trigger="t", class_token="c", base_model="b", params={}, image_count=8)
+    store.insert(job)
+    socket_ = _CollectingSocket()
+    await hub.subscribe(socket_)
+    reporter = runner.JobReporter(job, store, hub)
+
+    def steps_sent() -> list[int]:
+        return [f["data"]["step"] for f in socket_.frames if f["type"] == "progress"]
+
+    async def sent_after(count: int) -> list[int]:
+        for _ in range(150):
+            if len(steps_sent()) >= count:
+                break
+            await asyncio.sleep(0.02)
+        return steps_sent()
+
+    await reporter.progress(Progress(step=1, total=4))
+    await reporter.progress(Progress(step=2, total=4))  # inside the throttle interval: held back
+    await reporter.progress(Progress(step=3, total=4))
+    assert await sent_after(1) == [1]
+    # Nothing else is fed (the trainer is silent, no ticker runs): the newest state still goes out.
+    assert await sent_after(2) == [1, 3]
+    assert store.get("j").progress.step == 3  # saved as well as sent
+    await reporter.finish(JobState.DONE)
+    assert await sent_after(3) == [1, 3, 3]  # finish() always sends the final state, nothing held back twice
+    store.close()

@@ -53,7 +53,7 @@ DESCENDANT_SCAN_TICKS = 13  # ~2 s
 LOG_FLUSH_INTERVAL_S = 0.3
 # What one log batch (saved in the job's ring, sent on the WebSocket) may hold; a chatty trainer's
 # surplus is counted and named in the batch instead. trainer.log keeps every line.
-LOG_BATCH_LINES = LOG_RING
+LOG_BATCH_LINES = LOG_RING - 1  # + the note on what was left out: a batch fits the ring
 LOG_BATCH_CHARS = 512 * 1024
 MAX_LOG_LINE_CHARS = 4000
 

@@ -775,7 +775,8 @@ def flood(console: Console, megabytes: float) -> None:
         block = []
         for _ in range(500):
             message = f"caching latents: bucket {n % 64} image {n} of the flood, size (512, 512) -> (64, 64)"
-            block.append(message if console.simple else f"{stamp} INFO     {message:<80} train_util.py:{1000 + n % 900}")
+            rich = f"{stamp} INFO     {message:<80} train_util.py:{1000 + n % 900}"
+            block.append(message if console.simple else rich)
             n += 1
         text = "\n".join(block) + "\n"
         stream.write(text)
