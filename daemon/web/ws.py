@@ -11,8 +11,9 @@ from daemon.web.keys import HUB
 log = logging.getLogger(__name__)
 
 # A ping every HEARTBEAT_S while the client is quiet; no pong within half of it and the connection is
-# closed. Browsers answer pings themselves, even for a tab in the background.
-HEARTBEAT_S = 5.0
+# closed (a dead peer costs nothing else: one that stops reading while events flow is dropped by the
+# hub's send timeout or byte cap). Browsers answer pings themselves, even for a tab in the background.
+HEARTBEAT_S = 10.0
 
 
 async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
