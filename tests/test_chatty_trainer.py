@@ -24,7 +24,7 @@ from daemon.events import Event, EventType
 from daemon.hub import EventHub
 from daemon.jobs.store import LOG_RING, JobStore
 from daemon.pipeline import runner
-from daemon.pipeline.trainer_log import MAX_PAGE_BYTES
+from daemon.pipeline.trainer_log import MAX_PAGE_BYTES, read_page
 from daemon.web.keys import HUB
 from tests.conftest import train_form, wait_for_state
 from tests.helpers import TOKEN
@@ -143,6 +143,32 @@ async def test_logs_of_a_job_without_trainer_log_page_empty(client: TestClient, 
     page = await (await client.get(f"/jobs/{job_id}/logs?offset=0")).json()
     assert page == {"lines": [], "offset": 0, "next_offset": 0, "size": 0, "eof": True}
     assert (await client.get(f"/jobs/{job_id}/logs?offset=10")).status == 400
+
+
+def test_a_page_ends_at_a_line_break_until_the_trainer_is_done(tmp_path: Path) -> None:
+    path = tmp_path / "trainer.log"
+    path.write_bytes("first\r\nsecond\rthird – é\nhalf a li".encode())
+    live = read_page(path, 0, 1000, final=False)
+    assert live.lines == ["first", "second", "third – é"]  # the line still being written waits
+    assert live.next_offset == len("first\r\nsecond\rthird – é\n".encode()) and not live.to_json()["eof"]
+    assert read_page(path, live.next_offset, 1000, final=False).lines == []
+    done = read_page(path, live.next_offset, 1000, final=True)
+    assert done.lines == ["half a li"] and done.to_json()["eof"]
+    inside_e = "first\r\nsecond\rthird – ".encode().__len__() + 1  # the second byte of `é`
+    assert read_page(path, inside_e, 1000, final=True).lines == ["half a li"]
+
+
+def test_a_line_longer_than_a_page_still_moves_on(tmp_path: Path) -> None:
+    path = tmp_path / "trainer.log"
+    path.write_text("x" * 2500 + "\nend\n", encoding="utf-8")
+    pages, offset = [], 0
+    while True:
+        page = read_page(path, offset, 1000, final=True)
+        pages.append(page.lines)
+        offset = page.next_offset
+        if page.to_json()["eof"]:
+            break
+    assert pages == [["x" * 1000], ["x" * 1000], ["x" * 500, "end"]]
 
 
 def test_the_ring_keeps_the_last_lines_only(tmp_path: Path) -> None:
