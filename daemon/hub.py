@@ -1,8 +1,10 @@
 """EventHub: persists each event, then queues it for every connected WebSocket.
 
-The pipeline never touches a socket: it calls `publish`. Each subscriber has its own bounded queue and
-sender task, so a client that stops reading can never stall training or other clients: when its queue
-is full it is disconnected (it reconnects and gets a fresh snapshot).
+The pipeline never touches a socket: it calls `publish`. Each event is turned into JSON once (in the
+worker thread that persists it) and queued as text for each subscriber, whose own sender task writes
+it. A client that stops reading can never stall training or other clients: it is disconnected as soon
+as one frame waits SEND_TIMEOUT_S to be written or its queue holds QUEUE_BYTES (it reconnects and gets
+a fresh snapshot).
 
 Persisting and queueing happen under one lock, and so does a new subscriber's snapshot: a client sees
 each change exactly once, either in its snapshot or as an event after it.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import sqlite3
 from collections.abc import Callable
@@ -24,25 +27,47 @@ log = logging.getLogger(__name__)
 
 # Progress lives in the job row and log lines in their own table; the history keeps the rest.
 _NOT_IN_HISTORY = frozenset({EventType.PROGRESS, EventType.SNAPSHOT, EventType.JOB_DELETED, EventType.LOG})
-QUEUE_LIMIT = 2000
+QUEUE_BYTES = 8 * 1024 * 1024  # frames waiting for one subscriber (frames are ASCII JSON: chars = bytes)
+SEND_TIMEOUT_S = 5.0  # one frame may wait this long for a subscriber's socket to take it
 
 
 class Socket(Protocol):
-    async def send_json(self, data: Any) -> None: ...
+    async def send_str(self, data: str) -> None: ...
 
     async def close(self, *, code: int = ..., message: bytes = ...) -> bool: ...
 
 
+def encode(frame: dict[str, Any]) -> str:
+    return json.dumps(frame)  # ASCII (ensure_ascii), so len() is the size on the wire
+
+
 class _Client:
-    def __init__(self, socket: Socket) -> None:
+    def __init__(self, socket: Socket, abort: Callable[[], None] | None,
+                 on_stuck: Callable[[_Client, str], None]) -> None:
         self.socket = socket
-        self.queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=QUEUE_LIMIT)
+        self.abort = abort
+        self.queue: asyncio.Queue[str] = asyncio.Queue()
+        self.queued_bytes = 0
+        self._on_stuck = on_stuck
         self.task: asyncio.Task[None] = asyncio.create_task(self._send())
 
+    def offer(self, frame: str) -> bool:
+        """Queue `frame`; False when that would pass QUEUE_BYTES (one frame alone always fits)."""
+        if self.queued_bytes and self.queued_bytes + len(frame) > QUEUE_BYTES:
+            return False
+        self.queued_bytes += len(frame)
+        self.queue.put_nowait(frame)
+        return True
+
     async def _send(self) -> None:
-        while (frame := await self.queue.get()) is not None:
+        while True:
+            frame = await self.queue.get()
+            self.queued_bytes -= len(frame)
             try:
-                await self.socket.send_json(frame)
+                await asyncio.wait_for(self.socket.send_str(frame), SEND_TIMEOUT_S)
+            except TimeoutError:
+                self._on_stuck(self, f"a frame waited {SEND_TIMEOUT_S:g} s to be sent")
+                return
             except (ConnectionError, RuntimeError) as exc:
                 log.info("a WebSocket subscriber went away: %s", exc)
                 return
@@ -60,14 +85,15 @@ class EventHub:
     def subscriber_count(self) -> int:
         return len(self._clients)
 
-    async def subscribe(self, socket: Socket) -> None:
+    async def subscribe(self, socket: Socket, abort: Callable[[], None] | None = None) -> None:
+        """`abort` drops the connection at once (the transport's abort): a client that stopped reading
+        cannot be closed politely, and its unsent bytes must not stay in memory."""
         async with self._lock:
-            jobs = await asyncio.to_thread(self._store.list)
-            client = _Client(socket)
-            self._clients[socket] = client
             # The snapshot holds everything up to the last event's seq; the next event is seq + 1.
-            snapshot = Event.now(EventType.SNAPSHOT, None, {"jobs": [j.to_json() for j in jobs]})
-            self._enqueue(client, snapshot.envelope(self._seq))
+            frame = await asyncio.to_thread(self._snapshot, self._seq)
+            client = _Client(socket, abort, self._drop)
+            self._clients[socket] = client
+            self._enqueue(client, frame)
 
     async def unsubscribe(self, socket: Socket) -> None:
         client = self._clients.pop(socket, None)
@@ -78,9 +104,8 @@ class EventHub:
     async def publish(self, event: Event, persist: Callable[[], None] | None = None) -> None:
         """Run `persist` (blocking store writes) and queue `event`, atomically for subscribers."""
         async with self._lock:
-            await asyncio.to_thread(self._write, event, persist)
+            frame = await asyncio.to_thread(self._write, event, persist, self._seq + 1)
             self._seq += 1
-            frame = event.envelope(self._seq)
             for client in list(self._clients.values()):
                 self._enqueue(client, frame)
 
@@ -94,7 +119,11 @@ class EventHub:
             with contextlib.suppress(Exception):
                 await close(socket)
 
-    def _write(self, event: Event, persist: Callable[[], None] | None) -> None:
+    def _snapshot(self, seq: int) -> str:
+        jobs = self._store.list()
+        return encode(Event.now(EventType.SNAPSHOT, None, {"jobs": [j.to_json() for j in jobs]}).envelope(seq))
+
+    def _write(self, event: Event, persist: Callable[[], None] | None, seq: int) -> str:
         if persist is not None:
             persist()
         if event.type not in _NOT_IN_HISTORY and event.job_id is not None:
@@ -102,19 +131,28 @@ class EventHub:
                 self._store.append_event(event)
             except sqlite3.IntegrityError:
                 log.info("not recording %s for job %s: the job was deleted", event.type.value, event.job_id)
+        return encode(event.envelope(seq))
 
-    def _enqueue(self, client: _Client, frame: dict[str, Any]) -> None:
-        try:
-            client.queue.put_nowait(frame)
-        except asyncio.QueueFull:
-            log.warning("a WebSocket subscriber is not reading; disconnecting it")
-            self._clients.pop(client.socket, None)
-            client.task.cancel()
-            task = asyncio.create_task(_close_quietly(client.socket))
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+    def _enqueue(self, client: _Client, frame: str) -> None:
+        if not client.offer(frame):
+            self._drop(client, f"{client.queued_bytes} bytes wait for it")
+
+    def _drop(self, client: _Client, why: str) -> None:
+        if self._clients.get(client.socket) is not client:
+            return  # already gone
+        log.warning("a WebSocket subscriber is not reading (%s); disconnecting it", why)
+        del self._clients[client.socket]
+        client.task.cancel()
+        task = asyncio.create_task(_close_quietly(client.socket, client.abort))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
 
-async def _close_quietly(socket: Socket) -> None:
+async def _close_quietly(socket: Socket, abort: Callable[[], None] | None) -> None:
+    # A polite close frame gets through to a client that is merely slow; then the connection is
+    # aborted either way, dropping whatever is still buffered for it.
     with contextlib.suppress(Exception):
-        await asyncio.wait_for(socket.close(code=1008, message=b"too slow: reconnect for a fresh snapshot"), 5)
+        await asyncio.wait_for(socket.close(code=1008, message=b"too slow: reconnect for a fresh snapshot"), 1)
+    if abort is not None:
+        with contextlib.suppress(Exception):
+            abort()

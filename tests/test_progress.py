@@ -19,6 +19,7 @@ import pytest
 
 from daemon.pipeline.failure import CANCELLED, FAILURE_KINDS, KILLED, classify_failure
 from daemon.pipeline.progress import (
+    _ERROR_RULES,
     ERR_BAD_ARGUMENTS,
     ERR_BAD_DATASET,
     ERR_BAD_DATASET_CONFIG,
@@ -40,11 +41,15 @@ from daemon.pipeline.progress import (
     ErrorLine,
     LineSplitter,
     ModelSaved,
+    OutputParser,
     ProgressEvent,
     ProgressTracker,
     SampleImagesStarted,
     StepProgress,
     TotalSteps,
+    _classify_error,
+    _clean,
+    _split_parts,
     parse_line,
     split_glued_line,
 )
@@ -729,3 +734,105 @@ def test_real_run(run: Path, mode: str) -> None:
     )
     assert tail_only is not None
     assert tail_only.kind == expected.kind_without_cancel
+
+
+# --- OutputParser: both pipes, one pass, the bar still being drawn ----------------------------------------
+
+BAR_1 = "steps:  25%|██▌       | 1/4 [00:00<00:02,  1.08it/s]"
+BAR_1_LOSS = "steps:  25%|██▌       | 1/4 [00:00<00:02,  1.08it/s, avr_loss=1.24]"
+
+
+def step_events(events: list[ProgressEvent]) -> list[StepProgress]:
+    return [e for e in events if isinstance(e, StepProgress)]
+
+
+def test_output_parser_reports_the_bar_tqdm_is_still_drawing() -> None:
+    parser = OutputParser()
+    # tqdm writes `\r` + bar and nothing after it: the bar is the pipe's unterminated tail.
+    assert step_events(parser.feed("stderr", "\r" + BAR_1).events) == [steps(1, 4, 1.08, 0, 2)]
+    # The next redraw ends the first (a repeat, not reported again) and is reported itself at once.
+    assert step_events(parser.feed("stderr", "\r" + BAR_1_LOSS).events) == [steps(1, 4, 1.08, 0, 2, 1.24)]
+    assert parser.feed("stderr", "\n").events == []
+    assert parser.finish().events == []
+
+
+def test_output_parser_waits_for_a_whole_bar() -> None:
+    parser = OutputParser()
+    assert parser.feed("stderr", "\r" + BAR_1_LOSS[:-9]).events == []  # cut inside the postfix
+    assert parser.feed("stderr", BAR_1_LOSS[-9:-1]).events == []  # `avr_loss=1.24` without its `]`
+    assert step_events(parser.feed("stderr", "]").events) == [steps(1, 4, 1.08, 0, 2, 1.24)]
+
+
+def test_output_parser_keeps_other_pipes_and_bars_apart() -> None:
+    parser = OutputParser()
+    assert parser.feed("stderr", "\r 38%|███▊      | 3/8 [00:03<00:06,  1.37s/it]").events == []  # not training
+    parsed = parser.feed("stdout", "epoch 1/2\nsome log line\n")
+    assert parsed.events == [EpochStarted(1, 2)] and parsed.log_lines == ["epoch 1/2", "some log line"]
+
+
+def parser_replay(run: Path, mode: str) -> tuple[list[tuple[int, ProgressEvent]], list[str]]:
+    """(chunk index, event) and log lines from OutputParser, fed like `replay` feeds its splitters."""
+    parser = OutputParser()
+    if mode == "streams":
+        pieces = list(replay_streams(run))
+    else:
+        data = (run / "combined.log").read_bytes()
+        pieces = [("all", text) for text in decoded_chunks(data, fixed_chunks(CHUNK_BYTES, len(data)))]
+    events: list[tuple[int, ProgressEvent]] = []
+    log: list[str] = []
+    for index, (stream, text) in enumerate(pieces):
+        parsed = parser.feed(stream, text)
+        events.extend((index, event) for event in parsed.events)
+        log.extend(parsed.log_lines)
+    parsed = parser.finish()
+    events.extend((len(pieces), event) for event in parsed.events)
+    return events, [*log, *parsed.log_lines]
+
+
+def line_replay_with_index(run: Path, mode: str) -> list[tuple[int, ProgressEvent]]:
+    tracker = ProgressTracker()
+    if mode == "streams":
+        splitters: dict[str, LineSplitter] = {}
+        pieces = [(splitters.setdefault(s, LineSplitter()), t) for s, t in replay_streams(run)]
+    else:
+        data = (run / "combined.log").read_bytes()
+        one = LineSplitter()
+        splitters = {"all": one}
+        pieces = [(one, text) for text in decoded_chunks(data, fixed_chunks(CHUNK_BYTES, len(data)))]
+    events = [(i, e) for i, (sp, text) in enumerate(pieces) for line in sp.feed(text) for e in tracker.feed_line(line)]
+    tail = [e for sp in splitters.values() for line in sp.flush() for e in tracker.feed_line(line)]
+    return events + [(len(pieces), e) for e in [*tail, *tracker.finish()]]
+
+
+@pytest.mark.parametrize("mode", ["streams", "combined"])
+@pytest.mark.parametrize("run", run_params())
+def test_output_parser_matches_line_by_line_and_is_never_later(run: Path, mode: str) -> None:
+    """Same events (each bar once) and log lines as feeding whole lines, but every bar as soon as it is drawn."""
+    fast, log = parser_replay(run, mode)
+    slow = line_replay_with_index(run, mode)
+    assert [e for _, e in fast if not isinstance(e, StepProgress)] == [
+        e for _, e in slow if not isinstance(e, StepProgress)]
+    assert [e for _, e in fast if isinstance(e, StepProgress)] == [e for _, e in slow if isinstance(e, StepProgress)]
+    fast_at = [i for i, e in fast if isinstance(e, StepProgress)]
+    slow_at = [i for i, e in slow if isinstance(e, StepProgress)]
+    assert all(f <= s for f, s in zip(fast_at, slow_at, strict=True))
+    if mode == "streams" and slow_at:
+        assert sum(f < s for f, s in zip(fast_at, slow_at, strict=True)) >= len(slow_at) // 2  # most come earlier
+    lines = replay(run, mode).lines
+    assert log == [p.rstrip() for line in lines for p, bar in _split_parts(line)
+                   if not bar and p.strip() and "%|" not in p]
+
+
+def test_error_hints_cover_every_rule_on_real_output() -> None:
+    """The literal pre-filter must never hide an error line: compare with every rule run on every line."""
+    if not LOGS_DIR.is_dir():
+        pytest.skip(f"kohya fixture logs not found at {LOGS_DIR}")
+    samples = [line for run in run_dirs() for line in replay(run, "combined").lines]
+    samples += [line for line, _, _ in PARSE_CASES]
+    checked = 0
+    for line in samples:
+        message = _clean(line).strip()
+        slow = next((ErrorLine(kind, message) for kind, pattern in _ERROR_RULES if pattern.search(message)), None)
+        assert _classify_error(message) == slow, line
+        checked += slow is not None
+    assert checked > 20

@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from daemon.config import Config, parse_config
 from daemon.events import Event, EventType
-from daemon.hub import QUEUE_LIMIT, EventHub
+from daemon.hub import QUEUE_BYTES, EventHub
 from daemon.instance_lock import AlreadyRunning
 from daemon.jobs.models import Progress
 from daemon.jobs.store import JobStore
@@ -60,7 +60,7 @@ class _StuckSocket:
     def __init__(self) -> None:
         self.closed = asyncio.Event()
 
-    async def send_json(self, data: object) -> None:
+    async def send_str(self, data: str) -> None:
         await asyncio.Event().wait()
 
     async def close(self, *, code: int = 1000, message: bytes = b"") -> bool:
@@ -75,11 +75,11 @@ async def test_a_client_that_stops_reading_never_blocks_publishing(tmp_path: Pat
     await hub.subscribe(stuck)
 
     async def flood() -> None:
-        for i in range(QUEUE_LIMIT + 5):
-            await hub.publish(Event.now(EventType.PROGRESS, "j", {"step": i}))
+        for i in range(QUEUE_BYTES // 65536 + 5):
+            await hub.publish(Event.now(EventType.LOG, "j", {"lines": [f"{i}" * 65536]}))
 
-    await asyncio.wait_for(flood(), 10)
-    assert hub.subscriber_count == 0  # dropped once its queue was full
+    await asyncio.wait_for(flood(), 4)  # well before the send timeout: the queued bytes decide
+    assert hub.subscriber_count == 0  # dropped once its queue held QUEUE_BYTES
     await asyncio.wait_for(stuck.closed.wait(), 5)
     store.close()
 

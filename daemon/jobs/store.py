@@ -19,7 +19,8 @@ from daemon.events import Event
 from daemon.jobs.models import Job, JobError, JobState, Progress
 
 SCHEMA_VERSION = 3
-LOG_TAIL = 60
+LOG_TAIL = 60  # lines in a job's JSON (GET /jobs, the WebSocket snapshot)
+LOG_RING = 2000  # lines kept per job; the job's trainer.log keeps every line
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -185,9 +186,12 @@ class JobStore:
     # -- logs and events --------------------------------------------------------------------------
 
     def append_logs(self, job_id: str, lines: list[str]) -> None:
+        """Add lines to the job's ring: only its last LOG_RING lines are kept."""
         if not lines:
             return
-        with self._lock:
+        lines = lines[-LOG_RING:]
+        with self._lock, self._db:
+            self._db.execute("BEGIN")
             start = self._db.execute(
                 "SELECT COALESCE(MAX(n), -1) + 1 FROM log_lines WHERE job_id=?", (job_id,)
             ).fetchone()[0]
@@ -195,14 +199,12 @@ class JobStore:
                 "INSERT INTO log_lines (job_id, n, line) VALUES (?, ?, ?)",
                 [(job_id, start + i, line) for i, line in enumerate(lines)],
             )
+            self._db.execute("DELETE FROM log_lines WHERE job_id=? AND n < ?",
+                             (job_id, start + len(lines) - LOG_RING))
 
-    def logs(self, job_id: str, limit: int | None = None) -> list[str]:
+    def logs(self, job_id: str, limit: int = LOG_RING) -> list[str]:
+        """The job's last `limit` lines (at most the ring), oldest first."""
         with self._lock:
-            if limit is None:
-                rows = self._db.execute(
-                    "SELECT line FROM log_lines WHERE job_id=? ORDER BY n", (job_id,)
-                ).fetchall()
-                return [r["line"] for r in rows]
             return self._tail(job_id, limit)
 
     def append_event(self, event: Event) -> None:

@@ -65,8 +65,12 @@ class TrainerProcess:
         return self._proc.returncode
 
     async def output(self) -> AsyncIterator[OutputChunk]:
-        """Both pipes, decoded as UTF-8 (bad bytes replaced), in arrival order, until both close."""
-        queue: asyncio.Queue[OutputChunk | None] = asyncio.Queue()
+        """Both pipes, decoded as UTF-8 (bad bytes replaced), in arrival order, until both close.
+
+        Read ahead by a few chunks only: a trainer printing faster than its output is consumed waits
+        on its pipe rather than filling the daemon's memory.
+        """
+        queue: asyncio.Queue[OutputChunk | None] = asyncio.Queue(maxsize=8)
 
         async def pump(name: str, reader: asyncio.StreamReader | None) -> None:
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")

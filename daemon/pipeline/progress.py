@@ -15,6 +15,11 @@ What the real output looks like (see shared/kohya-logs/*/ and shared/reference/k
 - tqdm redraws with `\\r` and never ends the bar with a newline, so whatever is written next lands on the
   same line: `steps: ... avr_loss=1.16]2026-11-26 15:13:54 INFO     model saved.   train_network.py:1729`
   or `... avr_loss=1.23]Traceback (most recent call last):`. `split_glued_line` undoes that.
+
+Speed matters: a chatty trainer can print tens of MB. Each line is cut into parts and each part parsed
+once; cheap substring checks decide which regexes can match at all, so a plain log line costs a few
+`in` tests and at most one search over the error rules. `OutputParser` is what the daemon runs (in a
+worker thread): both pipes in, log lines and events out, including the bar tqdm is still drawing.
 """
 
 from __future__ import annotations
@@ -151,6 +156,14 @@ _ERROR_RULES: Final[tuple[tuple[str, re.Pattern[str]], ...]] = (
     ),
 )
 
+# Every text an error rule matches contains one of these words (case matters), and nearly no other
+# line does: one search over literals instead of 14 patterns per line (an alternation of the patterns
+# themselves costs 10x more). A new rule must add its word here; test_progress checks each rule's samples.
+_ERROR_HINTS: Final = re.compile(
+    r"Error|error|Traceback|memory|Allocator|No |file|valid|found|voluptuous|mismatch|tokeniz|Timeout"
+    r"|Offline|connect"
+)
+
 # --- line shapes ----------------------------------------------------------------------------------
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -183,9 +196,34 @@ _SAMPLES = re.compile(r"^generating sample images at step\b")
 _TRAILING_INT = re.compile(r"(\d+)\s*$")
 
 
-def _clean(line: str) -> str:
+def _strip_ansi(line: str) -> str:
     # Nested tqdm bars (sample images during training) end with a cursor-up escape.
-    return _ANSI.sub("", line).rstrip()
+    return _ANSI.sub("", line) if "\x1b" in line else line
+
+
+def _clean(line: str) -> str:
+    return _strip_ansi(line).rstrip()
+
+
+def _bar_at_start(text: str) -> re.Match[str] | None:
+    # `_ANY_BAR` needs `%|`, or `it` and a `[`: most log lines have neither and skip the regex.
+    if "%|" in text or ("it" in text and "[" in text):
+        return _ANY_BAR.match(text)
+    return None
+
+
+def _split_parts(line: str) -> list[tuple[str, bool]]:
+    """`split_glued_line`, each part tagged with whether it is a tqdm bar (so nobody matches it again)."""
+    parts: list[tuple[str, bool]] = []
+    rest = _strip_ansi(line)
+    while (bar := _bar_at_start(rest)) is not None:
+        if not rest[bar.end() :].strip():
+            parts.append((rest, True))
+            return parts
+        parts.append((rest[: bar.end()], True))
+        rest = rest[bar.end() :]
+    parts.append((rest, False))
+    return parts
 
 
 def split_glued_line(line: str) -> list[str]:
@@ -194,22 +232,18 @@ def split_glued_line(line: str) -> list[str]:
     tqdm never ends a redraw with a newline, so the next write (a Rich record, a traceback, a stdout
     print in a merged stream) starts right after the bar's `]`. Trailing padding alone is not split off.
     """
-    parts: list[str] = []
-    rest = _ANSI.sub("", line)
-    while (bar := _ANY_BAR.match(rest)) is not None and rest[bar.end() :].strip():
-        parts.append(rest[: bar.end()])
-        rest = rest[bar.end() :]
-    parts.append(rest)
-    return parts
+    return [part for part, _ in _split_parts(line)]
 
 
 def _rich_message(text: str) -> str | None:
+    if ".py:" not in text:  # every Rich record ends with its source `file.py:NN`
+        return None
     head = _RICH_HEAD.match(text)
     return head.group("msg") if head else None
 
 
 def _is_rich_continuation(text: str) -> bool:
-    return bool(_RICH_CONTINUATION.match(text)) and _RICH_HEAD.match(text) is None
+    return text.startswith(" " * 21) and bool(_RICH_CONTINUATION.match(text)) and _rich_message(text) is None
 
 
 # --- stateless parsing ------------------------------------------------------------------------------
@@ -265,6 +299,8 @@ def _parse_steps_bar(text: str) -> StepProgress | None:
 
 
 def _classify_error(message: str) -> ErrorLine | None:
+    if _ERROR_HINTS.search(message) is None:
+        return None
     for kind, pattern in _ERROR_RULES:
         if pattern.search(message):
             return ErrorLine(kind, message)
@@ -274,6 +310,16 @@ def _classify_error(message: str) -> ErrorLine | None:
 def _parse_message(message: str) -> ProgressEvent | None:
     """A log message or print with any Rich decoration already removed."""
     message = message.strip()
+    if message.startswith(_MESSAGE_STARTS):
+        return _parse_known_message(message) or _classify_error(message)
+    return _classify_error(message)
+
+
+# Every message `_parse_known_message` recognises starts with one of these.
+_MESSAGE_STARTS: Final = ("total optimization steps", "epoch ", "saving checkpoint:", "model saved.", "generating ")
+
+
+def _parse_known_message(message: str) -> ProgressEvent | None:
     if total := _TOTAL_STEPS.match(message):
         return TotalSteps(int(total.group("n")))
     if epoch := _EPOCH.match(message):
@@ -286,7 +332,7 @@ def _parse_message(message: str) -> ProgressEvent | None:
         # At 80 columns the step number sits on the record's continuation line, absent here.
         step = _TRAILING_INT.search(message)
         return SampleImagesStarted(int(step.group(1)) if step else None)
-    return _classify_error(message)
+    return None
 
 
 def parse_line(line: str) -> ProgressEvent | None:
@@ -300,15 +346,21 @@ def parse_line(line: str) -> ProgressEvent | None:
     text = _clean(line)
     if not text.strip():
         return None
-    if _ANY_BAR.match(text):
-        return _parse_steps_bar(text)
+    return _parse_part(text, _bar_at_start(text) is not None)[0]
+
+
+def _parse_part(text: str, is_bar: bool) -> tuple[ProgressEvent | None, str | None]:
+    """(event, Rich message or None) of one cleaned part; a bar is never a Rich record."""
+    if is_bar:
+        return (_parse_steps_bar(text) if text.startswith("steps:") else None), None
     rich = _rich_message(text)
-    return _parse_message(rich if rich is not None else text)
+    return _parse_message(rich if rich is not None else text), rich
 
 
 # --- incremental line splitting ----------------------------------------------------------------------
 
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
+_BAR_MARK: Final = "%|"  # a part holding a tqdm bar (even a cut one) is progress, not a log line
 
 
 class LineSplitter:
@@ -344,9 +396,9 @@ class LineSplitter:
         return [tail] if tail.strip() else []
 
 
-def _could_be_exception(text: str, event: ProgressEvent | None) -> bool:
+def _could_be_exception(event: ProgressEvent | None, rich: str | None) -> bool:
     # The other pipe keeps writing while a traceback arrives: its bars, prints and log records are not it.
-    return (event is None or isinstance(event, ErrorLine)) and _rich_message(text) is None
+    return (event is None or isinstance(event, ErrorLine)) and rich is None
 
 
 # --- stateful tracking -------------------------------------------------------------------------------
@@ -426,9 +478,39 @@ class ProgressTracker:
 
     def feed_line(self, line: str) -> list[ProgressEvent]:
         events: list[ProgressEvent] = []
-        for part in split_glued_line(line):
-            events.extend(self._feed_part(_clean(part)))
+        for part, is_bar in _split_parts(line):
+            events.extend(self._feed_part(part.rstrip(), is_bar))
         return events
+
+    def feed_lines(self, lines: list[str], log: list[str]) -> list[ProgressEvent]:
+        """`feed_line` for each line, appending to `log` every part worth showing as a log line: all
+        but tqdm bars and blank parts, without ANSI escapes or trailing padding."""
+        events: list[ProgressEvent] = []
+        for line in lines:
+            if self._plain(line):
+                text = line.rstrip()
+                if text.strip():
+                    log.append(text)
+                continue
+            for part, is_bar in _split_parts(line):
+                text = part.rstrip()
+                if not is_bar and text.strip() and _BAR_MARK not in text:
+                    log.append(text)
+                events.extend(self._feed_part(text, is_bar))
+        return events
+
+    def peek_bar(self, text: str) -> list[ProgressEvent]:
+        """The training bar tqdm is still drawing (a pipe's unterminated tail), once it is complete.
+
+        tqdm writes `\\r` + bar and nothing after it until the next redraw, so without this the newest
+        state would wait for the next step. Only a whole bar (up to its closing `]`) counts; when the
+        same redraw later arrives as a line it repeats this event and is dropped as a repeat.
+        """
+        text = _strip_ansi(text)
+        if not text.startswith("steps:"):
+            return []
+        event = _parse_steps_bar(text)
+        return self._apply_progress(event) if event is not None else []
 
     def finish(self) -> list[ProgressEvent]:
         """Call once both pipes are closed: emits a record still waiting for continuation lines."""
@@ -436,20 +518,29 @@ class ProgressTracker:
 
     # -- internals --------------------------------------------------------------------------------
 
-    def _feed_part(self, text: str) -> list[ProgressEvent]:
+    def _plain(self, line: str) -> bool:
+        """True for the bulk of a chatty trainer's output: a line that can yield no event and change no
+        state (no escape, bar, Rich record, known message or error word; nothing half-read)."""
+        if self._pending is not None or self._in_traceback:
+            return False
+        if "\x1b" in line or "%|" in line or ".py:" in line or ("it" in line and "[" in line):
+            return False
+        return not line.lstrip().startswith(_MESSAGE_STARTS) and _ERROR_HINTS.search(line) is None
+
+    def _feed_part(self, text: str, is_bar: bool) -> list[ProgressEvent]:
+        """One cleaned part (no ANSI, no trailing blanks) of a line."""
         if not text.strip():
             return []
         events: list[ProgressEvent] = []
         if self._pending is not None:
-            if _is_rich_continuation(text):
+            if not is_bar and _is_rich_continuation(text):
                 return self._continue_pending(text.strip())
             events.extend(self._flush_pending())
 
-        event = parse_line(text)
-        rich = _rich_message(text)
+        event, rich = _parse_part(text, is_bar)
         if rich is not None and self._starts_pending(rich, event):
             return events
-        events.extend(self._exception_line(text, event))
+        events.extend(self._exception_line(text, event, rich))
         if event is not None:
             events.extend(self._apply(event))
         return events
@@ -479,12 +570,12 @@ class ProgressTracker:
         event, self._pending = self._pending.event_so_far(), None
         return self._apply(event)
 
-    def _exception_line(self, text: str, event: ProgressEvent | None) -> list[ProgressEvent]:
+    def _exception_line(self, text: str, event: ProgressEvent | None, rich: str | None) -> list[ProgressEvent]:
         """Python ends a traceback with the first unindented line after its header: the exception."""
         if isinstance(event, ErrorLine) and event.kind == ERR_TRACEBACK:
             self._in_traceback = True
             return []
-        if not self._in_traceback or text[:1].isspace() or not _could_be_exception(text, event):
+        if not self._in_traceback or text[:1].isspace() or not _could_be_exception(event, rich):
             return []
         self._in_traceback = False
         return self._apply(ErrorLine(ERR_EXCEPTION, text.strip()))
@@ -523,3 +614,47 @@ class ProgressTracker:
         if error not in self._errors and len(self._errors) < self._max_errors:
             self._errors.append(error)
         return [error]
+
+
+# --- both pipes -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Parsed:
+    """What one chunk of trainer output amounts to."""
+
+    log_lines: list[str]
+    events: list[ProgressEvent]
+
+
+class OutputParser:
+    """The trainer's pipes in (chunks of decoded text, in arrival order), log lines and events out.
+
+    One LineSplitter per pipe and one ProgressTracker for both. After each chunk the pipe's
+    unterminated tail is looked at too: that is where tqdm leaves the bar it is drawing right now.
+    Pure and single-threaded: the daemon runs it in a worker thread, one chunk at a time.
+    """
+
+    def __init__(self) -> None:
+        self.tracker = ProgressTracker()
+        self._splitters: dict[str, LineSplitter] = {}
+        self._peeked: dict[str, str] = {}
+
+    def feed(self, stream: str, text: str) -> Parsed:
+        splitter = self._splitters.setdefault(stream, LineSplitter())
+        log: list[str] = []
+        events = self.tracker.feed_lines(splitter.feed(text), log)
+        tail = splitter.pending
+        if _BAR_MARK in tail and tail != self._peeked.get(stream):
+            self._peeked[stream] = tail
+            events.extend(self.tracker.peek_bar(tail))
+        return Parsed(log, events)
+
+    def finish(self) -> Parsed:
+        """Once every pipe is closed: the unterminated tails, and a record still waiting for its end."""
+        log: list[str] = []
+        events: list[ProgressEvent] = []
+        for splitter in self._splitters.values():
+            events.extend(self.tracker.feed_lines(splitter.flush(), log))
+        events.extend(self.tracker.finish())
+        return Parsed(log, events)

@@ -13,41 +13,49 @@ import math
 import os
 import shutil
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
+from typing import TextIO
 
 from daemon.config import Config
 from daemon.errors import DaemonError
 from daemon.events import EventType
 from daemon.hub import EventHub
 from daemon.jobs.models import Job, JobError, JobState, Progress, interrupted_error
-from daemon.jobs.store import JobStore
+from daemon.jobs.store import LOG_RING, JobStore
 from daemon.pipeline import dataset, kohya, publish
 from daemon.pipeline.env_check import GpuInfo, check_script, check_workspace
 from daemon.pipeline.failure import classify_failure
 from daemon.pipeline.params import TrainParams
-from daemon.pipeline.process import TrainerProcess, start_trainer
+from daemon.pipeline.process import OutputChunk, TrainerProcess, start_trainer
 from daemon.pipeline.progress import (
     CheckpointSaved,
     EpochStarted,
-    LineSplitter,
+    OutputParser,
+    Parsed,
     ProgressEvent,
-    ProgressTracker,
     StepProgress,
     TotalSteps,
-    split_glued_line,
 )
 from daemon.pipeline.samples import SampleWatcher
 
 log = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL_S = 0.25
-OUTPUT_DRAIN_S = 5.0  # after the trainer exits, how long its output may take to close
+OUTPUT_DRAIN_S = 5.0  # after the trainer exits, how long what it started may keep its output open
+# ...and once that is stopped, the reader is given up on only after this long without a byte of progress:
+# a backlog (a chatty trainer's last megabytes) is always read to the end.
+OUTPUT_STALL_S = 10.0
 DESCENDANT_SCAN_TICKS = 13  # ~2 s
 LOG_FLUSH_INTERVAL_S = 0.3
-_BAR_MARK = "%|"  # tqdm bars ("steps:  50%|█████     | 8/16 ..."): shown as progress, not as log lines
+# What one log batch (saved in the job's ring, sent on the WebSocket) may hold; a chatty trainer's
+# surplus is counted and named in the batch instead. trainer.log keeps every line.
+LOG_BATCH_LINES = LOG_RING - 1  # + the note on what was left out: a batch fits the ring
+LOG_BATCH_CHARS = 512 * 1024
+MAX_LOG_LINE_CHARS = 4000
 
 
 class JobFailed(Exception):
@@ -111,7 +119,11 @@ class JobReporter:
         self._hub = hub
         self._last_progress = 0.0
         self._progress_dirty = False
-        self._pending_logs: list[str] = []
+        self._progress_timer: asyncio.TimerHandle | None = None
+        self._progress_sends: set[asyncio.Task[None]] = set()
+        self._pending_logs: deque[str] = deque()
+        self._pending_chars = 0
+        self._skipped_logs = 0
         self._last_log_flush = 0.0
 
     def _save(self) -> Callable[[], None]:
@@ -126,22 +138,60 @@ class JobReporter:
     async def progress(self, progress: Progress, *, force: bool = False) -> None:
         self.job.progress = progress
         now = time.monotonic()
-        if not force and now - self._last_progress < PROGRESS_INTERVAL_S:
-            self._progress_dirty = True  # sent by the next tick(), so a pause in output hides nothing
+        wait = self._last_progress + PROGRESS_INTERVAL_S - now
+        if not force and wait > 0:
+            # Held back, and sent when the interval is up even if the trainer prints nothing more:
+            # the newest state is never more than one interval late.
+            self._progress_dirty = True
+            if self._progress_timer is None:
+                self._progress_timer = asyncio.get_running_loop().call_later(wait, self._progress_due)
             return
         self._last_progress = now
         self._progress_dirty = False
         await self._hub.emit(EventType.PROGRESS, self.job.id, progress.to_json(), persist=self._save())
 
+    def _progress_due(self) -> None:
+        self._progress_timer = None
+        if self._progress_dirty:
+            task = asyncio.create_task(self.progress(self.job.progress, force=True))
+            self._progress_sends.add(task)
+            task.add_done_callback(self._progress_sent)
+
+    def _progress_sent(self, task: asyncio.Task[None]) -> None:
+        self._progress_sends.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.error("job %s: a progress update was not saved: %s", self.job.id, error)
+
+    async def stop_timers(self) -> None:
+        """No held-back progress is sent after this (the caller sends the final state itself)."""
+        if self._progress_timer is not None:
+            self._progress_timer.cancel()
+            self._progress_timer = None
+        await asyncio.gather(*self._progress_sends, return_exceptions=True)
+
     async def log_lines(self, lines: list[str], *, force: bool = False) -> None:
-        self._pending_logs.extend(lines)
+        for line in lines:
+            self._hold_log(line)
         now = time.monotonic()
         if not self._pending_logs or (not force and now - self._last_log_flush < LOG_FLUSH_INTERVAL_S):
             return
-        batch, self._pending_logs = self._pending_logs, []
+        batch = list(self._pending_logs)
+        if self._skipped_logs:
+            batch.insert(0, f"[{self._skipped_logs} more lines of trainer output here are in trainer.log]")
+        self._pending_logs.clear()
+        self._pending_chars = self._skipped_logs = 0
         self._last_log_flush = now
         await self._hub.emit(EventType.LOG, self.job.id, {"lines": batch},
                              persist=partial(self._store.append_logs, self.job.id, batch))
+
+    def _hold_log(self, line: str) -> None:
+        if len(line) > MAX_LOG_LINE_CHARS:
+            line = line[:MAX_LOG_LINE_CHARS] + " [cut; trainer.log has the whole line]"
+        self._pending_logs.append(line)
+        self._pending_chars += len(line)
+        while len(self._pending_logs) > LOG_BATCH_LINES or self._pending_chars > LOG_BATCH_CHARS:
+            self._pending_chars -= len(self._pending_logs.popleft())
+            self._skipped_logs += 1
 
     async def tick(self) -> None:
         """Send what the throttles held back; called periodically while the trainer runs."""
@@ -159,6 +209,7 @@ class JobReporter:
         await self._hub.emit(EventType.CHECKPOINT, self.job.id, {"file": Path(path).name})
 
     async def finish(self, state: JobState, *, error: JobError | None = None) -> None:
+        await self.stop_timers()
         await self.log_lines([], force=True)
         await self.progress(self.job.progress, force=True)
         self.job.error = error
@@ -207,6 +258,7 @@ class JobRunner:
         except DaemonError as exc:
             await reporter.finish(JobState.ERROR, error=JobError("setup", exc.message, exc.hint or ""))
         except asyncio.CancelledError:
+            await reporter.stop_timers()
             await self._interrupted(job, copying)
             raise
         except Exception as exc:
@@ -295,7 +347,8 @@ class JobRunner:
         env = kohya.build_env(os.environ, tokenizer_cache_dir=launch.tokenizer_cache_dir, cpu=cpu)
         await reporter.log_lines([f"$ {' '.join(argv)}"], force=True)
         samples = SampleWatcher(paths.samples, reporter.sample)
-        tracker = ProgressTracker()
+        parser = OutputParser()
+        meter = _OutputMeter()
         progress = Progress(epochs=params.epochs)
         proc: TrainerProcess | None = None
         watcher = ticker = reader = None
@@ -311,13 +364,14 @@ class JobRunner:
             await asyncio.to_thread(self._store.set_process, job.id, proc.pid, proc.started)
             watcher = asyncio.create_task(self._kill_on_cancel(proc, cancel))
             ticker = asyncio.create_task(self._tick(reporter, proc, stop_ticking))
-            reader = asyncio.create_task(self._read_output(proc, paths, tracker, progress, reporter))
+            reader = asyncio.create_task(self._read_output(proc, paths, parser, progress, reporter, meter))
             exit_code = await proc.wait()
             if not await _finished_within(reader, OUTPUT_DRAIN_S):
-                # kohya has exited, but something it started still holds its output open
+                # kohya has exited but its output is still open: stop what it started (what they wrote
+                # stays readable), so nothing can add to the backlog while it is read to the end.
                 await proc.terminate_tree()
-                if not await _finished_within(reader, OUTPUT_DRAIN_S):
-                    reader.cancel()
+            if not await _drained(reader, meter, OUTPUT_STALL_S):
+                reader.cancel()  # no progress at all: a process outside the tree holds the pipes
             await asyncio.gather(reader, return_exceptions=True)
             if not reader.cancelled() and (error := reader.exception()) is not None:
                 raise error
@@ -335,6 +389,7 @@ class JobRunner:
                 await asyncio.to_thread(self._store.set_process, job.id, None, None)
         await reporter.progress(progress, force=True)
         final = paths.output / f"{output_name(job)}.safetensors"
+        tracker = parser.tracker
         failure = classify_failure(
             exit_code=exit_code,
             cancelled=cancel.is_set(),
@@ -350,16 +405,10 @@ class JobRunner:
             raise JobFailed(JobError(failure.kind, failure.message, failure.hint))
         return final
 
-    async def _consume(self, lines: list[str], tracker: ProgressTracker, progress: Progress,
-                       reporter: JobReporter) -> None:
-        log_lines: list[str] = []
-        events: list[ProgressEvent] = []
-        for line in lines:
-            events.extend(tracker.feed_line(line))
-            log_lines.extend(part.rstrip() for part in split_glued_line(line) if _BAR_MARK not in part)
-        if log_lines:
-            await reporter.log_lines([ln for ln in log_lines if ln.strip()])
-        await self._apply(events, progress, reporter)
+    async def _consume(self, parsed: Parsed, progress: Progress, reporter: JobReporter) -> None:
+        if parsed.log_lines:
+            await reporter.log_lines(parsed.log_lines)
+        await self._apply(parsed.events, progress, reporter)
 
     @staticmethod
     async def _apply(events: list[ProgressEvent], progress: Progress, reporter: JobReporter) -> None:
@@ -382,16 +431,17 @@ class JobRunner:
         if changed:
             await reporter.progress(progress)
 
-    async def _read_output(self, proc: TrainerProcess, paths: JobPaths, tracker: ProgressTracker,
-                           progress: Progress, reporter: JobReporter) -> None:
-        splitters = {"stdout": LineSplitter(), "stderr": LineSplitter()}
-        with paths.trainer_log.open("a", encoding="utf-8", buffering=1) as raw_log:
+    async def _read_output(self, proc: TrainerProcess, paths: JobPaths, parser: OutputParser,
+                           progress: Progress, reporter: JobReporter, meter: _OutputMeter) -> None:
+        """Every chunk is logged and parsed in a worker thread, so a trainer printing megabytes never
+        stalls the event loop; chunks are taken one at a time, so the pipes (and the trainer) wait
+        for the parser instead of the output piling up in memory."""
+        with paths.trainer_log.open("a", encoding="utf-8") as raw_log:
             async for chunk in proc.output():
-                raw_log.write(chunk.text)
-                await self._consume(splitters[chunk.stream].feed(chunk.text), tracker, progress, reporter)
-            for splitter in splitters.values():
-                await self._consume(splitter.flush(), tracker, progress, reporter)
-            await self._apply(tracker.finish(), progress, reporter)
+                parsed = await asyncio.to_thread(_log_and_parse, raw_log, parser, chunk)
+                meter.chars += len(chunk.text)
+                await self._consume(parsed, progress, reporter)
+            await self._consume(await asyncio.to_thread(parser.finish), progress, reporter)
 
     async def _tick(self, reporter: JobReporter, proc: TrainerProcess, stop: asyncio.Event) -> None:
         ticks = 0
@@ -417,9 +467,30 @@ class JobRunner:
             raise JobFailed(JobError("publish_failed", exc.message, exc.hint or "")) from exc
 
 
+@dataclass
+class _OutputMeter:
+    chars: int = 0  # of trainer output read and parsed so far: how the drain after exit sees progress
+
+
+def _log_and_parse(raw_log: TextIO, parser: OutputParser, chunk: OutputChunk) -> Parsed:
+    raw_log.write(chunk.text)
+    raw_log.flush()  # GET /logs?offset= pages through trainer.log while the job runs
+    return parser.feed(chunk.stream, chunk.text)
+
+
 async def _finished_within(task: asyncio.Task[None], seconds: float) -> bool:
     done, _ = await asyncio.wait({task}, timeout=seconds)
     return bool(done)
+
+
+async def _drained(reader: asyncio.Task[None], meter: _OutputMeter, stall_s: float) -> bool:
+    """Wait for the reader for as long as it keeps making progress; False once it made none for `stall_s`."""
+    while True:
+        seen = meter.chars
+        if await _finished_within(reader, stall_s):
+            return True
+        if meter.chars == seen:
+            return False
 
 
 def job_tail(path: Path, lines: int = 40) -> list[str]:

@@ -7,6 +7,7 @@ import shutil
 import sqlite3
 import time
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 
 from aiohttp import web
@@ -16,7 +17,8 @@ from daemon.config import Config
 from daemon.errors import BadInput, NotFound, database_error, disk_errors
 from daemon.jobs import fields
 from daemon.jobs.models import Job
-from daemon.pipeline import base_models, dataset
+from daemon.jobs.store import LOG_RING
+from daemon.pipeline import base_models, dataset, trainer_log
 from daemon.pipeline.env_check import run_checks
 from daemon.pipeline.model_arch import ARCH_LABELS, TRAINABLE_ARCHS, detect_arch
 from daemon.pipeline.params import PRESETS, resolve_params
@@ -177,11 +179,34 @@ async def job_events(request: web.Request) -> web.Response:
 
 @routes.get("/jobs/{job_id}/logs")
 async def job_logs(request: web.Request) -> web.Response:
+    """The job's last lines (`?tail=N`, default and at most the LOG_RING lines the database keeps), or a
+    page of its full trainer.log (`?offset=<byte>&limit=<bytes>`, answered with `next_offset`)."""
     job_id = request.match_info["job_id"]
     store = request.app[STORE]
-    if await asyncio.to_thread(store.get, job_id) is None:
+    job = await asyncio.to_thread(store.get, job_id)
+    if job is None:
         raise NotFound(f"There is no job {job_id}.")
-    return web.json_response({"lines": await asyncio.to_thread(store.logs, job_id)})
+    query = request.query
+    if "offset" in query or "limit" in query:
+        if "tail" in query:
+            raise BadInput("Ask for either ?tail= or ?offset=&limit=, not both.", key="tail")
+        offset = _query_int(query, "offset", default=0, low=0, high=2**62)
+        limit = _query_int(query, "limit", default=trainer_log.DEFAULT_PAGE_BYTES, low=1,
+                           high=trainer_log.MAX_PAGE_BYTES)
+        path = job_paths(request.app[CONFIG], job.id).trainer_log
+        page = await asyncio.to_thread(trainer_log.read_page, path, offset, limit, final=job.state.finished)
+        return web.json_response(page.to_json())
+    tail = _query_int(query, "tail", default=LOG_RING, low=1, high=LOG_RING)
+    return web.json_response({"lines": await asyncio.to_thread(store.logs, job_id, tail)})
+
+
+def _query_int(query: Mapping[str, str], name: str, *, default: int, low: int, high: int) -> int:
+    raw = query.get(name)
+    if raw is None:
+        return default
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 19) or not low <= int(raw) <= high:
+        raise BadInput(f"'{name}' must be a whole number from {low} to {high}.", key=name)
+    return int(raw)
 
 
 @routes.get("/jobs/{job_id}/samples/{file}")

@@ -32,6 +32,8 @@ Knobs (environment):
                              daemonises does; only the remembered descendants lead to it)
   KOHYA_DOUBLE_LORA_MB=N     pad every saved LoRA with zero U-Net modules to about N MiB (a real SD1.5
                              LoRA is 10-150 MiB), so tests can catch the daemon while it copies one
+  KOHYA_DOUBLE_FLOOD_MB=<n>  before training, print n MB of kohya-shaped INFO log lines as fast as the pipe
+                             takes them (a chatty trainer), then train and save as usual
 """
 
 from __future__ import annotations
@@ -741,6 +743,7 @@ def train(args: argparse.Namespace, datasets: list[Dataset], console: Console) -
     dtype = {"no": "torch.float32", "fp16": "torch.float16", "bf16": "torch.bfloat16"}[args.mixed_precision]
     device = "cpu" if os.environ.get("ACCELERATE_USE_CPU") else "cuda:0"
     print(f"unet dtype: {dtype}, device: {device}", flush=True)
+    flood(console, float(os.environ.get("KOHYA_DOUBLE_FLOOD_MB", "0")))
 
     bar = StepBar(run.total_steps)
     fail_at = max(1, run.total_steps // 2)
@@ -770,6 +773,25 @@ def train(args: argparse.Namespace, datasets: list[Dataset], console: Console) -
         return
     save_lora(args, run, output_dir / f"{name}.safetensors", run.epochs, step)
     console.log("model saved.")
+
+
+def flood(console: Console, megabytes: float) -> None:
+    """Log lines as kohya prints them (plain with --console_log_simple, else Rich-shaped on stderr), in big writes."""
+    target = int(megabytes * 1024 * 1024)
+    stream = sys.stdout if console.simple else sys.stderr
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    written, n = 0, 0
+    while written < target:
+        block = []
+        for _ in range(500):
+            message = f"caching latents: bucket {n % 64} image {n} of the flood, size (512, 512) -> (64, 64)"
+            rich = f"{stamp} INFO     {message:<80} train_util.py:{1000 + n % 900}"
+            block.append(message if console.simple else rich)
+            n += 1
+        text = "\n".join(block) + "\n"
+        stream.write(text)
+        written += len(text.encode("utf-8"))
+    stream.flush()
 
 
 def sample_images(args: argparse.Namespace, console: Console, output_dir: Path, name: str, epoch: int,
