@@ -84,7 +84,7 @@ async def test_a_client_that_stops_reading_never_blocks_publishing(tmp_path: Pat
     store.close()
 
 
-async def test_a_failing_error_path_does_not_stop_later_jobs(client: TestClient, monkeypatch) -> None:
+async def test_a_failure_after_publishing_still_ends_done(client: TestClient, config: Config, monkeypatch) -> None:
     from daemon.pipeline.runner import JobReporter
 
     real_finish = JobReporter.finish
@@ -100,7 +100,54 @@ async def test_a_failing_error_path_does_not_stop_later_jobs(client: TestClient,
     first = (await (await client.post("/train", data=train_form(8, name="First"))).json())["job_id"]
     second = (await (await client.post("/train", data=train_form(8, name="Second"))).json())["job_id"]
     job = await wait_for_state(client, first, {"done", "error"})
-    assert job["state"] == "error" and job["error"]["kind"] == "internal"
+    # The LoRA reached ED's folder before finishing failed: the user has it, so the job is not an error.
+    assert job["state"] == "done" and job["error"] is None, job
+    assert Path(job["artifact"]).is_file() and Path(job["artifact"]).parent == config.ed_lora_dir
+    assert (await wait_for_state(client, second, {"done", "error"}))["state"] == "done"
+
+
+async def test_a_failing_error_path_does_not_stop_later_jobs(client: TestClient, config: Config,
+                                                            monkeypatch) -> None:
+    from daemon.pipeline.runner import JobReporter, JobRunner
+
+    real_finish = JobReporter.finish
+
+    def publish_fails(self, job, result):
+        raise OSError(5, "Input/output error")
+
+    async def finish_fails_for_first(self, state, **kw):  # the error path itself fails (a full disk, say)
+        if self.job.name == "First":
+            raise sqlite3.OperationalError("database or disk is full")
+        return await real_finish(self, state, **kw)
+
+    monkeypatch.setattr(JobRunner, "_publish", publish_fails)
+    monkeypatch.setattr(JobReporter, "finish", finish_fails_for_first)
+    first = (await (await client.post("/train", data=train_form(8, name="First"))).json())["job_id"]
+    second = (await (await client.post("/train", data=train_form(8, name="Second"))).json())["job_id"]
+    job = await wait_for_state(client, first, {"done", "error"})
+    assert job["state"] == "error" and job["error"]["kind"] == "internal"  # nothing was published
+    later = await wait_for_state(client, second, {"done", "error"})
+    assert later["state"] == "error" and later["error"]["kind"] == "internal"  # the worker went on
+    assert not any(config.ed_lora_dir.glob("*.safetensors"))
+
+
+async def test_a_published_job_is_done_even_when_every_way_to_finish_fails(client: TestClient, config: Config,
+                                                                           monkeypatch) -> None:
+    from daemon.pipeline.runner import JobReporter
+
+    real_finish = JobReporter.finish
+
+    async def finish_fails_for_first(self, state, **kw):
+        if self.job.name == "First":
+            raise sqlite3.OperationalError("database or disk is full")
+        return await real_finish(self, state, **kw)
+
+    monkeypatch.setattr(JobReporter, "finish", finish_fails_for_first)
+    first = (await (await client.post("/train", data=train_form(8, name="First"))).json())["job_id"]
+    second = (await (await client.post("/train", data=train_form(8, name="Second"))).json())["job_id"]
+    # The worker records the outcome itself: the artifact was saved as soon as the LoRA was published.
+    job = await wait_for_state(client, first, {"done", "error"})
+    assert job["state"] == "done" and Path(job["artifact"]).is_file(), job
     assert (await wait_for_state(client, second, {"done", "error"}))["state"] == "done"
 
 

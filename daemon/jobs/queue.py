@@ -143,9 +143,13 @@ class JobQueue:
         try:
             job = await asyncio.to_thread(self._store.get, job_id)
             if job is not None and not job.state.finished:
-                job.state = JobState.ERROR
-                job.error = JobError("internal", "The daemon failed while running this job.",
-                                     "See the daemon's console output, then start the job again.")
+                if job.artifact is not None and Path(job.artifact).is_file():
+                    # The LoRA reached ED's folder before the failure: the user has it.
+                    job.state, job.error = JobState.DONE, None
+                else:
+                    job.state = JobState.ERROR
+                    job.error = JobError("internal", "The daemon failed while running this job.",
+                                         "See the daemon's console output, then start the job again.")
                 await self._hub.emit(EventType.RESULT, job_id, job.state_data(), persist=partial(self._store.save, job))
         except Exception:
             log.exception("could not record the failure of job %s", job_id)

@@ -126,14 +126,14 @@ class JobReporter:
         self._skipped_logs = 0
         self._last_log_flush = 0.0
 
-    def _save(self) -> Callable[[], None]:
+    def saver(self) -> Callable[[], None]:
         # A copy: the store writes in a worker thread while this job keeps changing on the loop.
         job = replace(self.job, progress=replace(self.job.progress), samples=list(self.job.samples))
         return partial(self._store.save, job)
 
     async def state(self, state: JobState) -> None:
         self.job.state = state
-        await self._hub.emit(EventType.STATE, self.job.id, self.job.state_data(), persist=self._save())
+        await self._hub.emit(EventType.STATE, self.job.id, self.job.state_data(), persist=self.saver())
 
     async def progress(self, progress: Progress, *, force: bool = False) -> None:
         self.job.progress = progress
@@ -148,7 +148,7 @@ class JobReporter:
             return
         self._last_progress = now
         self._progress_dirty = False
-        await self._hub.emit(EventType.PROGRESS, self.job.id, progress.to_json(), persist=self._save())
+        await self._hub.emit(EventType.PROGRESS, self.job.id, progress.to_json(), persist=self.saver())
 
     def _progress_due(self) -> None:
         self._progress_timer = None
@@ -203,7 +203,7 @@ class JobReporter:
     async def sample(self, path: Path) -> None:
         self.job.samples.append(path.name)
         await self._hub.emit(EventType.SAMPLE, self.job.id, {"file": path.name, "url": self.job.sample_url(path.name)},
-                             persist=self._save())
+                             persist=self.saver())
 
     async def checkpoint(self, path: str) -> None:
         await self._hub.emit(EventType.CHECKPOINT, self.job.id, {"file": Path(path).name})
@@ -251,6 +251,9 @@ class JobRunner:
             # A thread cannot be stopped: on shutdown the copy still finishes, and is recorded (below).
             copying = asyncio.ensure_future(asyncio.to_thread(self._publish, job, result))
             self._record_artifact(job, await asyncio.shield(copying))
+            # Saved at once: whatever fails from here on (a full disk while finishing), the store knows the
+            # LoRA reached ED's folder, so the job is never recorded as failed.
+            await asyncio.to_thread(reporter.saver())
             await reporter.log_lines([f"LoRA published: {job.artifact}"], force=True)
             await reporter.finish(JobState.DONE)
         except JobFailed as exc:
@@ -263,6 +266,9 @@ class JobRunner:
             raise
         except Exception as exc:
             log.exception("job %s failed unexpectedly", job.id)
+            if job.artifact is not None:  # published: the user has the LoRA, whatever failed afterwards
+                await reporter.finish(JobState.DONE)
+                return
             await reporter.finish(JobState.ERROR, error=JobError(
                 "internal", f"The daemon hit an unexpected error: {type(exc).__name__}: {exc}",
                 "See the daemon's console output; please report this."))
