@@ -1,15 +1,39 @@
-"""Dataset prep: pictures checked by name, made upright/RGB/square, captioned trigger-first."""
+"""Dataset prep: pictures checked by name, made upright/RGB, scaled down with their shape kept, captioned."""
 
 from __future__ import annotations
 
 import io
+import json
+import random
+import struct
+import subprocess
+import sys
+import textwrap
+import zlib
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from daemon.errors import BadInput
-from daemon.pipeline.dataset import Upload, caption, check_count, check_image, display_name, prepare_images, square_rgb
+from daemon.pipeline.buckets import bucket_counts, bucket_of, prep_size
+from daemon.pipeline.dataset import (
+    MAX_ASPECT,
+    NAMES_FILE,
+    ImageProblem,
+    Upload,
+    caption,
+    check_count,
+    check_image,
+    check_images,
+    display_name,
+    fit_picture,
+    prepare_images,
+    read_uploads,
+    upright_size,
+    write_upload_names,
+)
+from tests.helpers import REPO
 
 
 def save(path: Path, img: Image.Image, fmt: str = "PNG", **kw) -> Upload:
@@ -17,36 +41,119 @@ def save(path: Path, img: Image.Image, fmt: str = "PNG", **kw) -> Upload:
     return Upload(path, path.name)
 
 
-def test_exif_orientation_is_applied(tmp_path: Path) -> None:
-    img = Image.new("RGB", (200, 100), (255, 0, 0))
+def test_exif_orientation_is_applied_and_the_shape_kept(tmp_path: Path) -> None:
+    img = Image.new("RGB", (200, 100), (255, 255, 255))
     img.paste((0, 0, 255), (0, 0, 20, 100))  # blue stripe on the left
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90° clockwise when shown
     up = save(tmp_path / "r.jpg", img, "JPEG", exif=exif.tobytes(), quality=95)
     with Image.open(up.path) as opened:
-        out = square_rgb(opened, 64)
+        assert upright_size(opened) == (100, 200)  # from the header, before any decode
+        out = fit_picture(opened, 64)
+    # upright it is 100 wide, 200 tall; 20000 px > 64² so it is scaled down, keeping 1:2, never padded
+    assert out.size == prep_size((100, 200), 64) and out.size[1] > out.size[0]
+    assert abs(out.size[1] / out.size[0] - 2) < 0.1
     # after rotating clockwise, the left stripe is at the top
-    top = out.getpixel((32, 3))  # the 20 px stripe becomes the top 6 rows of 64; unrotated this is white padding
+    top, bottom = out.getpixel((out.width // 2, 1)), out.getpixel((out.width // 2, out.height - 2))
     assert top[2] > 150 and top[0] < 100
+    assert bottom[0] > 200  # white picture, not the stripe
 
 
-def test_transparency_goes_onto_white_and_is_centred(tmp_path: Path) -> None:
+def test_transparency_goes_onto_white_and_nothing_is_padded(tmp_path: Path) -> None:
     img = Image.new("RGBA", (100, 50), (0, 0, 0, 0))
-    out = square_rgb(img, 64)
-    assert out.mode == "RGB" and out.size == (64, 64)
-    assert out.getpixel((32, 32)) == (255, 255, 255)
-    solid = square_rgb(Image.new("RGB", (100, 50), (10, 200, 10)), 64)
-    assert solid.getpixel((32, 2)) == (255, 255, 255)  # padding above
-    assert solid.getpixel((32, 32))[1] > 150  # the picture in the middle
+    img.paste((200, 0, 0, 255), (0, 0, 10, 50))  # an opaque red stripe on the left edge
+    img.save(tmp_path / "a.png")
+    with Image.open(tmp_path / "a.png") as opened:
+        out = fit_picture(opened, 512)
+    assert out.mode == "RGB" and out.size == (100, 50)  # small pictures are never enlarged
+    assert out.getpixel((50, 25)) == (255, 255, 255)  # transparent → white
+    assert out.getpixel((2, 25)) == (200, 0, 0)  # the picture reaches the edge: no bars
+    pal = Image.new("P", (80, 90))
+    pal.info["transparency"] = 0
+    assert fit_picture(pal, 512).getpixel((5, 5)) == (255, 255, 255)
 
 
-def test_prepare_writes_our_names_and_captions(tmp_path: Path) -> None:
-    ups = [save(tmp_path / f"../{i}.png".replace("../", f"in{i}_"), Image.new("P", (80, 90))) for i in range(3)]
-    out = prepare_images(ups, tmp_path / "img", size=64, text=caption("ohwx", "woman"))
-    assert [p.name for p in out] == ["001.png", "002.png", "003.png"]
+@pytest.mark.parametrize(
+    ("size", "resolution", "expected"),
+    [
+        ((4000, 3000), 512, (512, 384)),  # kohya's own no-upscale rounding: one side on a multiple of 64
+        ((3000, 4000), 512, (384, 512)),
+        ((1920, 1080), 512, (682, 384)),
+        ((400, 300), 512, (400, 300)),  # below resolution²: kept as it is, never enlarged
+        ((2048, 2048), 512, (512, 512)),
+        ((6000, 1000), 512, (1152, 192)),
+    ],
+)
+def test_prep_size_keeps_the_shape_within_resolution_squared(size, resolution, expected) -> None:
+    assert prep_size(size, resolution) == expected
+
+
+def test_prep_size_and_buckets_agree_with_kohya_on_any_size() -> None:
+    rng = random.Random(7)
+    for _ in range(3000):
+        short = rng.randint(64, 3000)
+        size = (short, rng.randint(short, int(short * MAX_ASPECT)))
+        if rng.random() < 0.5:
+            size = (size[1], size[0])
+        for resolution in (256, 512, 768, 1024):
+            out = prep_size(size, resolution)
+            assert out[0] <= size[0] and out[1] <= size[1]  # never enlarged
+            assert out[0] * out[1] <= resolution * resolution
+            aspect = size[0] / size[1]
+            assert abs(out[0] / out[1] - aspect) / aspect < 2 / min(out)  # the shape is kept to within ~a pixel
+            # kohya puts our prepped picture in the bucket it would have chosen for the original
+            assert bucket_of(out, resolution) == bucket_of(size, resolution)
+            bucket = bucket_of(out, resolution)
+            assert bucket[0] % 64 == 0 and bucket[1] % 64 == 0 and min(bucket) >= 64
+            assert bucket[0] <= out[0] and bucket[1] <= out[1]
+
+
+def test_bucket_counts_groups_by_shape() -> None:
+    sizes = [(512, 384)] * 3 + [(384, 512)] * 2 + [(500, 500), (512, 512)]
+    assert bucket_counts(sizes, 512) == {(512, 384): 3, (384, 512): 2, (448, 448): 1, (512, 512): 1}
+
+
+def test_prepare_writes_our_names_captions_and_sizes(tmp_path: Path) -> None:
+    ups = [
+        save(tmp_path / "in0.png", Image.new("P", (80, 90))),
+        save(tmp_path / "in1.jpg", Image.new("RGB", (1200, 800), (9, 99, 199)), "JPEG"),
+        save(tmp_path / "in2.webp", Image.new("RGBA", (300, 1200), (0, 0, 0, 0)), "WEBP"),
+    ]
+    out = prepare_images(ups, tmp_path / "img", size=256, text=caption("ohwx", "woman"))
+    assert [p.path.name for p in out] == ["001.png", "002.png", "003.png"]
+    assert [p.size for p in out] == [(80, 90), prep_size((1200, 800), 256), prep_size((300, 1200), 256)]
     assert (tmp_path / "img" / "002.txt").read_text(encoding="utf-8") == "ohwx woman\n"
-    with Image.open(out[0]) as img:
-        assert img.size == (64, 64) and img.mode == "RGB"
+    for prepared in out:
+        with Image.open(prepared.path) as img:
+            assert img.size == prepared.size and img.mode == "RGB" and img.format == "PNG"
+    with Image.open(out[1].path) as img:
+        r, g, b = img.getpixel((img.width // 2, img.height // 2))
+        assert abs(r - 9) < 6 and abs(g - 99) < 6 and abs(b - 199) < 6  # the draft decode kept the colour
+
+
+def png_with_broken_pixels(path: Path) -> Path:
+    """A PNG whose chunks (and CRCs) are fine but whose pixel data does not inflate: only a full decode sees it."""
+    garbage = b"\x78\x9c" + bytes(range(7, 250))
+    chunk = b"IDAT" + garbage
+    head = Image.new("RGB", (100, 100))
+    buf = io.BytesIO()
+    head.save(buf, format="PNG")
+    raw = buf.getvalue()
+    start = raw.index(b"IDAT") - 4
+    end = raw.index(b"IEND") - 4
+    path.write_bytes(raw[:start] + struct.pack(">I", len(garbage)) + chunk
+                     + struct.pack(">I", zlib.crc32(chunk)) + raw[end:])
+    return path
+
+
+def test_prepare_fails_naming_the_clients_file(tmp_path: Path) -> None:
+    ups = [save(tmp_path / f"{i:03d}.upload", Image.new("RGB", (100, 100)), "PNG") for i in (1, 3)]
+    broken = Upload(png_with_broken_pixels(tmp_path / "002.upload"), "holiday 2.png")
+    check_image(broken)  # passes: the request-time check reads headers and chunks only
+    with pytest.raises(ImageProblem) as info:
+        prepare_images([ups[0], broken, ups[1]], tmp_path / "img", size=64, text="ohwx")
+    assert "'holiday 2.png' is not a picture that can be read" in info.value.message
+    assert info.value.key == "images"
 
 
 def test_check_image_names_the_bad_file(tmp_path: Path) -> None:
@@ -64,6 +171,101 @@ def test_check_image_names_the_bad_file(tmp_path: Path) -> None:
     truncated.write_bytes(buf.getvalue()[:200])
     with pytest.raises(BadInput, match=r"cut\.jpg"):
         check_image(Upload(truncated, "cut.jpg"))
+    cut_png = tmp_path / "cut.png"
+    cut_png.write_bytes(tiny.path.read_bytes().replace(b"IEND", b"IEN")[:-30])
+    with pytest.raises(BadInput, match=r"cut\.png"):
+        check_image(Upload(cut_png, "cut.png"))
+
+
+def test_check_images_reports_the_first_bad_file_in_upload_order(tmp_path: Path) -> None:
+    good = [save(tmp_path / f"{i}.png", Image.new("RGB", (100, 100))) for i in range(6)]
+    bad1, bad2 = tmp_path / "b1", tmp_path / "b2"
+    bad1.write_bytes(b"nope")
+    bad2.write_bytes(b"nope")
+    uploads = [*good[:3], Upload(bad1, "first.png"), *good[3:], Upload(bad2, "second.png")]
+    with pytest.raises(ImageProblem, match=r"first\.png"):
+        check_images(uploads)
+    check_images(good)
+
+
+@pytest.mark.parametrize(("size", "ok"), [((64, 384), True), ((64, 385), False), ((12000, 64), False),
+                                          ((1000, 6000), True), ((6001, 1000), False)])
+def test_extreme_aspect_ratios_are_refused_by_name(tmp_path: Path, size: tuple[int, int], ok: bool) -> None:
+    up = save(tmp_path / "strip.png", Image.new("L", size))
+    if ok:
+        check_image(Upload(up.path, "strip.png"))
+        return
+    with pytest.raises(ImageProblem) as info:
+        check_image(Upload(up.path, "banner strip.png"))
+    assert "'banner strip.png'" in info.value.message and "1:6" in info.value.message
+    assert info.value.key == "images" and info.value.status == 400
+
+
+def test_a_thin_tall_png_is_refused_before_any_decode(tmp_path: Path) -> None:
+    """The 64×12000 PNG of the issue: refused from its header, in a fresh process that never grows."""
+    path = tmp_path / "strip.png"
+    Image.new("RGB", (64, 12000), (10, 20, 30)).save(path, optimize=True)
+    script = textwrap.dedent(f"""
+        import resource, sys
+        from pathlib import Path
+        from daemon.pipeline.dataset import ImageProblem, Upload, check_image, prep_one, PrepTask
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        try:
+            check_image(Upload(Path({str(path)!r}), "strip.png"))
+        except ImageProblem as exc:
+            print(exc.message)
+        result = prep_one(PrepTask({str(path)!r}, {str(tmp_path / "out.png")!r}, "strip.png", 512, "x"))
+        print(result.error)
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+    """)
+    if sys.platform == "win32":
+        pytest.skip("resource is POSIX-only")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, check=True)
+    refused, refused_in_prep, grown_mb = done.stdout.strip().splitlines()
+    assert "'strip.png' is 64×12000 pixels, more elongated than 1:6" in refused
+    assert refused_in_prep == refused
+    assert int(grown_mb) < 10  # a 12000² RGB canvas would be 432 MB; even a full decode 2.3 MB
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_upload_names_survive_to_prep(tmp_path: Path) -> None:
+    folder = tmp_path / "uploads"
+    folder.mkdir()
+    ups = [save(folder / f"{i:03d}.upload", Image.new("RGB", (70, 70))) for i in (2, 1, 10)]
+    write_upload_names(folder, [Upload(u.path, f"Ünïcode {u.path.stem}.jpg") for u in ups])
+    (folder / "stray.tmp").write_bytes(b"x")  # not an upload: ignored
+    read = read_uploads(folder)
+    assert [(u.path.name, u.client_name) for u in read] == [
+        ("001.upload", "Ünïcode 001.jpg"), ("002.upload", "Ünïcode 002.jpg"), ("010.upload", "Ünïcode 010.jpg")]
+    assert json.loads((folder / NAMES_FILE).read_text(encoding="utf-8"))["010.upload"] == "Ünïcode 010.jpg"
+    (folder / NAMES_FILE).write_text("{broken", encoding="utf-8")
+    assert [u.client_name for u in read_uploads(folder)] == ["001.upload", "002.upload", "010.upload"]
+
+
+def test_prep_runs_in_worker_processes_from_a_thread(tmp_path: Path) -> None:
+    """As the daemon calls it (asyncio.to_thread): no fork of the threaded process, results in order."""
+    script = textwrap.dedent(f"""
+        import asyncio, os
+        from pathlib import Path
+        from PIL import Image
+        from daemon.pipeline import dataset
+        root = Path({str(tmp_path)!r})
+        ups = []
+        for i in range(8):
+            p = root / f"{{i:03d}}.upload"
+            Image.new("RGB", (300 + 10 * i, 200)).save(p, format="JPEG")
+            ups.append(dataset.Upload(p, f"c{{i}}.jpg"))
+        async def main():
+            return await asyncio.to_thread(dataset.prepare_images, ups, root / "img", size=256, text="t")
+        out = asyncio.run(main())
+        print([p.size for p in out])
+        print(dataset._mp_context().get_start_method())
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stderr
+    sizes, method = done.stdout.strip().splitlines()
+    assert sizes == str([prep_size((300 + 10 * i, 200), 256) for i in range(8)])
+    assert method in ("forkserver", "spawn")
 
 
 @pytest.mark.parametrize(("count", "ok"), [(7, False), (8, True), (25, True), (26, False)])

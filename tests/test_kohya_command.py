@@ -11,6 +11,7 @@ from types import ModuleType
 
 import pytest
 
+from daemon.pipeline.buckets import bucket_of, prep_size
 from daemon.pipeline.kohya import KohyaLaunch, build_command, build_env, dataset_config, write_dataset_config
 from daemon.pipeline.params import PRESETS, TrainParams, resolve_params
 from tests.helpers import KOHYA_DOUBLE
@@ -241,7 +242,13 @@ def test_dataset_config_document() -> None:
             "keep_tokens": 1,
             "resolution": 768,
             "batch_size": 3,
-            "enable_bucket": False,
+            # kohya buckets by aspect ratio; no_upscale: each bucket is the picture's own size rounded down
+            "enable_bucket": True,
+            "bucket_no_upscale": True,
+            "bucket_reso_steps": 64,
+            # ignored with no_upscale but asserted min <= resolution <= max: the range prep really produces
+            "min_bucket_reso": 64,
+            "max_bucket_reso": 1920,  # sqrt(6) * 768 rounded up to 64: the longest side of a 1:6 picture
         },
         "datasets": [{"subsets": [{"image_dir": "/jobs/j1/img", "num_repeats": 7, "class_tokens": "ohwx person"}]}],
     }
@@ -250,6 +257,20 @@ def test_dataset_config_document() -> None:
     assert type(general["resolution"]) is int and type(general["batch_size"]) is int
     assert type(general["keep_tokens"]) is int and type(subset["num_repeats"]) is int
     assert type(general["shuffle_caption"]) is bool and type(general["enable_bucket"]) is bool
+    assert all(type(general[k]) is int for k in ("bucket_reso_steps", "min_bucket_reso", "max_bucket_reso"))
+
+
+@pytest.mark.parametrize("resolution", [256, 512, 576, 1024])  # resolve_params accepts 256-1024
+def test_bucket_range_satisfies_kohyas_asserts_and_spans_every_accepted_picture(resolution: int) -> None:
+    general = dataset_config(image_dir="/i", class_tokens="x", params=dataclasses.replace(CPU, resolution=resolution))[
+        "general"]
+    step = general["bucket_reso_steps"]
+    # kohya: steps divisible by 64 for SD1; min <= min(resolution) and max >= max(resolution), or it asserts
+    assert step % 64 == 0 and general["min_bucket_reso"] % step == 0 and general["max_bucket_reso"] % step == 0
+    assert general["min_bucket_reso"] <= resolution <= general["max_bucket_reso"]
+    for size in [(64, 384), (384, 64), (4000, 3000), (1000, 6000), (6000, 1000), (300, 300)]:
+        bucket = bucket_of(prep_size(size, resolution), resolution)
+        assert general["min_bucket_reso"] <= min(bucket) and max(bucket) <= general["max_bucket_reso"]
 
 
 def test_dataset_config_passes_kohyas_schema(double: ModuleType) -> None:

@@ -79,6 +79,7 @@ async def train(request: web.Request) -> web.Response:
         job = await _new_job(request, form.fields, form.uploads)
         paths = job_paths(config, job.id)
         paths.root.mkdir(parents=True)
+        await asyncio.to_thread(dataset.write_upload_names, form.tmp_dir, form.uploads)
         await asyncio.to_thread(shutil.move, str(form.tmp_dir), str(paths.uploads))
     except BaseException:
         shutil.rmtree(form.tmp_dir, ignore_errors=True)
@@ -106,8 +107,7 @@ async def _new_job(request: web.Request, form: dict[str, str], uploads: list[dat
             key="base_model", hint="Choose an SD 1.x checkpoint such as sd-v1-5.")
     overrides = _parse_params(form.get("params"))
     dataset.check_count(len(uploads))
-    for upload in uploads:
-        await asyncio.to_thread(dataset.check_image, upload)
+    await asyncio.to_thread(dataset.check_images, uploads)
     gpu = await request.app[GPU].get()
     params = resolve_params(overrides, image_count=len(uploads), cpu=not gpu.cuda)
     return Job(
