@@ -21,9 +21,9 @@ log = logging.getLogger(__name__)
 
 
 class GpuCache:
-    def __init__(self, probe: Callable[[], GpuInfo], *, max_age: float = CACHE_SECONDS) -> None:
+    def __init__(self, probe: Callable[[], GpuInfo], *, max_age: float | None = None) -> None:
         self._probe = probe
-        self._max_age = max_age
+        self._max_age = CACHE_SECONDS if max_age is None else max_age
         self._info: GpuInfo | None = None
         self._running: asyncio.Task[GpuInfo] | None = None
 

@@ -5,16 +5,20 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import random
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from PIL import Image
 
-from daemon.pipeline.buckets import bucket_of, prep_size
+from daemon.pipeline.buckets import bucket_counts, bucket_of, prep_size
+from daemon.pipeline.dataset import Upload, prepare_images
 from daemon.pipeline.kohya import KohyaLaunch, build_command, build_env, dataset_config, write_dataset_config
-from daemon.pipeline.params import PRESETS, TrainParams, resolve_params
-from tests.helpers import KOHYA_DOUBLE
+from daemon.pipeline.params import PRESETS, TrainParams, resolve_params, total_steps
+from tests.helpers import KOHYA_DOUBLE, write_sd1_checkpoint
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -334,3 +338,52 @@ def test_sample_prompt_line_uses_kohya_prompt_options() -> None:
     opts = dict(o.split(" ", 1) for o in options.split(" --"))
     assert opts["w"] == opts["h"] == str(GPU.resolution)
     assert opts["d"] == str(GPU.seed) and int(opts["s"]) > 0 and opts["n"] == "lowres, blurry"
+
+
+def test_prep_toml_and_step_estimate_agree_with_kohyas_buckets(tmp_path: Path) -> None:
+    """Pictures of three shapes, prepped, then the kohya double (bucketing as kohya does) run on the TOML."""
+    shapes = [(4000, 3000)] * 5 + [(3000, 4000)] * 3 + [(800, 800)] * 2 + [(300, 200)]
+    uploads = []
+    for i, size in enumerate(shapes):
+        path = tmp_path / f"{i + 1:03d}.upload"
+        Image.new("RGB", size, (i * 20, 90, 160)).save(path, format="JPEG", quality=80)
+        uploads.append(Upload(path, f"pic{i}.jpg"))
+    params = dataclasses.replace(CPU, resolution=512, repeats=3, batch_size=2, epochs=2, save_every_n_epochs=0)
+    prepared = prepare_images(uploads, tmp_path / "img", size=512, text="ohwx woman")
+    counts = bucket_counts((p.size for p in prepared), 512)
+    assert counts == {(512, 384): 5, (384, 512): 3, (512, 512): 2, (256, 192): 1}
+    config = tmp_path / "dataset.toml"
+    write_dataset_config(config, dataset_config(image_dir=str(tmp_path / "img"), class_tokens="woman", params=params))
+    (tmp_path / "tok" / "openai_clip-vit-large-patch14").mkdir(parents=True)
+    argv = build_command(params, launch(
+        python=sys.executable, script_path=str(KOHYA_DOUBLE), workspace=str(tmp_path), dataset_config=str(config),
+        base_model=str(write_sd1_checkpoint(tmp_path / "m.safetensors")), output_dir=str(tmp_path / "out"),
+        logging_dir=None, tokenizer_cache_dir=str(tmp_path / "tok"), cpu=True))
+    env = build_env(os.environ, tokenizer_cache_dir=str(tmp_path / "tok"), cpu=True)
+    done = subprocess.run(argv, cwd=tmp_path, env={**env, "KOHYA_DOUBLE_STEP_SECONDS": "0"}, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert [ln for ln in lines if ln.startswith("bucket ")] == [
+        "bucket 0: resolution (256, 192), count: 3",
+        "bucket 1: resolution (384, 512), count: 9",
+        "bucket 2: resolution (512, 384), count: 15",
+        "bucket 3: resolution (512, 512), count: 6",
+    ]
+    # 2 + 5 + 8 + 3 batches per epoch: more than ceil(33 / 2) = 17 because no batch mixes buckets
+    expected = total_steps(params, counts.values())
+    assert expected == (2 + 5 + 8 + 3) * 2
+    assert f"  total optimization steps / 学習ステップ数: {expected}" in lines
+
+
+def test_the_doubles_bucketing_matches_ours_on_any_size(double: ModuleType) -> None:
+    """Two implementations written from kohya's BucketManager (the double's and the daemon's) agree."""
+    rng = random.Random(3)
+    for _ in range(2000):
+        resolution = rng.choice([256, 512, 768, 1024])
+        short = rng.randint(64, 3000)
+        size = (short, rng.randint(short, short * 6))
+        size = size if rng.random() < 0.5 else (size[1], size[0])
+        ds = double.Dataset((resolution, resolution), 1, [], double.Buckets(True, True, 64, 4096, 64))
+        assert double.select_bucket(ds, size, []) == bucket_of(size, resolution)
+        assert double.select_bucket(ds, prep_size(size, resolution), []) == bucket_of(size, resolution)
