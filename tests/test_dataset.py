@@ -28,6 +28,7 @@ from daemon.pipeline.dataset import (
     check_images,
     display_name,
     fit_picture,
+    jpeg_is_complete,
     prepare_images,
     read_uploads,
     upright_size,
@@ -175,6 +176,56 @@ def test_check_image_names_the_bad_file(tmp_path: Path) -> None:
     cut_png.write_bytes(tiny.path.read_bytes().replace(b"IEND", b"IEN")[:-30])
     with pytest.raises(BadInput, match=r"cut\.png"):
         check_image(Upload(cut_png, "cut.png"))
+
+
+def jpeg_bytes(size: tuple[int, int] = (400, 300), **kw) -> bytes:
+    img = Image.effect_noise(size, 60).convert("RGB")  # noise: scan data full of stuffed 0xFF bytes
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", **kw)
+    return buf.getvalue()
+
+
+def with_thumbnail_segment(main: bytes) -> bytes:
+    """A camera-style APP1 block holding a complete little JPEG (with its own SOS and EOI) before the picture."""
+    thumb = jpeg_bytes((64, 48))
+    body = b"Exif\x00\x00" + thumb
+    return main[:2] + b"\xff\xe1" + struct.pack(">H", len(body) + 2) + body + main[2:]
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+def test_a_jpeg_cut_short_is_refused_in_the_request(tmp_path: Path, progressive: bool) -> None:
+    whole = with_thumbnail_segment(jpeg_bytes(progressive=progressive))
+    path = tmp_path / "x.upload"
+    path.write_bytes(whole)
+    check_image(Upload(path, "ok.jpg"))
+    path.write_bytes(whole + b"\x00\x00\x00\x18ftypmp42" + bytes(5000))  # a phone's motion-photo trailer
+    check_image(Upload(path, "motion.jpg"))
+    for cut in (0.95, 0.5, 0.1):
+        # The thumbnail's own end marker is still there: only the segment walk tells them apart.
+        path.write_bytes(whole[: int(len(whole) * cut)])
+        with pytest.raises(ImageProblem, match=r"'half\.jpg' is not a picture that can be read"):
+            check_image(Upload(path, "half.jpg"))
+
+
+def test_jpeg_structure_walk() -> None:
+    good = jpeg_bytes()
+    assert jpeg_is_complete(good) and jpeg_is_complete(with_thumbnail_segment(good))
+    assert not jpeg_is_complete(good[:-2])
+    assert not jpeg_is_complete(b"\xff\xd8\xff\xe0\x00\x01")  # a length below 2
+    assert not jpeg_is_complete(b"\xff\xd8" + b"\x00" * 20)  # no marker where one must be
+    assert not jpeg_is_complete(b"\x89PNG\r\n\x1a\n")
+
+
+def test_a_complete_jpeg_with_broken_scan_data_fails_in_prep_by_name(tmp_path: Path) -> None:
+    data = bytearray(jpeg_bytes((640, 480)))
+    sos = data.index(b"\xff\xda")
+    for i in range(sos + 200, len(data) - 200, 7):  # garbage markers all through the scan
+        data[i: i + 2] = b"\xff\xc4"
+    path = tmp_path / "001.upload"
+    path.write_bytes(bytes(data))
+    check_image(Upload(path, "beach.jpg"))  # complete as far as the request-time check can see
+    with pytest.raises(ImageProblem, match=r"'beach\.jpg' is not a picture that can be read"):
+        prepare_images([Upload(path, "beach.jpg")], tmp_path / "img", size=256, text="t")
 
 
 def test_check_images_reports_the_first_bad_file_in_upload_order(tmp_path: Path) -> None:
