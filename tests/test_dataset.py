@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import random
@@ -12,9 +13,13 @@ import textwrap
 import zlib
 from pathlib import Path
 
+import aiohttp
+import psutil
 import pytest
+from aiohttp.test_utils import TestClient
 from PIL import Image
 
+from daemon.config import Config
 from daemon.errors import BadInput
 from daemon.pipeline.buckets import bucket_counts, bucket_of, prep_size
 from daemon.pipeline.dataset import (
@@ -34,7 +39,8 @@ from daemon.pipeline.dataset import (
     upright_size,
     write_upload_names,
 )
-from tests.helpers import REPO
+from tests.conftest import wait_for_state
+from tests.helpers import REPO, picture_bytes
 
 
 def save(path: Path, img: Image.Image, fmt: str = "PNG", **kw) -> Upload:
@@ -333,3 +339,68 @@ def test_display_name_strips_paths_and_control_chars() -> None:
     assert display_name("../../etc/passwd", 0) == "passwd"
     assert display_name("a\x00b\nc.png", 0) == "abc.png"
     assert display_name(None, 4) == "image #5"
+
+
+# ------------------------------------------------------------------------------- through the daemon
+def form_with(pictures: dict[int, tuple[str, bytes]]) -> aiohttp.FormData:
+    form = aiohttp.FormData()
+    form.add_field("name", "Shapes")
+    form.add_field("trigger", "ohwx")
+    for i in range(8):
+        filename, data = pictures.get(i, (f"pic{i}.png", picture_bytes(i)))
+        form.add_field("images", data, filename=filename, content_type="application/octet-stream")
+    return form
+
+
+async def test_an_extreme_aspect_ratio_is_a_400_naming_the_file(client: TestClient, config: Config) -> None:
+    strip = io.BytesIO()
+    Image.new("RGB", (64, 12000), (1, 2, 3)).save(strip, format="PNG", optimize=True)
+    assert len(strip.getvalue()) < 20_000  # the issue's 12 KB picture
+    resp = await client.post("/train", data=form_with({5: ("long_strip.png", strip.getvalue())}))
+    assert resp.status == 400
+    body = await resp.json()
+    assert body["error"] == "'long_strip.png' is 64×12000 pixels, more elongated than 1:6."
+    assert body["key"] == "images"
+    assert (await (await client.get("/jobs")).json())["jobs"] == []
+    assert not any((config.data_dir / "tmp").glob("*/*"))  # the upload is gone
+    assert (await client.get("/health")).status == 200
+
+
+async def test_a_picture_that_fails_the_full_decode_fails_the_job_by_its_name(client: TestClient,
+                                                                              tmp_path: Path) -> None:
+    broken = png_with_broken_pixels(tmp_path / "b.png").read_bytes()
+    resp = await client.post("/train", data=form_with({3: ("Holiday_3.png", broken)}))
+    assert resp.status == 202, await resp.text()  # the request-time check does not inflate pixel data
+    job = await wait_for_state(client, (await resp.json())["job_id"], {"done", "error"})
+    assert job["state"] == "error"
+    assert job["error"]["kind"] == "bad_image"
+    assert job["error"]["message"].startswith("'Holiday_3.png' is not a picture that can be read")
+    assert "Remove or replace that picture" in job["error"]["hint"]
+
+
+def test_prep_workers_end_when_the_daemon_is_killed(tmp_path: Path) -> None:
+    """SIGKILL mid-prep: nothing closes the workers' queue, so they must notice the daemon is gone themselves."""
+    if sys.platform == "win32":
+        pytest.skip("SIGKILL is POSIX")
+    script = textwrap.dedent("""
+        import os, signal, time
+        from daemon.pipeline.dataset import prep_pool
+        pool = prep_pool(2)
+        futures = [pool.submit(time.sleep, 60) for _ in range(2)]
+        while len(pool._processes) < 2:
+            time.sleep(0.05)
+        print(*pool._processes, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert done.returncode == -9, done.stderr
+    pids = [int(pid) for pid in done.stdout.split()]
+    assert len(pids) == 2
+    workers = []
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):  # already gone: fine
+            workers.append(psutil.Process(pid))
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    for proc in alive:  # only so a failure leaves nothing behind
+        proc.kill()
+    assert not alive, f"prep workers outlived the daemon: {[p.pid for p in alive]}"

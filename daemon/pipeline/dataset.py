@@ -11,12 +11,15 @@ import json
 import multiprocessing
 import os
 import struct
+import threading
+import time
 import zlib
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from daemon.errors import BadInput
@@ -42,6 +45,8 @@ PNG_OPTIONS: dict[str, int] = {"compress_level": 1, "compress_type": zlib.Z_RLE}
 # A worker decodes one picture at a time (up to MAX_PIXELS x 4 bytes); more workers than this would only
 # multiply that peak on a many-core machine for little gain over 25 pictures.
 MAX_WORKERS = 8
+# How often a prep worker checks that the daemon that started it still runs.
+WATCH_INTERVAL_S = 0.5
 UPLOAD_SUFFIX = ".upload"
 NAMES_FILE = "names.json"
 
@@ -297,6 +302,32 @@ def _mp_context() -> multiprocessing.context.BaseContext:
     return context
 
 
+def prep_pool(jobs: int) -> ProcessPoolExecutor:
+    """Worker processes for `jobs` pictures: no more than the cores, each ending itself if the daemon dies."""
+    me = psutil.Process()
+    return ProcessPoolExecutor(max_workers=_workers(jobs), mp_context=_mp_context(),
+                               initializer=_watch_daemon, initargs=(me.pid, me.create_time()))
+
+
+def _watch_daemon(pid: int, created: float) -> None:
+    """Worker initializer. A pool's workers wait on a queue the daemon feeds; if the daemon is killed (SIGKILL,
+    power cut) nothing ever closes it, so without this they would wait for ever."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(WATCH_INTERVAL_S)
+            try:
+                daemon = psutil.Process(pid)
+                # The same process (not a reused pid), and not a killed one its parent has yet to reap.
+                alive = daemon.create_time() == created and daemon.status() != psutil.STATUS_ZOMBIE
+            except psutil.Error:
+                alive = False
+            if not alive:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="watch-daemon", daemon=True).start()
+
+
 def caption(trigger: str, class_token: str) -> str:
     """Trigger first, so kohya's keep_tokens=1 always keeps it in place."""
     return f"{trigger} {class_token}".strip()
@@ -320,7 +351,7 @@ def prepare_images(uploads: Sequence[Upload], image_dir: Path, *, size: int, tex
     ]
     if not tasks:
         return []
-    with ProcessPoolExecutor(max_workers=_workers(len(tasks)), mp_context=_mp_context()) as pool:
+    with prep_pool(len(tasks)) as pool:
         results = list(pool.map(prep_one, tasks))
     for result in results:
         if result.error is not None:
