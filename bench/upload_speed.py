@@ -143,6 +143,8 @@ async def bench(args: argparse.Namespace, root: Path) -> None:
     print(f"copy the same files     : median {copy:6.3f} s  (runs: {', '.join(f'{c:.3f}' for c in copies)})")
     print(f"POST /train until 202   : median {post:6.3f} s  (runs: {', '.join(f'{p:.3f}' for p in posts)})")
     print(f"ratio POST / copy       : {post / copy:.1f}x   goal <= 10x: {'met' if post / copy <= 10 else 'NOT met'}")
+    if hasattr(os, "getloadavg"):
+        print(f"load average            : {os.getloadavg()[0]:.2f} (1 min) at the end")
     print(f"old check (full decode of every file, in the request): {decode:.2f} s on its own;"
           f" a 1/8-scale draft decode of every file would still take {draft:.2f} s")
 
