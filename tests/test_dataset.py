@@ -48,12 +48,13 @@ def save(path: Path, img: Image.Image, fmt: str = "PNG", **kw) -> Upload:
     return Upload(path, path.name)
 
 
-def test_exif_orientation_is_applied_and_the_shape_kept(tmp_path: Path) -> None:
-    img = Image.new("RGB", (200, 100), (255, 255, 255))
+@pytest.mark.parametrize(("fmt", "mode"), [("JPEG", "RGB"), ("PNG", "RGBA"), ("WEBP", "RGB")])
+def test_exif_orientation_is_applied_and_the_shape_kept(tmp_path: Path, fmt: str, mode: str) -> None:
+    img = Image.new(mode, (200, 100), (255, 255, 255))
     img.paste((0, 0, 255), (0, 0, 20, 100))  # blue stripe on the left
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90° clockwise when shown
-    up = save(tmp_path / "r.jpg", img, "JPEG", exif=exif.tobytes(), quality=95)
+    up = save(tmp_path / f"r.{fmt.lower()}", img, fmt, exif=exif.tobytes(), quality=95)
     with Image.open(up.path) as opened:
         assert upright_size(opened) == (100, 200)  # from the header, before any decode
         out = fit_picture(opened, 64)

@@ -8,6 +8,7 @@ in prep, which runs in worker processes so that it neither holds the daemon's GI
 from __future__ import annotations
 
 import json
+import mmap
 import multiprocessing
 import os
 import struct
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from daemon.errors import BadInput
 from daemon.pipeline.buckets import Size, prep_size
@@ -113,17 +114,32 @@ def _unreadable(client_name: str, exc: BaseException) -> ImageProblem:
     )
 
 
-def upright_size(img: Image.Image) -> Size:
-    """The picture's size once turned upright by its EXIF orientation.
+# EXIF orientation -> the transpose that makes the picture upright (as ImageOps.exif_transpose does).
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
-    JPEG and WebP carry EXIF in the header; Pillow may decode a PNG to find its eXIf chunk.
-    """
-    width, height = img.size
+
+def orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1 = upright). JPEG and WebP carry it in the header; Pillow may decode a PNG to
+    find its eXIf chunk."""
     try:
-        orientation = img.getexif().get(0x0112)
-    except Exception:  # a broken EXIF block: exif_transpose will ignore it as well
-        return width, height
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+        value = img.getexif().get(0x0112, 1)
+    except Exception:  # a broken EXIF block: the picture is shown as stored, as Pillow's exif_transpose does
+        return 1
+    return value if value in _UPRIGHT else 1
+
+
+def upright_size(img: Image.Image) -> Size:
+    """The picture's size once turned upright by its EXIF orientation."""
+    width, height = img.size
+    return (height, width) if orientation(img) in (5, 6, 7, 8) else (width, height)
 
 
 def check_size(size: Size, client_name: str) -> None:
@@ -154,7 +170,7 @@ def check_size(size: Size, client_name: str) -> None:
 _READ_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 
-def jpeg_is_complete(data: bytes) -> bool:
+def jpeg_is_complete(data: bytes | mmap.mmap) -> bool:
     """True when the JPEG's segments parse and its entropy-coded data runs to an end-of-image marker.
 
     Walks the marker segments by their lengths up to the first start-of-scan (so the complete JPEG thumbnail
@@ -196,7 +212,9 @@ def check_image(upload: Upload) -> None:
         with Image.open(upload.path) as img:
             check_size(img.size, upload.client_name)
             if img.format == "JPEG":
-                if not jpeg_is_complete(upload.path.read_bytes()):
+                with upload.path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                    complete = jpeg_is_complete(data)  # mapped, not read: the tail is all it touches
+                if not complete:
                     raise OSError("the JPEG data is incomplete")
             elif img.format == "PNG":
                 img.verify()
@@ -219,12 +237,15 @@ def check_images(uploads: Sequence[Upload]) -> None:
 
 
 # -------------------------------------------------------------------------------------------- prep
+def _has_alpha(img: Image.Image) -> bool:
+    return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info)
+
+
 def flatten_rgb(img: Image.Image) -> Image.Image:
     """RGB; transparent parts become white (kohya would otherwise see whatever colour hides under alpha 0)."""
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        canvas.alpha_composite(rgba)
+    if _has_alpha(img):
+        canvas = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        canvas.alpha_composite(img.convert("RGBA"))
         return canvas.convert("RGB")
     return img.convert("RGB")
 
@@ -232,23 +253,39 @@ def flatten_rgb(img: Image.Image) -> Image.Image:
 def fit_picture(img: Image.Image, resolution: int) -> Image.Image:
     """Upright (EXIF), RGB on white, scaled down (never up) to at most resolution² pixels, shape kept.
 
-    Decodes `img` (raising Pillow's error if its data is broken) unless it was already loaded.
+    Decodes `img` (raising Pillow's error if its data is broken). Memory: the decoded picture plus at most one
+    converted copy of it (w × h, whatever the shape); turning and flattening happen after the scale-down.
     """
-    target: Size | None = None
+    turn = _UPRIGHT.get(orientation(img)) if img.format == "JPEG" else None  # JPEG's EXIF is in the header
     if img.format == "JPEG":
-        upright = upright_size(img)  # JPEG's EXIF is in the header
-        target = prep_size(upright, resolution)
+        stored_target = _stored(prep_size(_turned(img.size, turn), resolution), turn)
         # Decode at 1/2, 1/4 or 1/8 scale straight from the DCT: most of the speed-up for camera pictures.
-        draft_w, draft_h = (target[1], target[0]) if upright != img.size else target
-        img.draft("RGB", (int(draft_w * DRAFT_GAP), int(draft_h * DRAFT_GAP)))
+        img.draft("RGB", (int(stored_target[0] * DRAFT_GAP), int(stored_target[1] * DRAFT_GAP)))
     # Decoded here, before anything that could swallow a decode error (a PNG's EXIF may follow its pixels).
     img.load()
-    if target is None:
-        target = prep_size(upright_size(img), resolution)
-    img = flatten_rgb(ImageOps.exif_transpose(img))
-    if img.size == target:
-        return img
-    return img.resize(target, Image.Resampling.LANCZOS, reducing_gap=REDUCING_GAP)
+    if img.format != "JPEG":
+        turn = _UPRIGHT.get(orientation(img))
+        stored_target = _stored(prep_size(_turned(img.size, turn), resolution), turn)
+    if _has_alpha(img):
+        img = img.convert("RGBA")  # Pillow resizes RGBA with premultiplied alpha: no dark fringes
+    elif img.mode != "RGB":
+        img = img.convert("RGB")
+    if img.size != stored_target:
+        img = img.resize(stored_target, Image.Resampling.LANCZOS, reducing_gap=REDUCING_GAP)
+    if turn is not None:
+        img = img.transpose(turn)
+    return flatten_rgb(img)
+
+
+def _turned(size: Size, turn: Image.Transpose | None) -> Size:
+    """The upright size of a picture stored as `size` that `turn` makes upright."""
+    sideways = turn in (Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270, Image.Transpose.TRANSVERSE,
+                        Image.Transpose.ROTATE_90)
+    return (size[1], size[0]) if sideways else size
+
+
+def _stored(upright: Size, turn: Image.Transpose | None) -> Size:
+    return _turned(upright, turn)  # a quarter turn swaps the sides both ways
 
 
 @dataclass(frozen=True)
