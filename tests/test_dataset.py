@@ -430,3 +430,23 @@ def test_the_draft_decode_gives_the_picture_a_full_decode_would(tmp_path: Path) 
     # average and by up to 39 at the edges.
     assert max(diff.mean) < 0.2
     assert max(high for _, high in diff.extrema) <= 16
+
+
+def test_a_header_claiming_gigapixels_is_too_large_not_unreadable(tmp_path: Path) -> None:
+    small = io.BytesIO()
+    Image.new("L", (100, 100)).save(small, format="PNG")
+    raw = bytearray(small.getvalue())
+    ihdr = raw.index(b"IHDR")
+    raw[ihdr + 4: ihdr + 12] = struct.pack(">II", 40000, 40000)  # 1.6 gigapixels claimed by the header
+    raw[ihdr + 13 + 4: ihdr + 13 + 8] = struct.pack(">I", zlib.crc32(bytes(raw[ihdr: ihdr + 17])))
+    path = tmp_path / "bomb.png"
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ImageProblem, match=r"'bomb\.png' claims more pixels than any camera makes"):
+        check_image(Upload(path, "bomb.png"))
+    big = tmp_path / "big.png"
+    raw[ihdr + 4: ihdr + 12] = struct.pack(">II", 10000, 9000)  # 90 MP: Pillow only warns; we refuse
+    raw[ihdr + 13 + 4: ihdr + 13 + 8] = struct.pack(">I", zlib.crc32(bytes(raw[ihdr: ihdr + 17])))
+    big.write_bytes(bytes(raw))
+    too_large = pytest.raises(ImageProblem, match=r"10000×9000 pixels, too large")
+    with pytest.warns(Image.DecompressionBombWarning), too_large:
+        check_image(Upload(big, "big.png"))

@@ -107,6 +107,12 @@ def read_uploads(folder: Path) -> list[Upload]:
 
 # ---------------------------------------------------------------------------------------- checking
 def _unreadable(client_name: str, exc: BaseException) -> ImageProblem:
+    if isinstance(exc, Image.DecompressionBombError):  # Pillow refuses headers claiming over ~179 MP
+        return ImageProblem(
+            f"'{client_name}' claims more pixels than any camera makes, too large to process.",
+            key="images",
+            hint="Scale it down below 80 megapixels.",
+        )
     return ImageProblem(
         f"'{client_name}' is not a picture that can be read ({type(exc).__name__}).",
         key="images",
