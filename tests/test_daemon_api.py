@@ -353,10 +353,11 @@ async def test_rgba_and_jpeg_uploads_are_normalised(client: TestClient, config: 
     job_id = (await (await client.post("/train", data=form)).json())["job_id"]
     job = await wait_for_state(client, job_id, {"done", "error"})
     assert job["state"] == "done", job["error"]
-    res = job["params"]["resolution"]
-    for png in (config.jobs_dir / job_id / "dataset" / "img").glob("*.png"):
+    pngs = sorted((config.jobs_dir / job_id / "dataset" / "img").glob("*.png"))
+    assert len(pngs) == 8
+    for png in pngs:
         with Image.open(png) as img:
-            assert img.size == (res, res) and img.mode == "RGB"
+            assert img.size == (200, 90) and img.mode == "RGB"  # the shape kept: never padded nor enlarged
 
 
 async def test_config_test_is_ready_without_a_default_when_ed_has_sd1_models(start_daemon, tmp_path: Path) -> None:

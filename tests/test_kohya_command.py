@@ -5,15 +5,20 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import random
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from PIL import Image
 
+from daemon.pipeline.buckets import bucket_counts, bucket_of, prep_size
+from daemon.pipeline.dataset import Upload, prepare_images
 from daemon.pipeline.kohya import KohyaLaunch, build_command, build_env, dataset_config, write_dataset_config
-from daemon.pipeline.params import PRESETS, TrainParams, resolve_params
-from tests.helpers import KOHYA_DOUBLE
+from daemon.pipeline.params import PRESETS, TrainParams, resolve_params, total_steps
+from tests.helpers import KOHYA_DOUBLE, write_sd1_checkpoint
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -243,7 +248,13 @@ def test_dataset_config_document() -> None:
             "keep_tokens": 1,
             "resolution": 768,
             "batch_size": 3,
-            "enable_bucket": False,
+            # kohya buckets by aspect ratio; no_upscale: each bucket is the picture's own size rounded down
+            "enable_bucket": True,
+            "bucket_no_upscale": True,
+            "bucket_reso_steps": 64,
+            # ignored with no_upscale but asserted min <= resolution <= max: the range prep really produces
+            "min_bucket_reso": 64,
+            "max_bucket_reso": 1920,  # sqrt(6) * 768 rounded up to 64: the longest side of a 1:6 picture
         },
         "datasets": [{"subsets": [{"image_dir": "/jobs/j1/img", "num_repeats": 7, "class_tokens": "ohwx person"}]}],
     }
@@ -252,6 +263,20 @@ def test_dataset_config_document() -> None:
     assert type(general["resolution"]) is int and type(general["batch_size"]) is int
     assert type(general["keep_tokens"]) is int and type(subset["num_repeats"]) is int
     assert type(general["shuffle_caption"]) is bool and type(general["enable_bucket"]) is bool
+    assert all(type(general[k]) is int for k in ("bucket_reso_steps", "min_bucket_reso", "max_bucket_reso"))
+
+
+@pytest.mark.parametrize("resolution", [256, 512, 576, 1024])  # resolve_params accepts 256-1024
+def test_bucket_range_satisfies_kohyas_asserts_and_spans_every_accepted_picture(resolution: int) -> None:
+    general = dataset_config(image_dir="/i", class_tokens="x", params=dataclasses.replace(CPU, resolution=resolution))[
+        "general"]
+    step = general["bucket_reso_steps"]
+    # kohya: steps divisible by 64 for SD1; min <= min(resolution) and max >= max(resolution), or it asserts
+    assert step % 64 == 0 and general["min_bucket_reso"] % step == 0 and general["max_bucket_reso"] % step == 0
+    assert general["min_bucket_reso"] <= resolution <= general["max_bucket_reso"]
+    for size in [(64, 384), (384, 64), (4000, 3000), (1000, 6000), (6000, 1000), (300, 300)]:
+        bucket = bucket_of(prep_size(size, resolution), resolution)
+        assert general["min_bucket_reso"] <= min(bucket) and max(bucket) <= general["max_bucket_reso"]
 
 
 def test_dataset_config_passes_kohyas_schema(double: ModuleType) -> None:
@@ -315,3 +340,52 @@ def test_sample_prompt_line_uses_kohya_prompt_options() -> None:
     opts = dict(o.split(" ", 1) for o in options.split(" --"))
     assert opts["w"] == opts["h"] == str(GPU.resolution)
     assert opts["d"] == str(GPU.seed) and int(opts["s"]) > 0 and opts["n"] == "lowres, blurry"
+
+
+def test_prep_toml_and_step_estimate_agree_with_kohyas_buckets(tmp_path: Path) -> None:
+    """Pictures of three shapes, prepped, then the kohya double (bucketing as kohya does) run on the TOML."""
+    shapes = [(4000, 3000)] * 5 + [(3000, 4000)] * 3 + [(800, 800)] * 2 + [(300, 200)]
+    uploads = []
+    for i, size in enumerate(shapes):
+        path = tmp_path / f"{i + 1:03d}.upload"
+        Image.new("RGB", size, (i * 20, 90, 160)).save(path, format="JPEG", quality=80)
+        uploads.append(Upload(path, f"pic{i}.jpg"))
+    params = dataclasses.replace(CPU, resolution=512, repeats=3, batch_size=2, epochs=2, save_every_n_epochs=0)
+    prepared = prepare_images(uploads, tmp_path / "img", size=512, text="ohwx woman")
+    counts = bucket_counts((p.size for p in prepared), 512)
+    assert counts == {(512, 384): 5, (384, 512): 3, (512, 512): 2, (256, 192): 1}
+    config = tmp_path / "dataset.toml"
+    write_dataset_config(config, dataset_config(image_dir=str(tmp_path / "img"), class_tokens="woman", params=params))
+    (tmp_path / "tok" / "openai_clip-vit-large-patch14").mkdir(parents=True)
+    argv = build_command(params, launch(
+        python=sys.executable, script_path=str(KOHYA_DOUBLE), workspace=str(tmp_path), dataset_config=str(config),
+        base_model=str(write_sd1_checkpoint(tmp_path / "m.safetensors")), output_dir=str(tmp_path / "out"),
+        logging_dir=None, tokenizer_cache_dir=str(tmp_path / "tok"), cpu=True))
+    env = build_env(os.environ, tokenizer_cache_dir=str(tmp_path / "tok"), cpu=True)
+    done = subprocess.run(argv, cwd=tmp_path, env={**env, "KOHYA_DOUBLE_STEP_SECONDS": "0"}, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert [ln for ln in lines if ln.startswith("bucket ")] == [
+        "bucket 0: resolution (256, 192), count: 3",
+        "bucket 1: resolution (384, 512), count: 9",
+        "bucket 2: resolution (512, 384), count: 15",
+        "bucket 3: resolution (512, 512), count: 6",
+    ]
+    # 2 + 5 + 8 + 3 batches per epoch: more than ceil(33 / 2) = 17 because no batch mixes buckets
+    expected = total_steps(params, counts.values())
+    assert expected == (2 + 5 + 8 + 3) * 2
+    assert f"  total optimization steps / 学習ステップ数: {expected}" in lines
+
+
+def test_the_doubles_bucketing_matches_ours_on_any_size(double: ModuleType) -> None:
+    """Two implementations written from kohya's BucketManager (the double's and the daemon's) agree."""
+    rng = random.Random(3)
+    for _ in range(2000):
+        resolution = rng.choice([256, 512, 768, 1024])
+        short = rng.randint(64, 3000)
+        size = (short, rng.randint(short, short * 6))
+        size = size if rng.random() < 0.5 else (size[1], size[0])
+        ds = double.Dataset((resolution, resolution), 1, [], double.Buckets(True, True, 64, 4096, 64))
+        assert double.select_bucket(ds, size, []) == bucket_of(size, resolution)
+        assert double.select_bucket(ds, prep_size(size, resolution), []) == bucket_of(size, resolution)

@@ -239,6 +239,22 @@ def test_total_steps_is_ceil_images_times_repeats_over_batch_times_epochs(
     assert total_steps(p, images) == steps == math.ceil(images * repeats / batch) * epochs
 
 
+@pytest.mark.parametrize(
+    ("buckets", "repeats", "batch", "epochs", "steps"),
+    [
+        ([13, 7], 10, 2, 10, (65 + 35) * 10),  # no batch mixes buckets...
+        ([3, 3, 1], 1, 2, 1, 2 + 2 + 1),  # ...so each bucket's last batch may be short: 5, not ceil(7/2) = 4
+        ([5, 5], 3, 4, 2, (4 + 4) * 2),
+        ([20], 10, 2, 10, 1000),
+    ],
+)
+def test_total_steps_counts_batches_per_bucket(buckets: list[int], repeats: int, batch: int, epochs: int,
+                                               steps: int) -> None:
+    p = dataclasses.replace(PRESETS["balanced"], repeats=repeats, batch_size=batch, epochs=epochs)
+    assert total_steps(p, buckets) == steps
+    assert total_steps(p, buckets) >= total_steps(p, sum(buckets))  # never fewer than one big bucket
+
+
 def test_json_round_trip() -> None:
     p = resolve({"optimizer": "Lion", "seed": 3}, images=12, cpu=True)
     data = json.loads(json.dumps(p.to_json()))

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from daemon.pipeline.publish import PublishError, lora_id, publish, slugify, verify_lora
+from daemon.pipeline.publish import (
+    PublishError,
+    lora_id,
+    publish,
+    read_safetensors_header,
+    slugify,
+    verify_lora,
+)
+from tests.helpers import REPO
 
 
 def lora(path: Path, *, alpha: bool = True, prefix: str = "lora_unet_down_blocks_0_attentions_0_proj_in") -> Path:
@@ -43,6 +54,51 @@ def test_verify_refuses_missing_alpha_peft_keys_and_garbage(tmp_path: Path) -> N
     junk.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
     with pytest.raises(PublishError, match="cannot be read"):
         verify_lora(junk)
+
+
+def test_verify_reads_the_header_like_safetensors_does(tmp_path: Path) -> None:
+    path = lora(tmp_path / "a.safetensors")
+    keys, metadata = read_safetensors_header(path)
+    with safe_open(str(path), framework="numpy") as fh:
+        assert sorted(keys) == sorted(fh.keys()) and metadata == fh.metadata()
+
+
+@pytest.mark.parametrize("cut", [1, 100, 300])
+def test_verify_refuses_a_file_cut_short_while_saving(tmp_path: Path, cut: int) -> None:
+    full = lora(tmp_path / "a.safetensors").read_bytes()
+    path = tmp_path / "cut.safetensors"
+    path.write_bytes(full[:-cut])
+    with pytest.raises(PublishError, match="cannot be read as safetensors"):
+        verify_lora(path)
+    path.write_bytes(full + b"\0")  # trailing bytes are not a safetensors file either
+    with pytest.raises(PublishError, match="should end at byte"):
+        verify_lora(path)
+
+
+@pytest.mark.parametrize("raw", [b"", b"\x05\x00", b"\xff" * 8 + b"{}", b"\x02\x00\x00\x00\x00\x00\x00\x00[]",
+                                 b"\x04\x00\x00\x00\x00\x00\x00\x00\xff\xfe{}"])
+def test_verify_refuses_garbage_headers(tmp_path: Path, raw: bytes) -> None:
+    path = tmp_path / "junk.safetensors"
+    path.write_bytes(raw)
+    with pytest.raises(PublishError, match="cannot be read as safetensors"):
+        verify_lora(path)
+
+
+def test_verifying_a_lora_does_not_import_numpy(tmp_path: Path) -> None:
+    """numpy costs the daemon ~16 MB of memory for its lifetime; reading a header needs none of it."""
+    path = lora(tmp_path / "a.safetensors")
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "import daemon.__main__, daemon.web.app\n"
+        "from daemon.pipeline.publish import verify_lora\n"
+        f"summary = verify_lora(Path({str(path)!r}))\n"
+        "assert summary.unet_modules == 1, summary\n"
+        "print('numpy' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
 
 
 def test_publish_never_overwrites_and_leaves_no_temp_files(tmp_path: Path) -> None:

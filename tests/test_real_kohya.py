@@ -2,7 +2,7 @@
 
 Set, e.g. after `eval "$(bash ../shared/harness/real_kohya.sh env)"`:
     KOHYA_SD=$KH_SD KOHYA_PYTHON=$KH_PY KOHYA_MODEL=$KH_MODEL KOHYA_TOKENIZER_CACHE=$KH_TOK_CACHE
-Takes about a minute on 2 CPU cores (256 px, 4 steps).
+Takes a few minutes on 2 CPU cores (256 px, 6 steps, two aspect-ratio buckets).
 """
 
 from __future__ import annotations
@@ -11,11 +11,14 @@ import json
 import os
 from pathlib import Path
 
+import aiohttp
 import pytest
 from safetensors import safe_open
 
-from tests.conftest import train_form, wait_for_state
-from tests.helpers import free_port, make_config
+from daemon.pipeline.params import TrainParams, total_steps
+from daemon.pipeline.runner import job_paths
+from tests.conftest import wait_for_state
+from tests.helpers import free_port, make_config, picture_bytes
 
 ENV = ("KOHYA_SD", "KOHYA_PYTHON", "KOHYA_MODEL", "KOHYA_TOKENIZER_CACHE")
 missing = [name for name in ENV if not os.environ.get(name)]
@@ -47,13 +50,29 @@ async def test_real_kohya_trains_through_the_daemon(start_daemon, tmp_path: Path
     assert ready["ready"], ready["checks"]
     params = {"resolution": 256, "epochs": 2, "repeats": 1, "batch_size": 4, "network_dim": 4,
               "network_alpha": 2, "save_every_n_epochs": 1, "sample_every_n_epochs": 2}
-    resp = await client.post("/train", data=train_form(8, name="Real Run", trigger="sksreal",
-                                                       params=json.dumps(params)))
+    # Pictures of two shapes (5 landscape JPEGs, 3 portrait PNGs), so kohya makes two buckets.
+    form = aiohttp.FormData()
+    form.add_field("name", "Real Run")
+    form.add_field("trigger", "sksreal")
+    form.add_field("params", json.dumps(params))
+    for i in range(8):
+        landscape = i < 5
+        form.add_field("images", picture_bytes(i, size=(400, 300) if landscape else (300, 400),
+                                               fmt="JPEG" if landscape else "PNG"),
+                       filename=f"pic{i}.{'jpg' if landscape else 'png'}")
+    resp = await client.post("/train", data=form)
     assert resp.status == 202, await resp.text()
     job_id = (await resp.json())["job_id"]
     job = await wait_for_state(client, job_id, {"done", "error"}, timeout=900)
     assert job["state"] == "done", (job["error"], job["logs"][-30:])
-    assert job["progress"]["total"] == 4 and job["progress"]["step"] == 4
+    trainer_log = job_paths(cfg, job_id).trainer_log.read_text(encoding="utf-8")
+    buckets = [ln.strip() for ln in trainer_log.splitlines() if ln.strip().startswith("bucket ")]
+    assert buckets == ["bucket 0: resolution (192, 256), count: 3", "bucket 1: resolution (256, 192), count: 5"]
+    assert "bucket_no_upscale: True" in trainer_log
+    # No batch mixes buckets: ceil(5/4) + ceil(3/4) = 3 batches per epoch, not ceil(8/4) = 2.
+    steps = total_steps(TrainParams.from_json(job["params"]), [5, 3])
+    assert steps == 6
+    assert job["progress"]["total"] == steps and job["progress"]["step"] == steps
     assert job["progress"]["epoch"] == 2 and job["progress"]["epochs"] == 2
     events = (await (await client.get(f"/jobs/{job_id}/events")).json())["events"]
     assert [e["data"]["file"] for e in events if e["type"] == "checkpoint"] == [

@@ -1,21 +1,59 @@
-"""Turning the uploaded pictures into a kohya dataset folder: checked, upright, RGB, square, captioned."""
+"""Turning the uploaded pictures into a kohya dataset folder: checked, upright, RGB, scaled down, captioned.
+
+Each picture keeps its aspect ratio; kohya's buckets (see buckets.py) take care of the different shapes.
+Two checks: a cheap one while the upload request is open (header, size rules, the file complete), and the full decode
+in prep, which runs in worker processes so that it neither holds the daemon's GIL nor uses more than the cores.
+"""
 
 from __future__ import annotations
 
-import warnings
+import json
+import mmap
+import multiprocessing
+import os
+import struct
+import threading
+import time
+import zlib
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+import psutil
+from PIL import Image, UnidentifiedImageError
 
 from daemon.errors import BadInput
+from daemon.pipeline.buckets import Size, prep_size
 
 MIN_IMAGES = 8
 MAX_IMAGES = 25
 # Decompression bombs: a 25 MB PNG can claim gigapixels. 80 MP covers any real camera.
 MAX_PIXELS = 80_000_000
 MIN_SIDE = 64
+# Longer side / shorter side. A 1:6 strip at 512 px is already 209×1254; beyond that a picture is a banner,
+# not a character, and its bucket would be a sliver.
+MAX_ASPECT = 6.0
+# JPEG draft decoding (DCT scaling by 1/2, 1/4, 1/8) stops at a size this much larger than the target, so the
+# final Lanczos step still has pixels to filter from.
+DRAFT_GAP = 1.5
+# Lanczos after a cheap integer reduce() down to 3x the target: the quality of a full Lanczos at a fraction of
+# the cost (Pillow's `reducing_gap`).
+REDUCING_GAP = 3.0
+# zlib level 1 with the run-length strategy: ~4x faster than Pillow's default (level 6) on photos, for files
+# ~10% larger; kohya reads every picture once (latents are cached).
+PNG_OPTIONS: dict[str, int] = {"compress_level": 1, "compress_type": zlib.Z_RLE}
+# A worker decodes one picture at a time (up to MAX_PIXELS x 4 bytes); more workers than this would only
+# multiply that peak on a many-core machine for little gain over 25 pictures.
+MAX_WORKERS = 8
+# How often a prep worker checks that the daemon that started it still runs.
+WATCH_INTERVAL_S = 0.5
+UPLOAD_SUFFIX = ".upload"
+NAMES_FILE = "names.json"
+
+
+class ImageProblem(BadInput):
+    """A picture that cannot be used; the message names the client's file."""
 
 
 @dataclass(frozen=True)
@@ -48,53 +86,289 @@ def check_count(count: int) -> None:
         )
 
 
-def check_image(upload: Upload) -> None:
-    """Raise BadInput naming the file unless it decodes as a usable picture."""
+# ------------------------------------------------------------------------------------------ names
+def write_upload_names(folder: Path, uploads: Sequence[Upload]) -> None:
+    """Remember the client's file names next to the uploads, so a job failing later can name the picture."""
+    names = {u.path.name: u.client_name for u in uploads}
+    (folder / NAMES_FILE).write_text(json.dumps(names, ensure_ascii=False), encoding="utf-8")
+
+
+def read_uploads(folder: Path) -> list[Upload]:
+    """The stored uploads in order, with the client's names where they were recorded."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(upload.path) as img:
-                width, height = img.size
-                if width * height > MAX_PIXELS:
-                    raise BadInput(
-                        f"'{upload.client_name}' is {width}×{height} pixels, too large to process.",
-                        key="images",
-                        hint="Scale it down below 80 megapixels.",
-                    )
-                img.load()
-    except BadInput:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as exc:
-        raise BadInput(
-            f"'{upload.client_name}' is not a picture that can be read ({type(exc).__name__}).",
+        names = json.loads((folder / NAMES_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        names = {}
+    if not isinstance(names, dict):
+        names = {}
+    files = sorted(p for p in folder.iterdir() if p.suffix == UPLOAD_SUFFIX and p.is_file())
+    return [Upload(p, str(names.get(p.name) or p.name)) for p in files]
+
+
+# ---------------------------------------------------------------------------------------- checking
+def _unreadable(client_name: str, exc: BaseException) -> ImageProblem:
+    if isinstance(exc, Image.DecompressionBombError):  # Pillow refuses headers claiming over ~179 MP
+        return ImageProblem(
+            f"'{client_name}' claims more pixels than any camera makes, too large to process.",
             key="images",
-            hint="Use PNG, JPEG or WebP files.",
-        ) from exc
+            hint="Scale it down below 80 megapixels.",
+        )
+    return ImageProblem(
+        f"'{client_name}' is not a picture that can be read ({type(exc).__name__}).",
+        key="images",
+        hint="Use PNG, JPEG or WebP files.",
+    )
+
+
+# EXIF orientation -> the transpose that makes the picture upright (as ImageOps.exif_transpose does).
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1 = upright). JPEG and WebP carry it in the header; Pillow may decode a PNG to
+    find its eXIf chunk."""
+    try:
+        value = img.getexif().get(0x0112, 1)
+    except Exception:  # a broken EXIF block: the picture is shown as stored, as Pillow's exif_transpose does
+        return 1
+    return value if value in _UPRIGHT else 1
+
+
+def upright_size(img: Image.Image) -> Size:
+    """The picture's size once turned upright by its EXIF orientation."""
+    width, height = img.size
+    return (height, width) if orientation(img) in (5, 6, 7, 8) else (width, height)
+
+
+def check_size(size: Size, client_name: str) -> None:
+    """Refuse sizes that are too large, too small or too elongated: decided from the header alone (every
+    check is the same for the picture turned by its EXIF orientation)."""
+    width, height = size
+    if width * height > MAX_PIXELS:
+        raise ImageProblem(
+            f"'{client_name}' is {width}×{height} pixels, too large to process.",
+            key="images",
+            hint="Scale it down below 80 megapixels.",
+        )
     if min(width, height) < MIN_SIDE:
-        raise BadInput(
-            f"'{upload.client_name}' is only {width}×{height} pixels; pictures need at least {MIN_SIDE} px a side.",
+        raise ImageProblem(
+            f"'{client_name}' is only {width}×{height} pixels; pictures need at least {MIN_SIDE} px a side.",
             key="images",
+        )
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise ImageProblem(
+            f"'{client_name}' is {width}×{height} pixels, more elongated than 1:{MAX_ASPECT:g}.",
+            key="images",
+            hint="Crop it closer to the character (at most six times as long as it is wide).",
         )
 
 
-def square_rgb(img: Image.Image, size: int) -> Image.Image:
-    """Upright (EXIF), RGB on white, centred on a square canvas, resized to `size`.
+# Pillow's own bomb guard (a warning from 89 MP, an error from 179 MP) fires in Image.open, before our
+# check_size; pictures over MAX_PIXELS are refused by check_size before anything is decoded either way.
+_READ_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
-    Padding instead of cropping keeps the whole character in frame; kohya then needs no buckets.
+
+def jpeg_is_complete(data: bytes | mmap.mmap) -> bool:
+    """True when the JPEG's segments parse and its entropy-coded data runs to an end-of-image marker.
+
+    Walks the marker segments by their lengths up to the first start-of-scan (so the complete JPEG thumbnail
+    inside a camera's EXIF block is skipped, not mistaken for the picture), then looks for EOI after it:
+    scan data never contains FF D9 (0xFF bytes are stuffed). A file cut short in transfer has none. Data after
+    EOI (a phone's motion-photo trailer) is allowed.
     """
-    img = ImageOps.exif_transpose(img)
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        canvas.alpha_composite(rgba)
-        img = canvas.convert("RGB")
-    else:
+    if data[:2] != b"\xff\xd8":
+        return False
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return False
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+            pos += 2
+            continue
+        (length,) = struct.unpack(">H", data[pos + 2:pos + 4])
+        if length < 2:
+            return False
+        if marker == 0xDA:  # start of scan
+            return data.rfind(b"\xff\xd9", pos + 2 + length) != -1  # from the end: EOI is normally last
+        pos += 2 + length
+    return False
+
+
+def check_image(upload: Upload) -> None:
+    """Raise ImageProblem naming the file unless it looks like a usable picture.
+
+    Cheap on purpose (it runs while the upload request waits; see bench/upload_speed.py): the header, the size
+    rules, and that the file is complete: a JPEG's structure to its end marker, a PNG's chunks and CRCs (no
+    inflate). Decoding a 12 MP JPEG, even at 1/8 scale, still reads every entropy-coded byte (~30 ms of CPU a
+    picture); that full decode happens in prep, which fails the job naming the file if it breaks there.
+    """
+    try:
+        with Image.open(upload.path) as img:
+            check_size(img.size, upload.client_name)
+            if img.format == "JPEG":
+                with upload.path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                    complete = jpeg_is_complete(data)  # mapped, not read: the tail is all it touches
+                if not complete:
+                    raise OSError("the JPEG data is incomplete")
+            elif img.format == "PNG":
+                img.verify()
+            else:
+                img.load()  # WebP and the rest: no cheap structural check; they are rarely camera-sized
+    except ImageProblem:
+        raise
+    except _READ_ERRORS as exc:
+        raise _unreadable(upload.client_name, exc) from exc
+
+
+def check_images(uploads: Sequence[Upload]) -> None:
+    """check_image for each upload, a few at a time (Pillow decodes without the GIL); the first bad one raises."""
+    if not uploads:
+        return
+    with ThreadPoolExecutor(max_workers=_workers(len(uploads))) as pool:
+        futures = [pool.submit(check_image, u) for u in uploads]
+    for future in futures:  # in upload order, so the error names the first bad file
+        future.result()
+
+
+# -------------------------------------------------------------------------------------------- prep
+def _has_alpha(img: Image.Image) -> bool:
+    return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info)
+
+
+def flatten_rgb(img: Image.Image) -> Image.Image:
+    """RGB; transparent parts become white (kohya would otherwise see whatever colour hides under alpha 0)."""
+    if _has_alpha(img):
+        canvas = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        canvas.alpha_composite(img.convert("RGBA"))
+        return canvas.convert("RGB")
+    return img.convert("RGB")
+
+
+def fit_picture(img: Image.Image, resolution: int) -> Image.Image:
+    """Upright (EXIF), RGB on white, scaled down (never up) to at most resolution² pixels, shape kept.
+
+    Decodes `img` (raising Pillow's error if its data is broken). Memory: the decoded picture plus at most one
+    converted copy of it (w × h, whatever the shape); turning and flattening happen after the scale-down.
+    """
+    turn = _UPRIGHT.get(orientation(img)) if img.format == "JPEG" else None  # JPEG's EXIF is in the header
+    if img.format == "JPEG":
+        stored_target = _stored(prep_size(_turned(img.size, turn), resolution), turn)
+        # Decode at 1/2, 1/4 or 1/8 scale straight from the DCT: most of the speed-up for camera pictures.
+        img.draft("RGB", (int(stored_target[0] * DRAFT_GAP), int(stored_target[1] * DRAFT_GAP)))
+    # Decoded here, before anything that could swallow a decode error (a PNG's EXIF may follow its pixels).
+    img.load()
+    if img.format != "JPEG":
+        turn = _UPRIGHT.get(orientation(img))
+        stored_target = _stored(prep_size(_turned(img.size, turn), resolution), turn)
+    if _has_alpha(img):
+        img = img.convert("RGBA")  # Pillow resizes RGBA with premultiplied alpha: no dark fringes
+    elif img.mode != "RGB":
         img = img.convert("RGB")
-    side = max(img.size)
-    square = Image.new("RGB", (side, side), (255, 255, 255))
-    square.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
-    return square.resize((size, size), Image.Resampling.LANCZOS)
+    if img.size != stored_target:
+        img = img.resize(stored_target, Image.Resampling.LANCZOS, reducing_gap=REDUCING_GAP)
+    if turn is not None:
+        img = img.transpose(turn)
+    return flatten_rgb(img)
+
+
+def _turned(size: Size, turn: Image.Transpose | None) -> Size:
+    """The upright size of a picture stored as `size` that `turn` makes upright."""
+    sideways = turn in (Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270, Image.Transpose.TRANSVERSE,
+                        Image.Transpose.ROTATE_90)
+    return (size[1], size[0]) if sideways else size
+
+
+def _stored(upright: Size, turn: Image.Transpose | None) -> Size:
+    return _turned(upright, turn)  # a quarter turn swaps the sides both ways
+
+
+@dataclass(frozen=True)
+class PrepTask:
+    source: str
+    target: str
+    client_name: str
+    resolution: int
+    caption: str
+
+
+@dataclass(frozen=True)
+class PrepResult:
+    size: Size  # as written
+    error: str | None = None  # a sentence naming the picture when it could not be used
+
+
+def prep_one(task: PrepTask) -> PrepResult:
+    """One picture to `NNN.png` + `NNN.txt`. Top-level and picklable: it runs in a worker process."""
+    try:
+        with Image.open(task.source) as img:
+            check_size(img.size, task.client_name)  # before any decode
+            out = fit_picture(img, task.resolution)
+    except ImageProblem as exc:
+        return PrepResult((0, 0), exc.message)
+    except _READ_ERRORS as exc:
+        return PrepResult((0, 0), _unreadable(task.client_name, exc).message)
+    # Errors from here on (a full disk, ...) are not the picture's fault: they propagate as they are.
+    out.save(task.target, format="PNG", **PNG_OPTIONS)
+    Path(task.target).with_suffix(".txt").write_text(task.caption + "\n", encoding="utf-8")
+    return PrepResult(out.size)
+
+
+def _workers(jobs: int) -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, jobs, MAX_WORKERS))
+
+
+def _mp_context() -> multiprocessing.context.BaseContext:
+    """Never plain fork: the daemon has threads (asyncio.to_thread), and forking a threaded process can leave a
+    lock held forever in the child.
+
+    Where there is a fork server (Linux, macOS) workers fork from it: it starts once per daemon with only this
+    module imported, so a pool starts in milliseconds. Spawn (Windows) starts a fresh interpreter per worker.
+    """
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    # Instead of the default ['__main__']: the daemon's __main__ would import the whole web stack.
+    context.set_forkserver_preload([__name__])
+    return context
+
+
+def prep_pool(jobs: int) -> ProcessPoolExecutor:
+    """Worker processes for `jobs` pictures: no more than the cores, each ending itself if the daemon dies."""
+    me = psutil.Process()
+    return ProcessPoolExecutor(max_workers=_workers(jobs), mp_context=_mp_context(),
+                               initializer=_watch_daemon, initargs=(me.pid, me.create_time()))
+
+
+def _watch_daemon(pid: int, created: float) -> None:
+    """Worker initializer. A pool's workers wait on a queue the daemon feeds; if the daemon is killed (SIGKILL,
+    power cut) nothing ever closes it, so without this they would wait for ever."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(WATCH_INTERVAL_S)
+            try:
+                daemon = psutil.Process(pid)
+                # The same process (not a reused pid), and not a killed one its parent has yet to reap.
+                alive = daemon.create_time() == created and daemon.status() != psutil.STATUS_ZOMBIE
+            except psutil.Error:
+                alive = False
+            if not alive:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="watch-daemon", daemon=True).start()
 
 
 def caption(trigger: str, class_token: str) -> str:
@@ -102,15 +376,27 @@ def caption(trigger: str, class_token: str) -> str:
     return f"{trigger} {class_token}".strip()
 
 
-def prepare_images(uploads: Sequence[Upload], image_dir: Path, *, size: int, text: str) -> list[Path]:
-    """Write `NNN.png` + `NNN.txt` per upload into `image_dir` (created); returns the image paths."""
+@dataclass(frozen=True)
+class PreparedImage:
+    path: Path
+    size: Size
+
+
+def prepare_images(uploads: Sequence[Upload], image_dir: Path, *, size: int, text: str) -> list[PreparedImage]:
+    """Write `NNN.png` + `NNN.txt` per upload into `image_dir` (created), in worker processes.
+
+    Raises ImageProblem naming the first upload (in order) that cannot be decoded.
+    """
     image_dir.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    for index, upload in enumerate(uploads):
-        with Image.open(upload.path) as img:
-            out = square_rgb(img, size)
-        target = image_dir / f"{index + 1:03d}.png"
-        out.save(target, format="PNG")
-        target.with_suffix(".txt").write_text(text + "\n", encoding="utf-8")
-        written.append(target)
-    return written
+    tasks = [
+        PrepTask(str(u.path), str(image_dir / f"{i + 1:03d}.png"), u.client_name, size, text)
+        for i, u in enumerate(uploads)
+    ]
+    if not tasks:
+        return []
+    with prep_pool(len(tasks)) as pool:
+        results = list(pool.map(prep_one, tasks))
+    for result in results:
+        if result.error is not None:
+            raise ImageProblem(result.error, key="images", hint="Remove or replace that picture and start again.")
+    return [PreparedImage(Path(t.target), r.size) for t, r in zip(tasks, results, strict=True)]

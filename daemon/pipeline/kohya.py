@@ -8,6 +8,7 @@ follow sd-scripts 48d368fa (v0.10.x) and were run end to end against the real tr
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import tempfile
@@ -18,6 +19,8 @@ from typing import Any
 
 import tomli_w
 
+from daemon.pipeline.buckets import BUCKET_STEP
+from daemon.pipeline.dataset import MAX_ASPECT, MIN_SIDE
 from daemon.pipeline.params import TrainParams
 
 NETWORK_MODULE = "networks.lora"
@@ -232,8 +235,7 @@ def dataset_config(*, image_dir: str, class_tokens: str, params: TrainParams) ->
             "keep_tokens": 1,
             "resolution": int(params.resolution),
             "batch_size": int(params.batch_size),
-            # Our prep step already crops every image square at the training resolution: one bucket.
-            "enable_bucket": False,
+            **bucket_settings(params.resolution),
         },
         "datasets": [
             {
@@ -247,6 +249,23 @@ def dataset_config(*, image_dir: str, class_tokens: str, params: TrainParams) ->
                 ]
             }
         ],
+    }
+
+
+def bucket_settings(resolution: int) -> dict[str, Any]:
+    """kohya's aspect-ratio buckets for pictures prep scaled to at most resolution² (buckets.py mirrors them).
+
+    With bucket_no_upscale kohya derives each bucket from the picture's own size (rounded down to the step) and
+    never enlarges a small picture. It then ignores min/max_bucket_reso (and says so in a warning), but still
+    asserts min <= resolution <= max: they are set to the range our pictures really span.
+    """
+    longest = math.ceil(math.sqrt(MAX_ASPECT) * resolution / BUCKET_STEP) * BUCKET_STEP
+    return {
+        "enable_bucket": True,  # bucket_no_upscale does nothing without it
+        "bucket_no_upscale": True,
+        "bucket_reso_steps": BUCKET_STEP,
+        "min_bucket_reso": MIN_SIDE,
+        "max_bucket_reso": max(longest, int(resolution)),
     }
 
 

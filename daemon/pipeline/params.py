@@ -8,7 +8,7 @@ presets and community trainers (hollowstrawberry, Civitai): 512 px, images x rep
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -150,9 +150,19 @@ def default_repeats(image_count: int) -> int:
     return max(1, min(_INT_RANGES["repeats"][1], round(TARGET_IMAGES_PER_EPOCH / image_count)))
 
 
-def total_steps(params: TrainParams, image_count: int) -> int:
-    """Optimisation steps kohya will run: one bucket (square images), no gradient accumulation."""
-    return math.ceil(image_count * params.repeats / params.batch_size) * params.epochs
+def steps_per_epoch(bucket_counts: Iterable[int], *, repeats: int, batch_size: int) -> int:
+    """kohya never mixes buckets in a batch: each bucket's last batch may be short."""
+    return sum(math.ceil(count * repeats / batch_size) for count in bucket_counts)
+
+
+def total_steps(params: TrainParams, bucket_counts: Iterable[int] | int) -> int:
+    """Optimisation steps kohya will run (no gradient accumulation).
+
+    `bucket_counts`: the number of pictures in each bucket (buckets.bucket_counts), or one int for pictures
+    that all share a bucket.
+    """
+    counts = [bucket_counts] if isinstance(bucket_counts, int) else list(bucket_counts)
+    return steps_per_epoch(counts, repeats=params.repeats, batch_size=params.batch_size) * params.epochs
 
 
 def resolve_params(overrides: Mapping[str, object], *, image_count: int, cpu: bool) -> TrainParams:

@@ -26,10 +26,10 @@ from daemon.events import EventType
 from daemon.hub import EventHub
 from daemon.jobs.models import Job, JobError, JobState, Progress, interrupted_error
 from daemon.jobs.store import LOG_RING, JobStore
-from daemon.pipeline import dataset, kohya, publish
+from daemon.pipeline import buckets, dataset, kohya, publish
 from daemon.pipeline.env_check import GpuInfo, check_script, check_workspace
 from daemon.pipeline.failure import classify_failure
-from daemon.pipeline.params import TrainParams
+from daemon.pipeline.params import TrainParams, total_steps
 from daemon.pipeline.process import OutputChunk, TrainerProcess, start_trainer
 from daemon.pipeline.progress import (
     CheckpointSaved,
@@ -308,11 +308,17 @@ class JobRunner:
         if not Path(job.base_model).exists():
             raise JobFailed(JobError("model_not_found", f"The base model {job.base_model} no longer exists.",
                                      "Pick another base model and start again."))
-        uploads = [dataset.Upload(p, p.name) for p in sorted(paths.uploads.iterdir()) if p.is_file()]
+        uploads = dataset.read_uploads(paths.uploads)
         if paths.images.exists():
             shutil.rmtree(paths.images)
-        dataset.prepare_images(uploads, paths.images, size=params.resolution,
-                               text=dataset.caption(job.trigger, job.class_token))
+        try:
+            prepared = dataset.prepare_images(uploads, paths.images, size=params.resolution,
+                                              text=dataset.caption(job.trigger, job.class_token))
+        except dataset.ImageProblem as exc:
+            raise JobFailed(JobError("bad_image", exc.message, exc.hint or "")) from exc
+        counts = buckets.bucket_counts((p.size for p in prepared), params.resolution)
+        log.info("job %s: %d pictures in %d bucket(s) %s, about %d steps", job.id, len(prepared), len(counts),
+                 dict(sorted(counts.items())), total_steps(params, counts.values()))
         config = kohya.dataset_config(image_dir=str(paths.images), class_tokens=job.class_token, params=params)
         kohya.write_dataset_config(paths.dataset_config, config)
         if params.sample_every_n_epochs > 0:

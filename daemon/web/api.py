@@ -82,6 +82,7 @@ async def train(request: web.Request) -> web.Response:
             paths = job_paths(config, job.id)
             with disk_errors(config.jobs_dir):
                 paths.root.mkdir(parents=True)
+                await asyncio.to_thread(dataset.write_upload_names, form.tmp_dir, form.uploads)
                 await asyncio.to_thread(shutil.move, str(form.tmp_dir), str(paths.uploads))
             try:
                 await queue.submit(job)
@@ -138,8 +139,7 @@ async def _new_job(request: web.Request, form: dict[str, str], uploads: list[dat
     _check_text("base_model", form.get("base_model") or "")
     overrides = fields.parse_params(form.get("params"))
     dataset.check_count(len(uploads))
-    for upload in uploads:
-        await asyncio.to_thread(dataset.check_image, upload)
+    await asyncio.to_thread(dataset.check_images, uploads)
     gpu = await request.app[GPU].get()
     params = resolve_params(overrides, image_count=len(uploads), cpu=not gpu.cuda)
     return Job(

@@ -63,11 +63,13 @@ async def _jobs(app: web.Application, config: Config) -> AsyncIterator[None]:
     hub = EventHub(store)
     queue = JobQueue(config, store, hub, JobRunner(config, store, hub, app[GPU].get))
     app[STORE], app[HUB], app[QUEUE] = store, hub, queue
+    app[GPU].start()  # in the background: the first request finds the answer ready
     await queue.start()
     try:
         yield
     finally:
         await queue.stop()
+        await app[GPU].close()
         store.close()
 
 

@@ -12,8 +12,11 @@ script's observable contract, as recorded from sd-scripts 48d368fa in /work/shar
 - no images -> the real `No data found. ...` error line and exit **0**; an empty caption file -> the
   real assertion, exit 1; an image Pillow cannot decode -> exit 1 while "caching latents";
 - a missing model path -> diffusers' ValueError traceback, exit 1 (after the dataset was scanned);
+- aspect-ratio buckets as kohya makes them (enable_bucket, bucket_no_upscale, min/max_bucket_reso and their
+  asserts, bucket_reso_steps), printed as kohya prints them (`bucket 0: resolution (512, 384), count: 20`);
 - output like `--console_log_simple` runs: the `running training / 学習開始` block with
-  `total optimization steps / 学習ステップ数: N` (N = ceil(images*repeats/batch)*epochs), `epoch e/N`,
+  `total optimization steps / 学習ステップ数: N` (N = sum over buckets of ceil(images*repeats/batch), times
+  epochs), `epoch e/N`,
   tqdm `steps:` bars on stderr drawn with `\\r`, `saving checkpoint: <path>`, `model saved.`;
 - checkpoints `<name>-<epoch:06d>.safetensors` per --save_every_n_epochs (not for the last epoch) and
   `<output_dir>/<output_name>.safetensors`: a small LoRA with kohya's real key layout and `ss_*` /
@@ -361,15 +364,35 @@ class Subset:
         self.images: list[Path] = []
 
 
+class Buckets:
+    """kohya's bucket settings for one dataset (BaseDataset: enable_bucket, min/max_bucket_reso, ...)."""
+
+    def __init__(self, enable: bool, no_upscale: bool, min_reso: int, max_reso: int, steps: int) -> None:
+        self.enable = enable
+        self.no_upscale = no_upscale
+        self.min_reso = min_reso
+        self.max_reso = max_reso
+        self.steps = steps
+
+
 class Dataset:
-    def __init__(self, resolution: tuple[int, int] | None, batch_size: int, subsets: list[Subset]) -> None:
+    def __init__(self, resolution: tuple[int, int] | None, batch_size: int, subsets: list[Subset],
+                 buckets: Buckets | None = None) -> None:
         self.resolution = resolution
         self.batch_size = batch_size
         self.subsets = subsets
+        self.buckets = buckets or Buckets(False, False, 256, 1024, 64)
+        # (width, height) -> images including repeats, filled by make_buckets
+        self.bucket_counts: dict[tuple[int, int], int] = {}
 
     @property
     def images_with_repeats(self) -> int:
         return sum(len(s.images) * s.repeats for s in self.subsets)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        # kohya never mixes buckets in a batch (BaseDataset.make_buckets: buckets_indices per bucket)
+        return sum(math.ceil(n / self.batch_size) for n in self.bucket_counts.values())
 
 
 def parse_resolution(value: Any) -> tuple[int, int] | None:
@@ -427,7 +450,14 @@ def datasets_from_config(args: argparse.Namespace, console: Console) -> list[Dat
             for sub in ds.get("subsets", [])
         ]
         resolution = parse_resolution(pick("resolution", args.resolution, ds, general))
-        datasets.append(Dataset(resolution, pick("batch_size", args.train_batch_size, ds, general), subsets))
+        buckets = Buckets(
+            pick("enable_bucket", args.enable_bucket, ds, general),
+            pick("bucket_no_upscale", args.bucket_no_upscale, ds, general),
+            pick("min_bucket_reso", args.min_bucket_reso, ds, general),
+            pick("max_bucket_reso", args.max_bucket_reso, ds, general),
+            pick("bucket_reso_steps", args.bucket_reso_steps, ds, general),
+        )
+        datasets.append(Dataset(resolution, pick("batch_size", args.train_batch_size, ds, general), subsets, buckets))
     return datasets
 
 
@@ -446,7 +476,9 @@ def datasets_from_folders(args: argparse.Namespace, console: Console) -> list[Da
             )
             continue
         subsets.append(Subset(str(child), int(head), concept or None, args.caption_extension))
-    return [Dataset(parse_resolution(args.resolution), args.train_batch_size, subsets)]
+    buckets = Buckets(args.enable_bucket, args.bucket_no_upscale, args.min_bucket_reso, args.max_bucket_reso,
+                      args.bucket_reso_steps)
+    return [Dataset(parse_resolution(args.resolution), args.train_batch_size, subsets, buckets)]
 
 
 def scan_images(datasets: list[Dataset], console: Console) -> None:
@@ -489,6 +521,131 @@ def scan_images(datasets: list[Dataset], console: Console) -> None:
         console.log(f"{ds.images_with_repeats} train images with repeats.")
     console.log("0 reg images with repeats.")
     console.log("no regularization images / 正則化画像が見つかりませんでした", "WARNING")
+
+
+# ----------------------------------------------------------------------------------------- buckets
+# Written from sd-scripts 48d368fa library/train_util.py (BucketManager, BaseDataset.make_buckets,
+# adjust_min_max_bucket_reso_by_steps) and library/model_util.py (make_bucket_resolutions); no daemon code.
+MIN_BUCKET_ASSERT = (
+    "AssertionError: min_bucket_reso must be equal or less than resolution / min_bucket_resoは最小解像度より大きく"
+    "できません。解像度を大きくするかmin_bucket_resoを小さくしてください"
+)
+MAX_BUCKET_ASSERT = (
+    "AssertionError: max_bucket_reso must be equal or greater than resolution / max_bucket_resoは最大解像度より小さく"
+    "できません。解像度を小さくするかmin_bucket_resoを大きくしてください"
+)
+NO_UPSCALE_WARNING = (
+    "min_bucket_reso and max_bucket_reso are ignored if bucket_no_upscale is set, because bucket reso is defined "
+    "by image size automatically / bucket_no_upscaleが指定された場合は、bucketの解像度は画像サイズから自動計算"
+    "されるため、min_bucket_resoとmax_bucket_resoは無視されます"
+)
+
+
+def check_bucket_range(ds: Dataset, console: Console) -> None:
+    b = ds.buckets
+    if not b.enable or ds.resolution is None:
+        return
+    if b.min_reso % b.steps:
+        adjusted = b.min_reso - b.min_reso % b.steps
+        console.log(f"min_bucket_reso is adjusted to be multiple of bucket_reso_steps / min_bucket_resoが"
+                    f"bucket_reso_stepsの倍数になるように調整されました: {b.min_reso} -> {adjusted}", "WARNING")
+        b.min_reso = adjusted
+    if b.max_reso % b.steps:
+        adjusted = b.max_reso + b.steps - b.max_reso % b.steps
+        console.log(f"max_bucket_reso is adjusted to be multiple of bucket_reso_steps / max_bucket_resoが"
+                    f"bucket_reso_stepsの倍数になるように調整されました: {b.max_reso} -> {adjusted}", "WARNING")
+        b.max_reso = adjusted
+    frames = [script_frame(1913, "<module>", "trainer.train(args)")]
+    if min(ds.resolution) < b.min_reso:
+        traceback_exit(frames, MIN_BUCKET_ASSERT)
+    if max(ds.resolution) > b.max_reso:
+        traceback_exit(frames, MAX_BUCKET_ASSERT)
+
+
+def predefined_resos(max_reso: tuple[int, int], min_size: int, max_size: int, divisible: int) -> list[tuple[int, int]]:
+    max_area = max_reso[0] * max_reso[1]
+    side = int(math.sqrt(max_area) // divisible) * divisible
+    resos = {(side, side)}
+    width = min_size
+    while width <= max_size:
+        height = min(max_size, int((max_area // width) // divisible) * divisible)
+        if height >= min_size:
+            resos.add((width, height))
+            resos.add((height, width))
+        width += divisible
+    return sorted(resos)
+
+
+def round_to_steps(x: float, steps: int) -> int:
+    x = int(x + 0.5)
+    return x - x % steps
+
+
+def select_bucket(ds: Dataset, size: tuple[int, int], predefined: list[tuple[int, int]]) -> tuple[int, int]:
+    """BucketManager.select_bucket: the bucket resolution for one picture."""
+    assert ds.resolution is not None
+    width, height = size
+    aspect = width / height
+    if not ds.buckets.enable:
+        return ds.resolution
+    if not ds.buckets.no_upscale:
+        if size in predefined:
+            return size
+        return min(predefined, key=lambda r: abs(r[0] / r[1] - aspect))
+    steps = ds.buckets.steps
+    max_area = ds.resolution[0] * ds.resolution[1]
+    if width * height > max_area:
+        resized_width = math.sqrt(max_area * aspect)
+        resized_height = max_area / resized_width
+        b_width = round_to_steps(resized_width, steps)
+        b_height_in_w = round_to_steps(b_width / aspect, steps)
+        b_height = round_to_steps(resized_height, steps)
+        b_width_in_h = round_to_steps(b_height * aspect, steps)
+        if abs(b_width / b_height_in_w - aspect) < abs(b_width_in_h / b_height - aspect):
+            width, height = b_width, int(b_width / aspect + 0.5)
+        else:
+            width, height = int(b_height * aspect + 0.5), b_height
+    return width - width % steps, height - height % steps
+
+
+def image_size(path: Path, fallback: tuple[int, int]) -> tuple[int, int]:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except Exception:
+        return fallback  # real kohya fails on such a file later, while caching latents (decode_images)
+
+
+def make_buckets(ds: Dataset, console: Console) -> None:
+    """BaseDataset.make_buckets: one bucket per resolution, each picture counted num_repeats times."""
+    assert ds.resolution is not None
+    console.log("loading image sizes.")
+    b = ds.buckets
+    predefined: list[tuple[int, int]] = []
+    if b.enable:
+        console.log("make buckets")
+        if b.no_upscale:
+            console.log(NO_UPSCALE_WARNING, "WARNING")
+        else:
+            predefined = predefined_resos(ds.resolution, b.min_reso, b.max_reso, b.steps)
+    else:
+        console.log("prepare dataset")
+    errors = []
+    counts: dict[tuple[int, int], int] = {}
+    for subset in ds.subsets:
+        for image in subset.images:
+            size = image_size(image, ds.resolution)
+            reso = select_bucket(ds, size, predefined)
+            errors.append(abs(reso[0] / reso[1] - size[0] / size[1]))
+            counts[reso] = counts.get(reso, 0) + subset.repeats
+    ds.bucket_counts = dict(sorted(counts.items()))
+    if b.enable:
+        console.log("number of images (including repeats) / 各bucketの画像枚数（繰り返し回数を含む）")
+        for i, (reso, count) in enumerate(ds.bucket_counts.items()):
+            console.log(f"bucket {i}: resolution {reso}, count: {count}")
+        console.log(f"mean ar error (without repeats): {sum(errors) / len(errors) if errors else 0}")
 
 
 # ------------------------------------------------------------------------------------------- model
@@ -662,7 +819,7 @@ class Run:
     def __init__(self, args: argparse.Namespace, datasets: list[Dataset]) -> None:
         self.images = sum(ds.images_with_repeats for ds in datasets)
         self.batch_size = datasets[0].batch_size
-        self.batches_per_epoch = sum(math.ceil(ds.images_with_repeats / ds.batch_size) for ds in datasets)
+        self.batches_per_epoch = sum(ds.batches_per_epoch for ds in datasets)
         if args.max_train_epochs:
             self.epochs = args.max_train_epochs
             self.total_steps = self.batches_per_epoch * self.epochs
@@ -872,10 +1029,12 @@ def main() -> None:
                 [script_frame(1913, "<module>", "trainer.train(args)")],
                 "AssertionError: resolution is required / resolution（解像度）指定は必須です",
             )
+    for ds in datasets:
+        check_bucket_range(ds, console)
     scan_images(datasets, console)
-    console.log("[Prepare dataset 0]")
-    console.log("loading image sizes.")
-    console.log("prepare dataset")
+    for i, ds in enumerate(datasets):
+        console.log(f"[Prepare dataset {i}]")
+        make_buckets(ds, console)
     if sum(ds.images_with_repeats for ds in datasets) == 0:
         console.log(NO_DATA, "ERROR")
         return  # kohya's train() just returns: exit 0 with nothing written
