@@ -486,6 +486,32 @@ def test_too_few_images_keep_start_disabled(env: Env, page: Any, tmp_path: Path)
     page.screenshot(path=str(artifacts_dir() / "too-few-images.png"), full_page=True)
 
 
+def test_the_step_estimate_counts_kohyas_buckets_and_elongated_pictures_are_marked(env: Env, page: Any,
+                                                                                    tmp_path: Path) -> None:
+    open_tab(page, env.ed_url)
+    page.wait_for_selector("[data-clora=root][data-ready=true]", timeout=30000)
+    page.locator("[data-clora=advanced] summary").click()
+    page.fill("#clora-p-epochs", "2")
+    page.fill("#clora-p-batch_size", "2")
+    page.fill("#clora-p-repeats", "25")
+    paths = []
+    for i, size in enumerate([(160, 192)] * 5 + [(192, 160)] * 3):  # upright and landscape: two buckets
+        p = tmp_path / f"shape-{i}.png"
+        p.write_bytes(picture_bytes(i, size=size))
+        paths.append(str(p))
+    page.set_input_files("[data-clora=file-input]", paths)
+    page.wait_for_function("document.querySelectorAll('[data-clora=thumb]').length === 8")
+    # kohya never mixes buckets in a batch: 2 × (ceil(5·25/2) + ceil(3·25/2)) = 202, not 2 × ceil(8·25/2) = 200
+    page.wait_for_function("document.querySelector('[data-clora=preset-help]').textContent.includes('202 steps')")
+    strip = tmp_path / "strip.png"
+    strip.write_bytes(picture_bytes(9, size=(64, 400)))  # 1:6.25, which the daemon refuses
+    page.set_input_files("[data-clora=file-input]", [str(strip)])
+    page.wait_for_function("document.querySelectorAll('[data-clora=thumb]').length === 9")
+    page.wait_for_function(
+        "document.querySelector('[data-clora=images-reason]').textContent.includes('more elongated than 1:6')")
+    assert page.is_disabled("[data-clora=start]")
+
+
 def test_unreachable_daemon_shows_a_banner_with_the_fix(env: Env, page: Any, tmp_path: Path) -> None:
     # a second ED whose plugin settings point at a daemon config whose port nobody listens on
     dead_port = free_port()

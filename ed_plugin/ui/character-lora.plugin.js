@@ -25,6 +25,10 @@
     const MIN_IMAGES = 8
     const MAX_IMAGES = 25
     const MIN_SIDE = 64
+    const MAX_ASPECT = 6 // the daemon refuses pictures more elongated than 1:6 (daemon/pipeline/dataset.py)
+    const BUCKET_STEP = 64 // kohya's bucket_reso_steps, as the daemon's dataset TOML sets it
+    // Control and invisible characters the daemon refuses in the trigger and class word (daemon/jobs/fields.py)
+    const CONTROL_RE = /[\u0000-\u001f\u007f-\u009f\u200e\u200f\u2028-\u202e\u2066-\u2069\ufeff]/
     const DEFAULT_LORA_WEIGHT = 0.8
     const MAX_LOG_LINES = 300
     const HANDLED_KEY = "characterLora.handledJobs"
@@ -951,6 +955,8 @@
         if (!v) return "Give a trigger word, e.g. ohwx (a word the model does not know yet)."
         if (/\s/.test(v)) return "The trigger word cannot contain spaces."
         if (v.includes(",")) return "The trigger word cannot contain commas."
+        if (CONTROL_RE.test(v)) return "The trigger word cannot contain control or invisible characters."
+        if (v.startsWith("-")) return "The trigger word cannot start with '-'."
         if (!TRIGGER_RE.test(v)) return "Use at most 32 characters."
         return null
     }
@@ -959,6 +965,8 @@
         v = v.replace(/\s+/g, " ").trim()
         if (!v) return null
         if (v.includes(",")) return "The class word cannot contain commas."
+        if (CONTROL_RE.test(v)) return "The class word cannot contain control or invisible characters."
+        if (v.startsWith("-") || v.includes("--")) return "The class word cannot start with '-' or contain '--'."
         if (v.length > 40) return "Use at most 40 characters."
         return null
     }
@@ -1107,6 +1115,30 @@
         return Math.max(1, Math.min(100, Math.round(200 / Math.max(1, n))))
     }
 
+    // kohya's bucket for a picture with bucket_no_upscale, as daemon/pipeline/buckets.py computes it: a picture
+    // larger than resolution² is scaled down keeping its shape (one side on the step), then both sides are
+    // rounded down to the step. Batches never mix buckets, so the step count is counted per bucket.
+    function bucketOf(width, height, resolution) {
+        const roundToSteps = (x) => { const r = Math.floor(x + 0.5); return r - (r % BUCKET_STEP) }
+        let w = width, h = height
+        const maxArea = resolution * resolution
+        if (w * h > maxArea) {
+            const aspect = w / h
+            const rw = Math.sqrt(maxArea * aspect)
+            const rh = maxArea / rw
+            const wRounded = roundToSteps(rw)
+            const hInW = roundToSteps(wRounded / aspect)
+            const hRounded = roundToSteps(rh)
+            const wInH = roundToSteps(hRounded * aspect)
+            if (hInW && Math.abs(wRounded / hInW - aspect) < Math.abs(wInH / hRounded - aspect)) {
+                w = wRounded; h = Math.floor(wRounded / aspect + 0.5)
+            } else {
+                w = Math.floor(hRounded * aspect + 0.5); h = hRounded
+            }
+        }
+        return (w - (w % BUCKET_STEP)) + "x" + (h - (h % BUCKET_STEP))
+    }
+
     function estimateSteps() {
         const p = presetValues()
         const val = (k) => (state.paramsDirty.has(k) && readParam({ key: k }) !== undefined ? readParam({ key: k }) : p[k])
@@ -1114,8 +1146,18 @@
         const repeats = state.paramsDirty.has("repeats") && readParam({ key: "repeats" }) ? readParam({ key: "repeats" }) : autoRepeats(n)
         const epochs = val("epochs")
         const batch = val("batch_size") || 1
+        const resolution = val("resolution")
         if (!epochs) return null
-        return Math.ceil((n * repeats) / batch) * epochs
+        const sized = state.images.length && resolution && state.images.every((i) => i.width && i.height)
+        if (!sized) return Math.ceil((n * repeats) / batch) * epochs
+        const counts = {}
+        for (const img of state.images) {
+            const key = bucketOf(img.width, img.height, resolution)
+            counts[key] = (counts[key] || 0) + 1
+        }
+        let perEpoch = 0
+        for (const count of Object.values(counts)) perEpoch += Math.ceil((count * repeats) / batch)
+        return perEpoch * epochs
     }
 
     async function submit() {
@@ -1212,6 +1254,7 @@
             img.width = probe.naturalWidth
             img.height = probe.naturalHeight
             if (Math.min(img.width, img.height) < MIN_SIDE) img.problem = "only " + img.width + "×" + img.height + " px (at least " + MIN_SIDE + " a side)"
+            else if (Math.max(img.width, img.height) > MAX_ASPECT * Math.min(img.width, img.height)) img.problem = img.width + "×" + img.height + " px, more elongated than 1:" + MAX_ASPECT
             renderImages()
             renderForm()
         }
@@ -1385,7 +1428,7 @@
         ui.baseModel = el("select", { attrs: { id: "clora-base-model" } })
         ui.arch = el("div", { className: "clora-arch", attrs: { "data-clora": "arch" } })
         ui.preset = el("select", { attrs: { id: "clora-preset" } })
-        ui.presetHelp = el("div", { className: "clora-help" })
+        ui.presetHelp = el("div", { className: "clora-help", attrs: { "data-clora": "preset-help" } })
 
         for (const [input, key, validate] of [
             [ui.name, "name", validateName],
