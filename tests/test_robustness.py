@@ -259,3 +259,33 @@ async def test_a_child_left_holding_the_output_neither_hangs_the_job_nor_survive
         await asyncio.sleep(0.1)
     else:
         raise AssertionError(f"the trainer's child {child} outlived the job")
+
+
+async def test_unsubscribing_never_hangs_whatever_the_send_is_doing(tmp_path: Path) -> None:
+    """A cancel that arrives just as a frame's send completes must still end the sender (asyncio.wait_for
+    before Python 3.12 swallowed it, and unsubscribe/shutdown then waited for ever)."""
+
+    class Instant:
+        def __init__(self) -> None:
+            self.sent = 0
+
+        async def send_str(self, data: str) -> None:
+            self.sent += 1
+
+        async def close(self, *, code: int = 1000, message: bytes = b"") -> bool:
+            return True
+
+    store = JobStore(tmp_path / "db.sqlite3")
+    hub = EventHub(store)
+    sockets = []
+    for attempt in range(40):
+        socket = Instant()
+        sockets.append(socket)
+        await hub.subscribe(socket)
+        await hub.publish(Event.now(EventType.LOG, None, {"lines": ["x"]}))
+        for _ in range(attempt % 4):  # land the cancel at each point of the send
+            await asyncio.sleep(0)
+        await asyncio.wait_for(hub.unsubscribe(socket), 5)
+    assert hub.subscriber_count == 0
+    assert sum(s.sent for s in sockets) >= 40  # the snapshots at least went out
+    store.close()
