@@ -16,10 +16,10 @@ from daemon.pipeline.publish import (
     PublishError,
     lora_id,
     publish,
-    read_safetensors_header,
     slugify,
     verify_lora,
 )
+from daemon.safetensors_header import read_header
 from tests.helpers import REPO
 
 
@@ -58,7 +58,7 @@ def test_verify_refuses_missing_alpha_peft_keys_and_garbage(tmp_path: Path) -> N
 
 def test_verify_reads_the_header_like_safetensors_does(tmp_path: Path) -> None:
     path = lora(tmp_path / "a.safetensors")
-    keys, metadata = read_safetensors_header(path)
+    keys, metadata = read_header(path)
     with safe_open(str(path), framework="numpy") as fh:
         assert sorted(keys) == sorted(fh.keys()) and metadata == fh.metadata()
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 from typing import Literal
+
+from daemon.safetensors_header import read_header
 
 Arch = Literal["sd1", "sd2", "sdxl", "unknown"]
 
@@ -13,8 +14,6 @@ MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".sft")
 # What train_network.py can train today; SDXL (sdxl_train_network.py) is a later step.
 TRAINABLE_ARCHS: tuple[Arch, ...] = ("sd1",)
 ARCH_LABELS: dict[str, str] = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "unknown": "unknown"}
-# A header over this size is not a checkpoint header we understand (safetensors caps it at 100 MB).
-_MAX_HEADER = 100 * 1024 * 1024
 
 
 def arch_from_keys(keys: list[str] | set[str]) -> Arch:
@@ -31,21 +30,6 @@ def arch_from_keys(keys: list[str] | set[str]) -> Arch:
     if any_prefix("cond_stage_model.transformer."):
         return "sd1"
     return "unknown"
-
-
-def safetensors_keys(path: Path) -> list[str]:
-    """Tensor names from a safetensors header: 8-byte little-endian length, then that much JSON."""
-    with path.open("rb") as fh:
-        raw = fh.read(8)
-        if len(raw) != 8:
-            raise ValueError("file too short for a safetensors header")
-        (length,) = struct.unpack("<Q", raw)
-        if length > _MAX_HEADER:
-            raise ValueError("safetensors header length is implausible")
-        header = json.loads(fh.read(length))
-    if not isinstance(header, dict):
-        raise ValueError("safetensors header is not a JSON object")
-    return [k for k in header if k != "__metadata__"]
 
 
 def _diffusers_arch(folder: Path) -> Arch:
@@ -65,7 +49,7 @@ def detect_arch(path: Path) -> Arch:
         return _diffusers_arch(path) if (path / "model_index.json").is_file() else "unknown"
     if path.suffix.lower() in (".safetensors", ".sft"):
         try:
-            return arch_from_keys(safetensors_keys(path))
+            return arch_from_keys(read_header(path)[0])
         except (OSError, ValueError):
             return "unknown"
     return "unknown"

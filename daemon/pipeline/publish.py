@@ -7,18 +7,17 @@ once it is complete (written under a hidden temporary name, then linked/renamed 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import secrets
 import shutil
-import struct
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from daemon.errors import DaemonError
+from daemon.safetensors_header import read_header
 
 
 class PublishError(DaemonError):
@@ -34,50 +33,10 @@ class LoraSummary:
     metadata: dict[str, str]
 
 
-# safetensors' own limit on the JSON header; anything larger is not a LoRA we wrote.
-_MAX_HEADER_BYTES = 100 * 1024 * 1024
-
-
-def read_safetensors_header(path: Path) -> tuple[list[str], dict[str, str]]:
-    """Tensor names and metadata from a safetensors file without loading a tensor (nor numpy, nor torch).
-
-    The format: an 8-byte little-endian header length, that many bytes of JSON ({name: {dtype, shape,
-    data_offsets}, "__metadata__": {str: str}}), then the tensor bytes, which must end exactly at the file's
-    end: a file cut short while saving fails here, as it would in safetensors itself.
-    """
-    with path.open("rb") as fh:
-        head = fh.read(8)
-        if len(head) != 8:
-            raise ValueError("the file is shorter than a safetensors header")
-        (length,) = struct.unpack("<Q", head)
-        if length > _MAX_HEADER_BYTES:
-            raise ValueError(f"the header claims {length} bytes")
-        raw = fh.read(length)
-        size = os.fstat(fh.fileno()).st_size
-    if len(raw) != length:
-        raise ValueError("the header is cut short")
-    header = json.loads(raw)
-    if not isinstance(header, dict):
-        raise ValueError("the header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise ValueError("__metadata__ is not a string map")
-    end = 0
-    for name, info in header.items():
-        offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
-                and 0 <= offsets[0] <= offsets[1]):
-            raise ValueError(f"tensor {name} has no valid data_offsets")
-        end = max(end, offsets[1])
-    if 8 + length + end != size:
-        raise ValueError(f"the tensor data should end at byte {8 + length + end} but the file has {size}")
-    return list(header), metadata
-
-
 def verify_lora(path: Path) -> LoraSummary:
     """Kohya layout: `lora_unet_*` / `lora_te*` modules, each with lora_down, lora_up and .alpha."""
     try:
-        keys, metadata = read_safetensors_header(path)
+        keys, metadata = read_header(path)
     except (OSError, ValueError) as exc:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise PublishError(
             f"The trained file {path.name} cannot be read as safetensors: {exc}",
