@@ -11,7 +11,7 @@ import re
 import secrets
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -320,3 +320,70 @@ def load_or_create(path: Path | None) -> tuple[Config, Path, bool]:
         write_yaml_atomic(path, default_settings())
         created = True
     return load_config(path), path, created
+
+
+# The server listens on host:port and keeps its database and jobs under data_dir: a running daemon cannot move.
+RESTART_KEYS = frozenset({"host", "port", "data_dir"})
+_MIB = 1024 * 1024
+
+
+class LiveConfig:
+    """The settings in force now. A reload replaces `current` as a whole, so a reader that takes it once
+    (a request, a job when it starts) works with one consistent Config throughout."""
+
+    def __init__(self, config: Config) -> None:
+        self.current = config
+
+
+def setting_values(config: Config) -> dict[str, Any]:
+    """Each setting of SETTINGS by its name, as the config holds it (sizes back in MiB)."""
+    k = config.kohya
+    return {
+        "host": config.host, "port": config.port, "token": config.token, "data_dir": config.data_dir,
+        "ed_lora_dir": config.ed_lora_dir, "ed_models_dir": config.ed_models_dir, "base_model": config.base_model,
+        "allowed_origins": config.allowed_origins, "allow_cpu": config.allow_cpu,
+        "max_image_mb": config.max_image_bytes // _MIB, "max_request_mb": config.max_request_bytes // _MIB,
+        "max_uploads": config.max_uploads, "max_queued_jobs": config.max_queued_jobs,
+        "upload_stall_s": config.upload_stall_s, "upload_timeout_s": config.upload_timeout_s,
+        "kohya.script_path": k.script_path, "kohya.workspace": k.workspace, "kohya.accelerate_bin": k.accelerate_bin,
+        "kohya.python": k.python, "kohya.tokenizer_cache_dir": k.tokenizer_cache_dir,
+        "kohya.extra_args": k.extra_args,
+    }
+
+
+def changed_settings(old: Config, new: Config) -> list[str]:
+    """Names of the settings whose values differ, in SETTINGS order."""
+    before, after = setting_values(old), setting_values(new)
+    return [s.name for s in SETTINGS if before[s.name] != after[s.name]]
+
+
+@dataclass(frozen=True)
+class Reload:
+    file_config: Config  # what the file says now
+    running: Config  # what the daemon runs with from now on: the file, but host/port/data_dir as they were
+    changed: tuple[str, ...]  # applied live
+    restart_needed: tuple[str, ...]  # edited in the file, kept at their running values
+
+
+def reload_config(path: Path, running: Config, last_file: Config) -> Reload:
+    """Re-read the config file of a running daemon. `last_file` is what the file said at the last read
+    (--host/--port may make it differ from `running`). Raises ConfigError naming the bad key."""
+    if not path.is_file():
+        raise ConfigError("(file)", f"{path} is missing")
+    try:
+        raw = read_yaml(path)
+    except (OSError, UnicodeError) as exc:
+        raise ConfigError("(file)", f"{path} cannot be read ({getattr(exc, 'strerror', None) or exc})") from exc
+    if not raw:
+        raise ConfigError("(file)", f"{path} holds no settings")
+    if not raw.get("token"):
+        # Never generated here (load_config does it at start): an editor still writing the file would lose its save.
+        raise ConfigError("token", "is missing; set a secret of at least 16 characters, or delete the line and "
+                                   "restart the daemon to have one generated")
+    new = parse_config(raw, base_dir=path.parent, path=path)
+    lora_dir = new.ed_lora_dir if raw.get("ed_lora_dir") else running.data_dir / "lora"  # the default follows data_dir
+    applied = replace(new, host=running.host, port=running.port, data_dir=running.data_dir, ed_lora_dir=lora_dir,
+                      path=running.path)
+    restart = tuple(k for k in changed_settings(last_file, new) if k in RESTART_KEYS)
+    return Reload(file_config=new, running=applied, changed=tuple(changed_settings(running, applied)),
+                  restart_needed=restart)

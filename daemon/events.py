@@ -24,6 +24,7 @@ class EventType(str, enum.Enum):
     SAMPLE = "sample"  # data: {"file", "url"}
     RESULT = "result"  # data: {"state", "artifact", "lora_id", "error"} — the final word on a job
     JOB_DELETED = "job_deleted"  # data: {}
+    CONFIG = "config"  # data: {"changed", "restart_needed", "error", "key"} — the config file was reloaded
 
 
 @dataclass(frozen=True)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from daemon.config import Config
+from daemon.config import Config, LiveConfig
 from daemon.errors import Conflict, NotFound, TooMany
 from daemon.events import EventType
 from daemon.hub import EventHub
@@ -23,10 +24,13 @@ _ACTIVE = (JobState.PREPPING, JobState.TRAINING, JobState.COPYING)
 
 
 class JobQueue:
-    def __init__(self, config: Config, store: JobStore, hub: EventHub, runner: JobRunner) -> None:
-        self._config = config
+    def __init__(self, config: LiveConfig, store: JobStore, hub: EventHub,
+                 runner: Callable[[Config], JobRunner]) -> None:
+        self._live = config
         self._store = store
         self._hub = hub
+        # A runner per job, made with the settings in force when the job starts: a reload never changes a
+        # job under way (its device, trainer, folders), and the next job gets the new settings.
         self._runner = runner
         self._pending: asyncio.Queue[str] = asyncio.Queue()
         self._cancels: dict[str, asyncio.Event] = {}
@@ -55,13 +59,14 @@ class JobQueue:
         """Jobs that were running when the daemon died: stop their trainer tree, then done or interrupted."""
         taken = {Path(artifact) for artifact in self._store.artifacts()}
         for job_id in self._store.ids_in_states(_ACTIVE):
-            recover_job(self._config, self._store, job_id, taken)
+            recover_job(self._live.current, self._store, job_id, taken)
 
     async def check_room(self) -> None:
         """TooMany when `max_queued_jobs` jobs already wait; /train asks before it stores any picture."""
         waiting = len(await asyncio.to_thread(self._store.ids_in_states, [JobState.QUEUED]))
-        if waiting >= self._config.max_queued_jobs:
-            raise TooMany(f"The queue is full: {waiting} job(s) are waiting, at most {self._config.max_queued_jobs} "
+        limit = self._live.current.max_queued_jobs
+        if waiting >= limit:
+            raise TooMany(f"The queue is full: {waiting} job(s) are waiting, at most {limit} "
                           "may (max_queued_jobs).",
                           hint="Wait for a job to finish (or cancel one), then start this one again.")
 
@@ -107,7 +112,7 @@ class JobQueue:
                 raise Conflict(f"Job {job_id} was just starting; it is being cancelled.",
                                hint="Delete it once it shows as cancelled.")
         # Only the job's working files; a LoRA published into ED's folder stays.
-        await asyncio.to_thread(shutil.rmtree, job_paths(self._config, job_id).root, True)
+        await asyncio.to_thread(shutil.rmtree, job_paths(self._live.current, job_id).root, True)
         await self._hub.emit(EventType.JOB_DELETED, job_id, {}, persist=partial(self._store.delete, job_id))
         self._cancels.pop(job_id, None)
 
@@ -128,7 +133,7 @@ class JobQueue:
                 job = await asyncio.to_thread(self._store.get, job_id)
                 if job is None or job.state is not JobState.QUEUED:
                     continue
-                await self._runner.run(job, cancel)
+                await self._runner(self._live.current).run(job, cancel)
             except asyncio.CancelledError:
                 raise
             except Exception:

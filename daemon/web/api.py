@@ -36,7 +36,7 @@ async def health(request: web.Request) -> web.Response:
 
 @routes.post("/config/test")
 async def config_test(request: web.Request) -> web.Response:
-    config = request.app[CONFIG]
+    config = request.app[CONFIG].current
     gpu = await request.app[GPU].get(refresh=True)
     checks = await asyncio.to_thread(run_checks, config, gpu)
     return web.json_response({
@@ -59,7 +59,7 @@ async def presets(request: web.Request) -> web.Response:
 
 @routes.get("/models")
 async def models(request: web.Request) -> web.Response:
-    config = request.app[CONFIG]
+    config = request.app[CONFIG].current
     found = await asyncio.to_thread(base_models.describe_models, config.ed_models_dir)
     default = None
     if config.base_model is not None:
@@ -70,10 +70,10 @@ async def models(request: web.Request) -> web.Response:
 
 @routes.post("/train")
 async def train(request: web.Request) -> web.Response:
-    config = request.app[CONFIG]
+    config = request.app[CONFIG].current
     queue = request.app[QUEUE]
     await queue.check_room()  # a full queue is said before a single picture is uploaded
-    with request.app[UPLOAD_SLOTS].take():
+    with request.app[UPLOAD_SLOTS].take(config.max_uploads):
         form = await read_train_form(request, tmp_root=config.data_dir / "tmp", limits=upload_limits(config),
                                      check_text=_check_text)
         paths = None
@@ -122,7 +122,7 @@ def _check_text(name: str, value: str) -> None:
 
 
 async def _new_job(request: web.Request, form: dict[str, str], uploads: list[dataset.Upload]) -> Job:
-    config = request.app[CONFIG]
+    config = request.app[CONFIG].current
     name = fields.check_name(form.get("name"))
     trigger = fields.check_trigger(form.get("trigger"))
     class_token = fields.check_class_token(form.get("class_token"))
@@ -193,7 +193,7 @@ async def job_logs(request: web.Request) -> web.Response:
         offset = _query_int(query, "offset", default=0, low=0, high=2**62)
         limit = _query_int(query, "limit", default=trainer_log.DEFAULT_PAGE_BYTES, low=1,
                            high=trainer_log.MAX_PAGE_BYTES)
-        path = job_paths(request.app[CONFIG], job.id).trainer_log
+        path = job_paths(request.app[CONFIG].current, job.id).trainer_log
         page = await asyncio.to_thread(trainer_log.read_page, path, offset, limit, final=job.state.finished)
         return web.json_response(page.to_json())
     tail = _query_int(query, "tail", default=LOG_RING, low=1, high=LOG_RING)
@@ -218,7 +218,7 @@ async def job_sample(request: web.Request) -> web.StreamResponse:
     # Only names the daemon itself recorded from kohya's sample folder are served.
     if file not in job.samples:
         raise NotFound(f"Job {job_id} has no preview picture '{file}'.")
-    path = await asyncio.to_thread(_sample_path, job_paths(request.app[CONFIG], job.id).samples, file)
+    path = await asyncio.to_thread(_sample_path, job_paths(request.app[CONFIG].current, job.id).samples, file)
     if path is None:
         raise NotFound(f"The preview picture '{file}' was deleted.")
     return web.FileResponse(path, headers={"Cache-Control": "private, max-age=3600"})

@@ -6,12 +6,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
-from functools import partial
 
 from aiohttp import WSCloseCode, web
 from aiohttp.abc import AbstractAccessLogger
 
-from daemon.config import Config
+from daemon.config import Config, LiveConfig
+from daemon.config_watch import ConfigReport, ConfigWatcher
+from daemon.events import EventType
 from daemon.gpu import GpuCache
 from daemon.hub import EventHub
 from daemon.instance_lock import InstanceLock
@@ -32,20 +33,23 @@ log = logging.getLogger(__name__)
 def create_app(config: Config, *, gpu_probe: Callable[[], GpuInfo] | None = None) -> web.Application:
     # Bodies are read as sent: a compressed body is refused with a sentence (uploads.py) instead of failing
     # inside aiohttp's decompressor, where no handler can answer.
-    app = web.Application(middlewares=[error_middleware(), security_middleware(config)],
+    live = LiveConfig(config)
+    app = web.Application(middlewares=[error_middleware(), security_middleware(live)],
                           handler_args={"auto_decompress": False, "logger": protocol_logger()})
-    app[CONFIG] = config
-    app[UPLOAD_SLOTS] = UploadSlots(config.max_uploads)
-    app[GPU] = GpuCache(gpu_probe or partial(probe_gpu, kohya_python(config)))
+    app[CONFIG] = live
+    app[UPLOAD_SLOTS] = UploadSlots()
+    # The kohya python can change live: each probe asks the settings in force.
+    app[GPU] = GpuCache(gpu_probe or (lambda: probe_gpu(kohya_python(live.current))))
     app.add_routes(routes)
     app.router.add_get("/ws", websocket_handler)
     app.cleanup_ctx.append(_jobs_ctx)
+    app.cleanup_ctx.append(_config_watch_ctx)
     app.on_shutdown.append(_close_sockets)
     return app
 
 
 async def _jobs_ctx(app: web.Application) -> AsyncIterator[None]:
-    config = app[CONFIG]
+    config = app[CONFIG].current
     lock = InstanceLock(config.data_dir)
     lock.acquire()  # before recovery: never treat another daemon's running job as left over
     try:
@@ -61,7 +65,7 @@ async def _jobs(app: web.Application, config: Config) -> AsyncIterator[None]:
     await asyncio.to_thread(sweep_temp_files, config)
     store = JobStore(config.db_path)
     hub = EventHub(store)
-    queue = JobQueue(config, store, hub, JobRunner(config, store, hub, app[GPU].get))
+    queue = JobQueue(app[CONFIG], store, hub, lambda current: JobRunner(current, store, hub, app[GPU].get))
     app[STORE], app[HUB], app[QUEUE] = store, hub, queue
     app[GPU].start()  # in the background: the first request finds the answer ready
     await queue.start()
@@ -71,6 +75,26 @@ async def _jobs(app: web.Application, config: Config) -> AsyncIterator[None]:
         await queue.stop()
         await app[GPU].close()
         store.close()
+
+
+async def _config_watch_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Watch the config file (when the daemon has one) and announce each reload on the WebSocket."""
+    path = app[CONFIG].current.path
+    if path is None or not path.parent.is_dir():
+        yield
+        return
+
+    async def announce(report: ConfigReport) -> None:
+        if {"kohya.python", "kohya.accelerate_bin"} & set(report.changed):
+            app[GPU].start()  # probe again with the new kohya python; /config/test always probes afresh
+        await app[HUB].emit(EventType.CONFIG, None, report.to_json())
+
+    watcher = ConfigWatcher(app[CONFIG], path, announce)
+    await watcher.start()
+    try:
+        yield
+    finally:
+        await watcher.stop()
 
 
 async def _close_sockets(app: web.Application) -> None:

@@ -9,12 +9,13 @@ from __future__ import annotations
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from daemon.config import Config
+from daemon.config import Config, LiveConfig
 from daemon.errors import DaemonError, Forbidden, Unauthorized
 
 log = logging.getLogger(__name__)
@@ -120,23 +121,43 @@ def _http_sentence(exc: web.HTTPException, request: web.BaseRequest | None) -> s
     return f"{exc.reason}: {target}."
 
 
-def security_middleware(config: Config) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
-    hosts = allowed_hosts(config)
-    origins = frozenset(o.rstrip("/") for o in config.allowed_origins)
-    own_origins = frozenset(f"http://{h}" for h in hosts)
-    token = config.token.encode()
+@dataclass(frozen=True)
+class _Policy:
+    """Who may call, derived once per config (a reload makes a new one)."""
+
+    config: Config
+    hosts: frozenset[str]
+    origins: frozenset[str]  # pages that get CORS
+    accepted: frozenset[str]  # those and the daemon's own address
+    token: bytes
+
+    @classmethod
+    def of(cls, config: Config) -> _Policy:
+        hosts = allowed_hosts(config)
+        origins = frozenset(o.rstrip("/") for o in config.allowed_origins)
+        return cls(config, hosts, origins, origins | {f"http://{h}" for h in hosts}, config.token.encode())
+
+
+def security_middleware(live: LiveConfig) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    """Checks each request against the settings in force when it arrives (allowed_origins and token can
+    change while the daemon runs)."""
+    policy = _Policy.of(live.current)
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        nonlocal policy
+        if policy.config is not live.current:
+            policy = _Policy.of(live.current)
+        rules = policy  # this request's, even if a reload lands while it runs
         host = (request.headers.get("Host") or "").lower()
-        if host not in hosts:
+        if host not in rules.hosts:
             raise Forbidden(f"Host '{host}' is not this daemon's address.",
-                            hint=f"Call the daemon as {config.url}.")
+                            hint=f"Call the daemon as {rules.config.url}.")
         origin = request.headers.get("Origin")
-        if origin is not None and origin.rstrip("/") not in origins | own_origins:
+        if origin is not None and origin.rstrip("/") not in rules.accepted:
             raise Forbidden(f"Origin '{origin}' may not use this daemon.",
                             hint="Add the page's origin to allowed_origins in the daemon config.")
-        cors = origin is not None and origin.rstrip("/") in origins
+        cors = origin is not None and origin.rstrip("/") in rules.origins
 
         if request.method == "OPTIONS":
             response: web.StreamResponse = web.Response(status=204)
@@ -149,7 +170,7 @@ def security_middleware(config: Config) -> Callable[[web.Request, Handler], Awai
         else:
             try:
                 if (request.method, request.path) not in PUBLIC_ROUTES:
-                    _check_token(request, token)
+                    _check_token(request, rules.token)
                 response = await handler(request)
             except (DaemonError, web.HTTPException) as exc:
                 response = error_response(exc, request)

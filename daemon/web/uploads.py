@@ -56,17 +56,16 @@ class TrainForm:
 
 class UploadSlots:
     """At most `limit` forms stream to disk at once; one more is refused instead of queued (no waiting
-    handler holds a socket and, later, a temp folder)."""
+    handler holds a socket and, later, a temp folder). The limit is the caller's: max_uploads can change live."""
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
+    def __init__(self) -> None:
         self.busy = 0
 
     @contextlib.contextmanager
-    def take(self) -> Iterator[None]:
-        if self.busy >= self.limit:
+    def take(self, limit: int) -> Iterator[None]:
+        if self.busy >= limit:
             raise TooMany(
-                f"The daemon is already receiving {self.busy} upload(s), at most {self.limit} at once (max_uploads).",
+                f"The daemon is already receiving {self.busy} upload(s), at most {limit} at once (max_uploads).",
                 hint="Wait for them to finish, then send the pictures again.",
             )
         self.busy += 1
