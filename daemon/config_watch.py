@@ -74,6 +74,7 @@ class ConfigWatcher:
         observer.schedule(_NameFilter(self._path.name, self._changed), str(self._path.parent), recursive=False)
         await asyncio.to_thread(observer.start)
         self._observer = observer
+        log.info("watching %s: edits apply without a restart (host, port and data_dir need one)", self._path)
         # What the file says now is the baseline for "restart needed" (--host/--port may override it); an edit
         # made between the daemon reading the file and the watch starting is applied like any other.
         with contextlib.suppress(ConfigError):
