@@ -212,8 +212,8 @@ def check_tokenizer(config: Config, *, environ: Mapping[str, str] | None = None,
         return Check("tokenizer", True, f"kohya.tokenizer_cache_dir is not set; kohya loads the CLIP tokenizer "
                      f"from the Hugging Face cache ({snapshot})")
     hub_cache = clip_tokenizer.hub_cache_dir(env)
-    fix = ("Put the tokenizer files into a folder and set kohya.tokenizer_cache_dir to it "
-           "(install_plugin.py --tokenizer-cache DIR; see the README, 'offline'), or connect this computer "
+    fix = (f"Copy the tokenizer files ({files}) into DIR/{TOKENIZER_FOLDER} and set kohya.tokenizer_cache_dir "
+           "to DIR (install_plugin.py --tokenizer-cache DIR; see the README, 'offline'), or connect this computer "
            "to the internet.")
     offline = clip_tokenizer.offline_forced(env)
     if offline:
