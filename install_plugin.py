@@ -2,7 +2,8 @@
 """Install the Character LoRA plugins into Easy Diffusion and point the training daemon at ED's folders.
 
     python install_plugin.py [--ed-root PATH] [--daemon-python PATH] [--daemon-config PATH]
-                             [--kohya PATH [--kohya-python PATH]] [--no-autostart] [--uninstall] [--dry-run]
+                             [--kohya PATH [--kohya-python PATH]] [--allow-cpu] [--tokenizer-cache DIR]
+                             [--no-autostart] [--uninstall] [--dry-run]
 
 Run it with the daemon's Python from the project folder (``.venv/bin/python install_plugin.py`` or
 ``.venv\\Scripts\\python.exe install_plugin.py``). What it does, in order:
@@ -15,7 +16,9 @@ Run it with the daemon's Python from the project folder (``.venv/bin/python inst
    config and Python are, whether ED starts the daemon, and the list of what was installed);
 5. writes or updates the daemon config: ``ed_lora_dir`` = ``<models_dir>/lora``, ``ed_models_dir`` =
    ``<models_dir>``, ED's address in ``allowed_origins``, a token if there is none, and with ``--kohya`` the
-   sd-scripts paths (``kohya.script_path``, ``kohya.workspace``, ``kohya.python``).
+   sd-scripts paths (``kohya.script_path``, ``kohya.workspace``, ``kohya.python``), with ``--allow-cpu``
+   ``allow_cpu: true``, and with ``--tokenizer-cache DIR`` ``kohya.tokenizer_cache_dir`` (after checking that
+   DIR holds the CLIP tokenizer kohya loads offline).
 
 It never changes ED's own files. Running it twice changes nothing the second time. ``--uninstall`` removes
 exactly the files it installed (the daemon config is the daemon's and stays). Every failure is one
@@ -241,11 +244,52 @@ def resolve_kohya(given: Path | None, python: Path | None) -> dict[str, str]:
     return out
 
 
+def _clip_tokenizer_module() -> Any:
+    try:
+        from daemon.pipeline import clip_tokenizer
+    except ImportError as exc:
+        raise InstallError(
+            f"This Python cannot import the daemon ({exc}); run the installer with the daemon's venv python "
+            "from the project folder, e.g. .venv/bin/python install_plugin.py."
+        ) from exc
+    return clip_tokenizer
+
+
+def resolve_tokenizer_cache(given: Path | None) -> str | None:
+    """`--tokenizer-cache DIR` -> kohya.tokenizer_cache_dir, once DIR holds every file kohya reads offline."""
+    if given is None:
+        return None
+    ct = _clip_tokenizer_module()
+    path = given.expanduser().absolute()
+    files = ", ".join(ct.TOKENIZER_FILES)
+    if not path.is_dir():
+        raise InstallError(f"--tokenizer-cache {path} is not a folder; give the folder that holds "
+                           f"{ct.TOKENIZER_FOLDER}/ with {files} (see the README, 'offline').")
+    folder = path / ct.TOKENIZER_FOLDER
+    if not folder.is_dir() and not ct.missing_files(path):
+        if path.name == ct.TOKENIZER_FOLDER:
+            return str(path.parent)  # the user named the tokenizer folder itself; kohya wants its parent
+        raise InstallError(f"--tokenizer-cache {path} holds the tokenizer files itself, but kohya looks for them "
+                           f"in {folder}; move them there and run this again.")
+    missing = ct.missing_files(folder)
+    if missing:
+        snapshot = ct.cached_snapshot(os.environ)
+        source = (f"from this computer's Hugging Face cache ({snapshot})" if snapshot else
+                  f"of {ct.TOKENIZER_ID} from a computer with internet (see the README, 'offline')")
+        if not folder.is_dir():
+            raise InstallError(f"--tokenizer-cache {path} has no {ct.TOKENIZER_FOLDER} folder; copy {files} "
+                               f"{source} into {folder}.")
+        raise InstallError(f"--tokenizer-cache {path}: {folder} lacks {', '.join(missing)}; copy {files} {source} "
+                           "into it.")
+    return str(path)
+
+
 def origins_for_port(port: int) -> list[str]:
     return [f"http://localhost:{port}", f"http://127.0.0.1:{port}"]
 
 
-def daemon_config_updates(cfg_path: Path, ed: EdInfo, kohya: dict[str, str] | None = None) -> dict[str, Any]:
+def daemon_config_updates(cfg_path: Path, ed: EdInfo, kohya: dict[str, str] | None = None, *,
+                          allow_cpu: bool = False) -> dict[str, Any]:
     """The keys to change in the daemon config (empty when it already says all of it)."""
     dc = _daemon_config_module()
     current = dc.read_yaml(cfg_path) if cfg_path.exists() else {}
@@ -253,6 +297,8 @@ def daemon_config_updates(cfg_path: Path, ed: EdInfo, kohya: dict[str, str] | No
         "ed_lora_dir": str(ed.models_dir / "lora"),
         "ed_models_dir": str(ed.models_dir),
     }
+    if allow_cpu:
+        want["allow_cpu"] = True
     origins = current.get("allowed_origins")
     if not isinstance(origins, list):
         origins = list(dc.DEFAULT_ORIGINS)
@@ -311,7 +357,7 @@ def settings_content(plan: Plan, installed: list[str], created_dirs: list[str]) 
 
 
 def make_plan(ed: EdInfo, daemon_python: Path, daemon_config: Path, autostart: bool,
-              kohya: dict[str, str] | None = None) -> Plan:
+              kohya: dict[str, str] | None = None, *, allow_cpu: bool = False) -> Plan:
     for src in (UI_PLUGIN_SRC, SERVER_PLUGIN_SRC):
         if not src.is_file():
             raise InstallError(f"{src} is missing; run the installer from a complete copy of the project.")
@@ -339,7 +385,7 @@ def make_plan(ed: EdInfo, daemon_python: Path, daemon_config: Path, autostart: b
 
     installed = [_rel(ed.root, dest) for dest, _ in plan.files] + [_rel(ed.root, server_dir / SETTINGS_NAME)]
     plan.files.append((server_dir / SETTINGS_NAME, settings_content(plan, installed, created)))
-    plan.config_updates = daemon_config_updates(daemon_config, ed, kohya)
+    plan.config_updates = daemon_config_updates(daemon_config, ed, kohya, allow_cpu=allow_cpu)
     return plan
 
 
@@ -476,6 +522,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="the kohya-ss sd-scripts folder (sets kohya.script_path/workspace, and kohya.python from its "
                         "venv/ if there is one)")
     p.add_argument("--kohya-python", type=Path, metavar="PATH", help="python of the sd-scripts venv")
+    p.add_argument("--allow-cpu", action="store_true",
+                   help="let the daemon train on the CPU when there is no CUDA GPU (sets allow_cpu: true; very slow)")
+    p.add_argument("--tokenizer-cache", type=Path, metavar="DIR",
+                   help="folder holding openai_clip-vit-large-patch14/ (the CLIP tokenizer), so training needs no "
+                        "internet (sets kohya.tokenizer_cache_dir)")
     p.add_argument("--no-autostart", action="store_true",
                    help="do not let Easy Diffusion start the daemon; you start it yourself")
     p.add_argument("--uninstall", action="store_true", help="remove what this script installed")
@@ -505,7 +556,12 @@ def main(argv: Sequence[str] | None = None, *, out: Any = None, candidates: Iter
             raise InstallError(f"--daemon-config {cfg_path} is a folder; give the path of a .yaml file.")
         print(f"Daemon: {python} -m daemon --config {cfg_path}", file=out)
         kohya = resolve_kohya(args.kohya, args.kohya_python)
-        plan = make_plan(ed, python, cfg_path, autostart=not args.no_autostart, kohya=kohya)
+        tokenizer_cache = resolve_tokenizer_cache(args.tokenizer_cache)
+        if tokenizer_cache is not None:
+            print(f"Tokenizer: {Path(tokenizer_cache) / _clip_tokenizer_module().TOKENIZER_FOLDER}", file=out)
+            kohya["tokenizer_cache_dir"] = tokenizer_cache
+        plan = make_plan(ed, python, cfg_path, autostart=not args.no_autostart, kohya=kohya,
+                         allow_cpu=args.allow_cpu)
         changes = apply_plan(plan, dry_run=args.dry_run, out=out)
         if changes and not args.dry_run:
             print("Done. Restart Easy Diffusion, then open the 'Train character LoRA' tab.", file=out)

@@ -1,8 +1,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +12,11 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from daemon.config import Config
+from daemon.pipeline.clip_tokenizer import cached_snapshot
 from daemon.pipeline.env_check import GpuInfo
 from daemon.web.app import create_app
 from tests.helpers import TOKEN, free_port, make_config, picture_bytes
+from tests.tokenizer_files import write_hub_cache
 
 
 def no_gpu() -> GpuInfo:
@@ -23,6 +26,22 @@ def no_gpu() -> GpuInfo:
 @pytest.fixture
 def config(tmp_path: Path) -> Config:
     return make_config(tmp_path, port=free_port())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def hf_cache_with_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The test machine holds the CLIP tokenizer in its Hugging Face cache, as after one online job, so no
+    readiness check (in a test or in a daemon it starts) tries to reach huggingface.co."""
+    if cached_snapshot(os.environ) is not None:
+        yield  # this machine has it already: nothing to reach either way
+        return
+    home = tmp_path_factory.mktemp("hf_home")
+    write_hub_cache(home / "hub")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HOME", str(home))
+        for var in ("TRANSFORMERS_CACHE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+            mp.delenv(var, raising=False)
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -13,6 +13,8 @@ import yaml
 
 import install_plugin
 from daemon.config import load_config
+from daemon.pipeline.env_check import check_tokenizer
+from tests.tokenizer_files import write_hub_cache, write_tokenizer
 
 UI_FILE = "plugins/ui/character-lora.plugin.js"
 SERVER_FILE = "plugins/server/character_lora_plugin.py"
@@ -365,3 +367,134 @@ def test_kohya_option_sets_the_sd_scripts_paths(tmp_path: Path, capsys: pytest.C
 
     rc, _ = install(ed, cfg, "--kohya", tmp_path / "not-sd-scripts")
     assert rc == 1 and "no train_network.py" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------- CPU-only, offline
+
+
+def test_allow_cpu_option_sets_it_once_and_dry_run_shows_it(tmp_path: Path) -> None:
+    ed = linux_ed(tmp_path / "ed")
+    cfg = tmp_path / "daemon" / "config.yaml"
+    assert install(ed, cfg)[0] == 0
+    assert load_config(cfg).allow_cpu is False
+    before = snapshot(cfg.parent)
+    rc, out = install(ed, cfg, "--allow-cpu", "--dry-run")
+    assert rc == 0 and '"allow_cpu": true' in out and "Dry run: 1 change(s)" in out
+    assert snapshot(cfg.parent) == before
+    rc, out = install(ed, cfg, "--allow-cpu")
+    assert rc == 0 and '"allow_cpu": true' in out
+    assert load_config(cfg).allow_cpu is True  # the daemon reads what was written
+    raw = yaml.safe_load(cfg.read_text())
+    assert raw["token"] == yaml.safe_load(before[str(cfg)][1])["token"]  # nothing else changed
+    before = snapshot(cfg.parent)
+    rc, out = install(ed, cfg, "--allow-cpu")
+    assert "Nothing to change" in out and snapshot(cfg.parent) == before
+    # an install without the option keeps what was chosen before
+    assert "Nothing to change" in install(ed, cfg)[1]
+    assert load_config(cfg).allow_cpu is True
+
+
+def test_allow_cpu_on_a_first_install(tmp_path: Path) -> None:
+    ed = linux_ed(tmp_path / "ed")
+    cfg = tmp_path / "config.yaml"
+    assert install(ed, cfg, "--allow-cpu")[0] == 0
+    assert load_config(cfg).allow_cpu is True
+
+
+def test_tokenizer_cache_option_checks_the_folder_and_sets_it(tmp_path: Path) -> None:
+    ed = linux_ed(tmp_path / "ed")
+    cfg = tmp_path / "daemon" / "config.yaml"
+    cache = tmp_path / "offline" / "tokenizers"
+    write_tokenizer(cache / "openai_clip-vit-large-patch14")
+    before = snapshot(ed, cfg.parent)
+    rc, out = install(ed, cfg, "--tokenizer-cache", cache, "--dry-run")
+    assert rc == 0 and f'"tokenizer_cache_dir": "{cache}"' in out
+    assert snapshot(ed, cfg.parent) == before
+    rc, out = install(ed, cfg, "--tokenizer-cache", cache)
+    assert rc == 0, out
+    assert f"Tokenizer: {cache / 'openai_clip-vit-large-patch14'}" in out
+    config = load_config(cfg)
+    assert config.kohya.tokenizer_cache_dir == cache
+    assert check_tokenizer(config, environ={}, reach=lambda *a: "unreachable").ok  # the daemon agrees
+    before = snapshot(ed, cfg.parent)
+    assert "Nothing to change" in install(ed, cfg, "--tokenizer-cache", cache)[1]
+    assert snapshot(ed, cfg.parent) == before
+    # naming the tokenizer folder itself is understood: kohya wants its parent
+    assert "Nothing to change" in install(ed, cfg, "--tokenizer-cache", cache / "openai_clip-vit-large-patch14")[1]
+
+
+def test_tokenizer_cache_with_kohya_keeps_both(tmp_path: Path) -> None:
+    ed = linux_ed(tmp_path / "ed")
+    cfg = tmp_path / "config.yaml"
+    sd_scripts = tmp_path / "sd-scripts"
+    sd_scripts.mkdir()
+    (sd_scripts / "train_network.py").write_text("# kohya\n")
+    cache = tmp_path / "tok"
+    write_tokenizer(cache / "openai_clip-vit-large-patch14")
+    assert install(ed, cfg, "--kohya", sd_scripts, "--tokenizer-cache", cache, "--allow-cpu")[0] == 0
+    raw = yaml.safe_load(cfg.read_text())
+    assert raw["kohya"]["script_path"] == str(sd_scripts / "train_network.py")
+    assert raw["kohya"]["tokenizer_cache_dir"] == str(cache)
+    assert raw["allow_cpu"] is True
+
+
+def bad_cache(tmp_path: Path, case: str) -> Path:
+    cache = tmp_path / "tok"
+    folder = cache / "openai_clip-vit-large-patch14"
+    if case == "not-a-folder":
+        return tmp_path / "nowhere"
+    if case == "empty":
+        cache.mkdir()
+    elif case == "files-loose":
+        write_tokenizer(cache)
+    elif case == "incomplete":
+        write_tokenizer(folder)
+        (folder / "merges.txt").unlink()
+        (folder / "tokenizer_config.json").write_text("{")
+    return cache
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("not-a-folder", "is not a folder; give the folder that holds openai_clip-vit-large-patch14/ with vocab.json, "
+                         "merges.txt, tokenizer_config.json, special_tokens_map.json"),
+        ("empty", "has no openai_clip-vit-large-patch14 folder; copy vocab.json, merges.txt, tokenizer_config.json, "
+                  "special_tokens_map.json of openai/clip-vit-large-patch14 from a computer with internet"),
+        ("files-loose", "holds the tokenizer files itself, but kohya looks for them in"),
+        ("incomplete", "lacks merges.txt (missing), tokenizer_config.json (not a JSON object; copied only in part?)"),
+    ],
+)
+def test_tokenizer_cache_without_the_files_says_what_is_missing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, case: str,
+        expected: str) -> None:
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "no-hf-cache"))
+    for var in ("TRANSFORMERS_CACHE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        monkeypatch.delenv(var, raising=False)
+    ed = linux_ed(tmp_path / "ed")
+    cfg = tmp_path / "config.yaml"
+    before = snapshot(ed)
+    rc, _ = install(ed, cfg, "--tokenizer-cache", bad_cache(tmp_path, case))
+    err = capsys.readouterr().err.strip()
+    assert rc == 1
+    assert err.startswith("error: --tokenizer-cache ") and expected in err and err.count("\n") == 0
+    assert snapshot(ed) == before and not cfg.exists()  # nothing was half-installed
+
+
+def test_tokenizer_cache_error_points_at_the_hf_cache_copy(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    for var in ("TRANSFORMERS_CACHE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        monkeypatch.delenv(var, raising=False)
+    snapshot_dir = write_hub_cache(tmp_path / "hf" / "hub")
+    (tmp_path / "tok").mkdir()
+    rc, _ = install(linux_ed(tmp_path / "ed"), tmp_path / "config.yaml", "--tokenizer-cache", tmp_path / "tok")
+    assert rc == 1
+    assert f"from this computer's Hugging Face cache ({snapshot_dir}) into" in capsys.readouterr().err
+
+
+def test_help_lists_the_set_up_options() -> None:
+    proc = subprocess.run([sys.executable, str(install_plugin.REPO / "install_plugin.py"), "--help"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    assert "--allow-cpu" in proc.stdout and "--tokenizer-cache DIR" in proc.stdout

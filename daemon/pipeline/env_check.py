@@ -13,17 +13,19 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from daemon.config import Config
+from daemon.pipeline import clip_tokenizer
 from daemon.pipeline.base_models import list_models
+from daemon.pipeline.clip_tokenizer import TOKENIZER_FOLDER
 from daemon.pipeline.model_arch import ARCH_LABELS, TRAINABLE_ARCHS, detect_arch
 from daemon.pipeline.process import NO_WINDOW
 
 MIN_FREE_BYTES = 2 * 1024**3
 GPU_PROBE_TIMEOUT_S = 90
-TOKENIZER_FOLDER = "openai_clip-vit-large-patch14"
 
 _GPU_PROBE = """
 import json
@@ -184,15 +186,46 @@ def check_disk(data_dir: Path) -> Check:
     return Check("disk", True, f"{gb:.1f} GB free in {data_dir}")
 
 
-def check_tokenizer(config: Config) -> Check:
+def check_tokenizer(config: Config, *, environ: Mapping[str, str] | None = None,
+                    reach: clip_tokenizer.Reach | None = None) -> Check:
+    """Will kohya load the CLIP tokenizer? The cache dir, else the HF cache, else can it download it now.
+
+    `environ` is the trainer's environment (the daemon passes its own on); `reach` opens the test connection
+    (tests pass their own, so no test touches the network).
+    """
+    env = os.environ if environ is None else environ
     cache = config.kohya.tokenizer_cache_dir
-    if cache is None:
-        return Check("tokenizer", True, "kohya.tokenizer_cache_dir is not set: kohya downloads the CLIP tokenizer"
-                     " on its first run (needs internet once)")
-    if not (cache / TOKENIZER_FOLDER).is_dir():
-        return Check("tokenizer", False, f"{cache / TOKENIZER_FOLDER} is missing",
-                     "Run one kohya training online with --tokenizer_cache_dir, or copy the tokenizer folder there.")
-    return Check("tokenizer", True, str(cache / TOKENIZER_FOLDER))
+    files = ", ".join(clip_tokenizer.TOKENIZER_FILES)
+    if cache is not None:
+        # The daemon runs kohya offline when a cache dir is set, so the folder must be complete.
+        folder = cache / TOKENIZER_FOLDER
+        missing = clip_tokenizer.missing_files(folder)
+        if not missing:
+            return Check("tokenizer", True, str(folder))
+        detail = f"{folder} is missing" if not folder.is_dir() else f"{folder} lacks {', '.join(missing)}"
+        source = clip_tokenizer.cached_snapshot(env)
+        where = (f"from {source}" if source else
+                 f"of {clip_tokenizer.TOKENIZER_ID} from a computer with internet (see the README, 'offline')")
+        return Check("tokenizer", False, detail, f"Copy the tokenizer files ({files}) {where} into {folder}.")
+    snapshot = clip_tokenizer.cached_snapshot(env)
+    if snapshot is not None:
+        return Check("tokenizer", True, f"kohya.tokenizer_cache_dir is not set; kohya loads the CLIP tokenizer "
+                     f"from the Hugging Face cache ({snapshot})")
+    hub_cache = clip_tokenizer.hub_cache_dir(env)
+    fix = (f"Copy the tokenizer files ({files}) into DIR/{TOKENIZER_FOLDER} and set kohya.tokenizer_cache_dir "
+           "to DIR (install_plugin.py --tokenizer-cache DIR; see the README, 'offline'), or connect this computer "
+           "to the internet.")
+    offline = clip_tokenizer.offline_forced(env)
+    if offline:
+        return Check("tokenizer", False, f"kohya.tokenizer_cache_dir is not set, the CLIP tokenizer is not in the "
+                     f"Hugging Face cache ({hub_cache}), and {offline} forbids downloading it", fix)
+    host, port, label = clip_tokenizer.hub_address(env)
+    why = (reach or clip_tokenizer.reach)(host, port, clip_tokenizer.REACH_TIMEOUT_S)
+    if why is None:
+        return Check("tokenizer", True, f"kohya.tokenizer_cache_dir is not set and the CLIP tokenizer is not in the "
+                     f"Hugging Face cache; {label} can be reached, so it will be downloaded on the first job")
+    return Check("tokenizer", False, f"kohya.tokenizer_cache_dir is not set, the CLIP tokenizer is not in the "
+                 f"Hugging Face cache ({hub_cache}), and {label} cannot be reached ({why})", fix)
 
 
 def check_gpu(gpu: GpuInfo, allow_cpu: bool) -> Check:
@@ -206,7 +239,7 @@ def check_gpu(gpu: GpuInfo, allow_cpu: bool) -> Check:
                  "on the CPU.")
 
 
-def run_checks(config: Config, gpu: GpuInfo) -> list[Check]:
+def run_checks(config: Config, gpu: GpuInfo, *, reach: clip_tokenizer.Reach | None = None) -> list[Check]:
     return [
         check_script(config),
         check_workspace(config),
@@ -214,6 +247,6 @@ def run_checks(config: Config, gpu: GpuInfo) -> list[Check]:
         check_base_model(config.base_model, config.ed_models_dir),
         check_lora_dir(config.ed_lora_dir),
         check_disk(config.data_dir),
-        check_tokenizer(config),
+        check_tokenizer(config, reach=reach),
         check_gpu(gpu, config.allow_cpu),
     ]
