@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import shutil
 import sqlite3
 import time
@@ -15,6 +17,7 @@ from aiohttp import web
 from daemon import __version__
 from daemon.config import Config
 from daemon.errors import BadInput, NotFound, database_error, disk_errors
+from daemon.instance_id import instance_id
 from daemon.jobs import fields
 from daemon.jobs.models import Job
 from daemon.jobs.store import LOG_RING
@@ -26,12 +29,32 @@ from daemon.pipeline.runner import job_paths
 from daemon.web.keys import CONFIG, GPU, QUEUE, STORE
 from daemon.web.uploads import UPLOAD_SLOTS, UploadLimits, read_train_form
 
+log = logging.getLogger(__name__)
+
 routes = web.RouteTableDef()
 
 
 @routes.get("/health")
 async def health(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok", "version": __version__})
+    config = request.app[CONFIG]
+    # instance/pid/config let the ED server plugin tell its own daemon from one left over by another config.
+    return web.json_response({"status": "ok", "version": __version__,
+                              "instance": instance_id(config.path, config.data_dir), "pid": os.getpid(),
+                              "config": str(config.path) if config.path is not None else None})
+
+
+@routes.post("/shutdown")
+async def shutdown(request: web.Request) -> web.Response:
+    """Stop as on Ctrl+C: the answer goes out first (aiohttp's graceful shutdown lets the handler finish), then
+    the trainer tree is killed, its job marked interrupted, and `python -m daemon` exits 0."""
+    log.info("shutdown requested over HTTP")
+    # GracefulExit is what run_app's own SIGINT handler raises; a loop callback raising it works on Windows too.
+    asyncio.get_running_loop().call_soon(_graceful_exit)
+    return web.json_response({"stopping": True}, status=202)
+
+
+def _graceful_exit() -> None:
+    raise web.GracefulExit()
 
 
 @routes.post("/config/test")
