@@ -58,7 +58,8 @@ DEFAULT_PORT = 9131
 log = logging.getLogger("easydiffusion.character_lora")
 
 _start_lock = threading.Lock()
-_start_state = {"state": "idle", "error": None, "pid": None, "log": None, "at": None, "exit_code": None}
+_start_state = {"state": "idle", "error": None, "pid": None, "log": None, "at": None, "exit_code": None,
+                "stop_requested": False}
 
 
 # --------------------------------------------------------------------------------------------- settings
@@ -357,7 +358,7 @@ def spawn_daemon(settings, cfg_url):
         finally:
             if out is not subprocess.DEVNULL:
                 out.close()
-        _set_state(state="starting", error=None, pid=proc.pid, log=log_path, exit_code=None)
+        _set_state(state="starting", error=None, pid=proc.pid, log=log_path, exit_code=None, stop_requested=False)
         log.info("Character LoRA: started the training daemon (pid %s), log: %s", proc.pid, log_path)
 
     # reap it (no zombie) and record how it ended; a daemon thread, so it never holds ED open
@@ -376,13 +377,20 @@ def _watch(proc, cfg_url, log_path):
         time.sleep(0.5)
     code = proc.wait()
     with _start_lock:
+        asked = bool(_start_state.get("stop_requested")) and code == 0
         if _start_state.get("pid") == proc.pid:
-            _set_state(
-                state="exited",
-                exit_code=code,
-                error="The daemon exited with code {}; see {}.".format(code, log_path or "its output"),
-            )
-    log.warning("Character LoRA: the training daemon exited with code %s (log: %s)", code, log_path)
+            if asked:  # the tab's Stop or Restart: not a failure to report
+                _set_state(state="stopped", exit_code=code, error=None)
+            else:
+                _set_state(
+                    state="exited",
+                    exit_code=code,
+                    error="The daemon exited with code {}; see {}.".format(code, log_path or "its output"),
+                )
+    if asked:
+        log.info("Character LoRA: the training daemon stopped on request")
+    else:
+        log.warning("Character LoRA: the training daemon exited with code %s (log: %s)", code, log_path)
 
 
 def start_in_background(settings_path=None):
@@ -479,6 +487,8 @@ def stop_daemon(cfg_path, cfg, timeout=STOP_TIMEOUT_S):
         problem = foreign_problem(health, url, cfg_path)
         return 409, {"error": problem["error"], "hint": problem["fix"]}
     pid = health.get("pid")
+    with _start_lock:
+        _set_state(stop_requested=True)
     status = _post_shutdown(url, cfg.get("token"))
     if status == 401:
         return 409, {"error": f"The daemon at {url} refused the token in {cfg_path}.",
@@ -490,6 +500,9 @@ def stop_daemon(cfg_path, cfg, timeout=STOP_TIMEOUT_S):
     if not _wait_gone(url, pid, timeout):
         return 504, {"error": f"The daemon (process {pid}) did not stop within {timeout:.0f} s.",
                      "hint": f"End process {pid} by hand."}
+    with _start_lock:
+        if _start_state.get("state") != "stopped":  # a daemon this ED did not start (no watcher records it)
+            _set_state(state="stopped", error=None)
     log.info("Character LoRA: stopped the training daemon (pid %s)", pid)
     return 200, {"stopped": True, "running": False, "pid": pid}
 
