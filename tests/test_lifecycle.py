@@ -11,11 +11,15 @@ import time
 from pathlib import Path
 
 import aiohttp
+from aiohttp.test_utils import TestClient, TestServer
 
+from daemon.config import Config
 from daemon.instance_id import instance_id
+from daemon.web.api import SHUTDOWN, Shutdown
+from daemon.web.app import create_app
 from tests import test_crash_recovery as crash
-from tests.conftest import train_form
-from tests.helpers import REPO
+from tests.conftest import no_gpu, train_form
+from tests.helpers import REPO, TOKEN
 from tests.test_crash_recovery import SLOW, Site, alive, describe, outside_session, wait_for_tree
 
 site = crash.site  # the fixture: one daemon installation under tmp_path, its daemons stopped at teardown
@@ -110,3 +114,44 @@ async def test_shutdown_with_the_token_from_a_page_of_an_allowed_origin_gets_cor
             assert resp.status == 202
             assert resp.headers["Access-Control-Allow-Origin"] == origin
     assert await asyncio.to_thread(daemon.proc.wait, 15) == 0
+
+
+async def test_a_second_shutdown_while_stopping_changes_nothing(config: Config) -> None:
+    """In-process, with the stop itself recorded instead of ending the test's event loop."""
+    stops: list[float] = []
+    app = create_app(config, gpu_probe=no_gpu)
+    app[SHUTDOWN] = Shutdown(stop=lambda: stops.append(time.monotonic()))
+    client = TestClient(TestServer(app, host="127.0.0.1", port=config.port))
+    await client.start_server()
+    try:
+        resp = await client.post("/shutdown")
+        assert resp.status == 401
+        await asyncio.sleep(0.05)
+        assert stops == []
+        for _ in range(3):
+            resp = await client.post("/shutdown", headers={"Authorization": f"Bearer {TOKEN}"})
+            assert resp.status == 202 and await resp.json() == {"stopping": True}
+        await asyncio.sleep(0.05)
+        assert len(stops) == 1
+    finally:
+        await client.close()
+
+
+async def test_shutdown_asked_twice_at_once_still_exits_0_cleanly(site: Site) -> None:
+    daemon = await site.start(SLOW)
+    job_id = await site.submit(train_form(8, params='{"epochs": 4}'))
+    await site.wait_for(job_id, {"training"})
+
+    async def ask() -> int | None:
+        try:
+            async with aiohttp.ClientSession() as http, \
+                    http.post(f"{daemon.url}/shutdown", headers=site.headers) as resp:
+                return resp.status
+        except aiohttp.ClientError:  # the port was already closed: also fine
+            return None
+
+    statuses = await asyncio.gather(*(ask() for _ in range(4)))
+    assert 202 in statuses and set(statuses) <= {202, None}
+    assert await asyncio.to_thread(daemon.proc.wait, 15) == 0, daemon.output()
+    assert "Traceback" not in daemon.output()
+    assert site.db_state(job_id) == "interrupted"

@@ -9,7 +9,7 @@ import shutil
 import sqlite3
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from aiohttp import web
@@ -43,18 +43,37 @@ async def health(request: web.Request) -> web.Response:
                               "config": str(config.path) if config.path is not None else None})
 
 
-@routes.post("/shutdown")
-async def shutdown(request: web.Request) -> web.Response:
-    """Stop as on Ctrl+C: the answer goes out first (aiohttp's graceful shutdown lets the handler finish), then
-    the trainer tree is killed, its job marked interrupted, and `python -m daemon` exits 0."""
-    log.info("shutdown requested over HTTP")
-    # GracefulExit is what run_app's own SIGINT handler raises; a loop callback raising it works on Windows too.
-    asyncio.get_running_loop().call_soon(_graceful_exit)
-    return web.json_response({"stopping": True}, status=202)
-
-
 def _graceful_exit() -> None:
     raise web.GracefulExit()
+
+
+class Shutdown:
+    """Stops the daemon once. A second request while it stops changes nothing: a second GracefulExit raised
+    during the cleanup would cut short the stopping of the trainer."""
+
+    def __init__(self, stop: Callable[[], None] = _graceful_exit) -> None:
+        self.requested = False
+        self._stop = stop
+
+    def request(self) -> None:
+        if self.requested:
+            return
+        self.requested = True
+        log.info("shutdown requested over HTTP")
+        # GracefulExit is what run_app's own SIGINT handler raises; a loop callback raising it works on Windows
+        # too, and the answer still goes out: aiohttp's graceful shutdown lets running handlers finish.
+        asyncio.get_running_loop().call_soon(self._stop)
+
+
+SHUTDOWN = web.AppKey("shutdown", Shutdown)
+
+
+@routes.post("/shutdown")
+async def shutdown(request: web.Request) -> web.Response:
+    """Stop as on Ctrl+C: answer, then the trainer tree is killed, its job marked interrupted, and
+    `python -m daemon` exits 0."""
+    request.app[SHUTDOWN].request()
+    return web.json_response({"stopping": True}, status=202)
 
 
 @routes.post("/config/test")

@@ -20,7 +20,7 @@ from daemon.jobs.recovery import sweep_temp_files
 from daemon.jobs.store import JobStore
 from daemon.pipeline.env_check import GpuInfo, kohya_python, probe_gpu
 from daemon.pipeline.runner import JobRunner
-from daemon.web.api import routes
+from daemon.web.api import SHUTDOWN, Shutdown, routes
 from daemon.web.keys import CONFIG, GPU, HUB, QUEUE, STORE
 from daemon.web.middlewares import error_middleware, protocol_logger, security_middleware
 from daemon.web.uploads import UPLOAD_SLOTS, UploadSlots
@@ -37,6 +37,7 @@ def create_app(config: Config, *, gpu_probe: Callable[[], GpuInfo] | None = None
     app[CONFIG] = config
     app[UPLOAD_SLOTS] = UploadSlots(config.max_uploads)
     app[GPU] = GpuCache(gpu_probe or partial(probe_gpu, kohya_python(config)))
+    app[SHUTDOWN] = Shutdown()
     app.add_routes(routes)
     app.router.add_get("/ws", websocket_handler)
     app.cleanup_ctx.append(_jobs_ctx)
