@@ -40,7 +40,7 @@ async def health(request: web.Request) -> web.Response:
     # instance/pid/config let the ED server plugin tell its own daemon from one left over by another config.
     return web.json_response({"status": "ok", "version": __version__,
                               "instance": instance_id(config.path, config.data_dir), "pid": os.getpid(),
-                              "config": str(config.path) if config.path is not None else None})
+                              "config": os.path.abspath(config.path) if config.path is not None else None})
 
 
 def _graceful_exit() -> None:
