@@ -20,9 +20,9 @@ Run it with the daemon's Python from the project folder (``.venv/bin/python inst
    ``allow_cpu: true``, and with ``--tokenizer-cache DIR`` ``kohya.tokenizer_cache_dir`` (after checking that
    DIR holds the CLIP tokenizer kohya loads offline).
 
-It never changes ED's own files. Running it twice changes nothing the second time. ``--uninstall`` removes
-exactly the files it installed (the daemon config is the daemon's and stays). Every failure is one
-sentence that says how to fix it.
+It never changes ED's own files. Running it twice changes nothing the second time. ``--uninstall`` stops the
+daemon it configured (if it runs and is that config's daemon) and removes exactly the files it installed (the
+daemon config is the daemon's and stays). Every failure is one sentence that says how to fix it.
 """
 
 from __future__ import annotations
@@ -451,9 +451,55 @@ def apply_plan(plan: Plan, *, dry_run: bool, out: Any) -> int:
     return changes
 
 
+def _server_plugin_module() -> Any:
+    """The server plugin's own code (stdlib only), loaded from the project: one implementation of 'stop the daemon
+    this config describes' for the tab's Stop button and for --uninstall. Outside ED its import hooks nothing."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_character_lora_server_plugin", SERVER_PLUGIN_SRC)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def stop_configured_daemon(cfg_path: str | None, *, dry_run: bool, out: Any) -> None:
+    """The daemon ED started survives ED and the plugin's removal: stop it (POST /shutdown with its token), but
+    only when it is the one this config describes, never a daemon of another config on the same port."""
+    if not cfg_path or not Path(cfg_path).is_file():
+        return
+    plugin = _server_plugin_module()
+    try:
+        cfg = plugin.read_daemon_config(cfg_path)
+    except Exception as exc:
+        print(f"  daemon        cannot read its config {cfg_path} ({exc}); stop the daemon yourself if it runs",
+              file=out)
+        return
+    url, _host = plugin.daemon_address(cfg)
+    if dry_run:
+        health = plugin.fetch_health(url)
+        if health is None:
+            print(f"  daemon        not running at {url}", file=out)
+        elif plugin.is_ours(health, cfg_path) is False:
+            print(f"  daemon        {plugin.foreign_problem(health, url, cfg_path)['error']} It would be left running.",
+                  file=out)
+        else:
+            print(f"  stop daemon   {url} (process {health.get('pid')})", file=out)
+        return
+    status, body = plugin.stop_daemon(cfg_path, cfg)
+    if status == 200 and body.get("stopped"):
+        print(f"  stopped       the daemon at {url} (process {body.get('pid')})", file=out)
+    elif status == 200:
+        print(f"  daemon        not running at {url}", file=out)
+    else:
+        said = " ".join(part for part in (body.get("error"), body.get("hint")) if part)
+        print(f"  daemon        {said} It was left running.", file=out)
+
+
 def uninstall(root: Path, *, dry_run: bool, out: Any) -> int:
     settings = _read_settings(root)
     if settings is not None:
+        stop_configured_daemon(settings.get("daemon_config"), dry_run=dry_run, out=out)
         files = list(settings.get("installed", {}).get("files", []))
         created_dirs = list(settings.get("installed", {}).get("created_dirs", []))
     else:

@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     except AlreadyRunning as exc:
         print(f"error: {exc.message} {exc.hint}", file=sys.stderr)
         return 1
+    # Ctrl+C, SIGTERM and POST /shutdown all end here, after the running job was stopped and recorded.
+    print("Character LoRA daemon stopped.", flush=True)
     return 0
 
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,7 @@ import yaml
 import install_plugin
 from daemon.config import load_config
 from daemon.pipeline.env_check import check_tokenizer
+from tests.helpers import free_port
 from tests.tokenizer_files import write_hub_cache, write_tokenizer
 
 UI_FILE = "plugins/ui/character-lora.plugin.js"
@@ -498,3 +502,87 @@ def test_help_lists_the_set_up_options() -> None:
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
     assert "--allow-cpu" in proc.stdout and "--tokenizer-cache DIR" in proc.stdout
+# ------------------------------------------------------------------------------- uninstall stops the daemon
+
+
+def _start_daemon(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "daemon", "--config", str(cfg)], cwd=install_plugin.REPO,
+                                stdout=out, stderr=subprocess.STDOUT)
+    port = int(yaml.safe_load(cfg.read_text())["port"])
+    end = time.monotonic() + 60
+    while time.monotonic() < end:
+        assert proc.poll() is None, log.read_text()
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
+                return proc
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise AssertionError(f"the daemon did not start:\n{log.read_text()}")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _daemon_config(path: Path, port: int, name: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({"port": port, "token": f"{name}-token-0123456789abcdef",
+                                    "data_dir": str(path.parent / "data")}))
+    return path
+
+
+def test_uninstall_stops_the_daemon_it_configured(tmp_path: Path) -> None:
+    ed = linux_ed(tmp_path / "easy-diffusion")
+    port = free_port()
+    cfg = _daemon_config(tmp_path / "daemon" / "config.yaml", port, "ours")
+    assert install(ed, cfg)[0] == 0
+    proc = _start_daemon(cfg, tmp_path / "daemon.log")
+    try:
+        rc, out = run("--ed-root", ed, "--uninstall", "--dry-run")
+        assert rc == 0 and f"stop daemon   http://127.0.0.1:{port} (process {proc.pid})" in out
+        time.sleep(0.3)
+        assert proc.poll() is None  # a dry run stops nothing
+
+        rc, out = run("--ed-root", ed, "--uninstall")
+        assert rc == 0, out
+        assert f"stopped       the daemon at http://127.0.0.1:{port} (process {proc.pid})" in out
+        assert proc.wait(5) == 0  # the installer waited for it: it has already exited
+        assert _port_free(port)
+        assert "Character LoRA daemon stopped." in (tmp_path / "daemon.log").read_text()
+        assert not (ed / SETTINGS_FILE).exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_uninstall_says_when_no_daemon_runs_and_leaves_another_configs_daemon_alone(tmp_path: Path) -> None:
+    ed = linux_ed(tmp_path / "easy-diffusion")
+    port = free_port()
+    cfg = _daemon_config(tmp_path / "daemon" / "config.yaml", port, "ours")
+    assert install(ed, cfg)[0] == 0
+    other = _daemon_config(tmp_path / "other" / "config.yaml", port, "other")  # a leftover on the same port
+    proc = _start_daemon(other, tmp_path / "other.log")
+    try:
+        rc, out = run("--ed-root", ed, "--uninstall")
+        assert rc == 0, out
+        assert f"leftover of another configuration (process {proc.pid}, config {other})" in out
+        assert "It was left running." in out
+        time.sleep(0.3)
+        assert proc.poll() is None
+        assert not (ed / SETTINGS_FILE).exists()  # the plugin is removed all the same
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+    assert install(ed, cfg)[0] == 0
+    rc, out = run("--ed-root", ed, "--uninstall")
+    assert rc == 0 and f"daemon        not running at http://127.0.0.1:{port}" in out

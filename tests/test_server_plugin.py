@@ -421,3 +421,126 @@ def test_fallback_yaml_reader_without_yaml_libraries() -> None:
     assert data["host"] == "127.0.0.1" and data["port"] == 9131 and data["token"] == "abc-def_0123456789"
     assert data["allowed_origins"] == ["http://localhost:9000", "http://127.0.0.1:9000"]
     assert data["allow_cpu"] is False
+
+
+# --------------------------------------------------------------------------------------------- lifecycle
+
+
+def _health_body(port: int) -> dict[str, Any] | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as resp:
+            return dict(json.loads(resp.read()))
+    except OSError:
+        return None
+
+
+def _pid_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def _auth(token: str = "plugin-test-token-0123456789") -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_a_leftover_daemon_of_another_config_is_named_not_taken_for_ours(fake_ed: FakeEd, tmp_path: Path) -> None:
+    """A daemon of another config (its own token and data folder) holds the port: /info says what it is and how
+    to fix it, /start does not call it ours, /stop leaves it alone; once it is gone ours starts and is ours."""
+    fake_ed.write_daemon_config()
+    fake_ed.write_settings()
+    port = fake_ed.daemon_port
+    other_cfg = tmp_path / "other" / "config.yaml"
+    other_cfg.parent.mkdir()
+    other_cfg.write_text(yaml.safe_dump({"port": port, "token": "another-token-0123456789abc",
+                                         "data_dir": str(tmp_path / "other" / "data")}))
+    client, plugin = start_ed(fake_ed)
+    with (tmp_path / "leftover.log").open("wb") as out:
+        leftover = subprocess.Popen([sys.executable, "-m", "daemon", "--config", str(other_cfg)], cwd=REPO,
+                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    ours_pid = None
+    try:
+        wait_for(lambda: health(port), timeout=60)
+        body = client.get("/character-lora/info").json()
+        assert body["daemon"]["running"] is True and body["daemon"]["ours"] is False
+        assert body["daemon"]["pid"] == leftover.pid
+        [problem] = body["problems"]
+        assert "leftover of another configuration" in problem["error"]
+        assert f"process {leftover.pid}" in problem["error"] and str(other_cfg) in problem["error"]
+        assert str(fake_ed.cfg) in problem["error"]
+        assert f"end process {leftover.pid}" in problem["fix"] and f"another port in {fake_ed.cfg}" in problem["fix"]
+
+        resp = client.post("/character-lora/start")
+        assert resp.json()["start"]["state"] == "port_taken"
+        assert "leftover" in resp.json()["start"]["error"]
+        resp = client.post("/character-lora/stop", headers=_auth())
+        assert resp.status_code == 409 and "leftover" in resp.json()["error"]
+        time.sleep(0.3)
+        assert leftover.poll() is None and health(port)
+
+        # the leftover stopped (with its own token): our daemon starts on the port and is recognised as ours
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/shutdown", method="POST", data=b"",
+                                     headers=_auth("another-token-0123456789abc"))
+        with urllib.request.urlopen(req, timeout=5) as r:
+            assert r.status == 202
+        assert leftover.wait(15) == 0
+        resp = client.post("/character-lora/start")
+        ours_pid = resp.json()["start"]["pid"]
+        wait_for(lambda: plugin.start_state()["state"] == "running", timeout=60)
+        body = client.get("/character-lora/info").json()
+        assert body["daemon"]["ours"] is True and body["problems"] == []
+        assert body["daemon"]["pid"] == _health_body(port)["pid"]
+    finally:
+        stop_process_group(leftover.pid)
+        leftover.wait(15)
+        if ours_pid:
+            stop_process_group(ours_pid)
+
+
+def test_stop_and_restart_routes_need_the_token_and_wait_for_the_process(fake_ed: FakeEd) -> None:
+    fake_ed.write_daemon_config()
+    fake_ed.write_settings()
+    port = fake_ed.daemon_port
+    client, plugin = start_ed(fake_ed)
+    pids: list[int] = []
+    try:
+        # not running: stop says so, restart just starts it
+        resp = client.post("/character-lora/stop", headers=_auth())
+        assert resp.status_code == 200 and resp.json()["stopped"] is False
+        assert "was not running" in resp.json()["message"]
+        resp = client.post("/character-lora/restart", headers=_auth())
+        assert resp.status_code == 200, resp.json()
+        assert resp.json()["start"]["state"] == "running"
+        first = _health_body(port)
+        assert first is not None
+        pids.append(first["pid"])
+
+        for headers in ({}, _auth("wrong-token-0123456789abcdef"), {"Authorization": "Basic abc"}):
+            for action in ("stop", "restart"):
+                resp = client.post(f"/character-lora/{action}", headers=headers)
+                assert resp.status_code == 401 and "token" in resp.json()["error"]
+        assert _health_body(port) == first
+
+        # restart: the old process has exited before the new one starts (the data folder lock is free)
+        resp = client.post("/character-lora/restart", headers=_auth())
+        assert resp.status_code == 200, resp.json()
+        assert resp.json()["stopped"] is True and resp.json()["start"]["state"] == "running"
+        second = _health_body(port)
+        assert second is not None and second["pid"] != first["pid"]
+        pids.append(second["pid"])
+        assert _pid_gone(first["pid"])
+        assert "Character LoRA daemon stopped." in (fake_ed.cfg.parent / "ed-autostart.log").read_text()
+
+        resp = client.post("/character-lora/stop", headers=_auth())
+        assert resp.status_code == 200 and resp.json() == {"stopped": True, "running": False, "pid": second["pid"]}
+        assert _health_body(port) is None and _pid_gone(second["pid"])
+        assert client.get("/character-lora/info").json()["daemon"]["running"] is False
+        # a stop the user asked for is no failure: the banner must not say "the daemon exited with code 0"
+        wait_for(lambda: plugin.start_state()["exit_code"] == 0)
+        assert plugin.start_state()["state"] == "stopped" and plugin.start_state()["error"] is None
+    finally:
+        for pid in pids:
+            stop_process_group(pid)

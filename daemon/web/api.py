@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import shutil
 import sqlite3
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from aiohttp import web
@@ -15,6 +17,7 @@ from aiohttp import web
 from daemon import __version__
 from daemon.config import Config
 from daemon.errors import BadInput, NotFound, database_error, disk_errors
+from daemon.instance_id import instance_id
 from daemon.jobs import fields
 from daemon.jobs.models import Job
 from daemon.jobs.store import LOG_RING
@@ -26,12 +29,51 @@ from daemon.pipeline.runner import job_paths
 from daemon.web.keys import CONFIG, GPU, QUEUE, STORE
 from daemon.web.uploads import UPLOAD_SLOTS, UploadLimits, read_train_form
 
+log = logging.getLogger(__name__)
+
 routes = web.RouteTableDef()
 
 
 @routes.get("/health")
 async def health(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok", "version": __version__})
+    config = request.app[CONFIG].current
+    # instance/pid/config let the ED server plugin tell its own daemon from one left over by another config.
+    return web.json_response({"status": "ok", "version": __version__,
+                              "instance": instance_id(config.path, config.data_dir), "pid": os.getpid(),
+                              "config": os.path.abspath(config.path) if config.path is not None else None})
+
+
+def _graceful_exit() -> None:
+    raise web.GracefulExit()
+
+
+class Shutdown:
+    """Stops the daemon once. A second request while it stops changes nothing: a second GracefulExit raised
+    during the cleanup would cut short the stopping of the trainer."""
+
+    def __init__(self, stop: Callable[[], None] = _graceful_exit) -> None:
+        self.requested = False
+        self._stop = stop
+
+    def request(self) -> None:
+        if self.requested:
+            return
+        self.requested = True
+        log.info("shutdown requested over HTTP")
+        # GracefulExit is what run_app's own SIGINT handler raises; a loop callback raising it works on Windows
+        # too, and the answer still goes out: aiohttp's graceful shutdown lets running handlers finish.
+        asyncio.get_running_loop().call_soon(self._stop)
+
+
+SHUTDOWN = web.AppKey("shutdown", Shutdown)
+
+
+@routes.post("/shutdown")
+async def shutdown(request: web.Request) -> web.Response:
+    """Stop as on Ctrl+C: answer, then the trainer tree is killed, its job marked interrupted, and
+    `python -m daemon` exits 0."""
+    request.app[SHUTDOWN].request()
+    return web.json_response({"stopping": True}, status=202)
 
 
 @routes.post("/config/test")

@@ -21,7 +21,7 @@ from daemon.jobs.recovery import sweep_temp_files
 from daemon.jobs.store import JobStore
 from daemon.pipeline.env_check import GpuInfo, kohya_python, probe_gpu
 from daemon.pipeline.runner import JobRunner
-from daemon.web.api import routes
+from daemon.web.api import SHUTDOWN, Shutdown, routes
 from daemon.web.keys import CONFIG, GPU, HUB, QUEUE, STORE
 from daemon.web.middlewares import error_middleware, protocol_logger, security_middleware
 from daemon.web.uploads import UPLOAD_SLOTS, UploadSlots
@@ -40,6 +40,7 @@ def create_app(config: Config, *, gpu_probe: Callable[[], GpuInfo] | None = None
     app[UPLOAD_SLOTS] = UploadSlots()
     # The kohya python can change live: each probe asks the settings in force.
     app[GPU] = GpuCache(gpu_probe or (lambda: probe_gpu(kohya_python(live.current))))
+    app[SHUTDOWN] = Shutdown()
     app.add_routes(routes)
     app.router.add_get("/ws", websocket_handler)
     app.cleanup_ctx.append(_jobs_ctx)

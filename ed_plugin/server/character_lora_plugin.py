@@ -11,6 +11,12 @@ What it does:
   origin, so no CORS) to learn the daemon's URL and token and ED's models and LoRA folders. The token only
   ever reaches the page through this route.
 * adds ``POST /character-lora/start``, which starts the daemon on demand (the banner's "Start daemon").
+* adds ``POST /character-lora/stop`` and ``POST /character-lora/restart`` (the tab's Stop and Restart; they need
+  ``Authorization: Bearer <daemon token>``, the token ``/info`` hands the tab): the daemon is asked to stop
+  (its authenticated ``POST /shutdown``), the plugin waits until its process has exited, and Restart then starts
+  it again as the autostart does.
+* tells its own daemon from a leftover of another config that holds the port: ``GET /health`` reports an
+  instance id (from the daemon's config path) which ``/info`` compares with the one of its own config.
 * when the settings say ``"autostart": true``, starts the training daemon (``<daemon venv python> -m daemon
   --config <path>``) in a background thread if ``GET /health`` does not answer. The daemon runs in its own
   session / process group, detached, so a daemon crash does not touch ED and ED exiting does not kill it.
@@ -30,6 +36,8 @@ Settings live next to this file in ``character_lora_plugin.json`` (written by ``
 Anything that goes wrong is logged; importing this module never raises, so ED always starts.
 """
 
+import hashlib
+import hmac
 import json
 import logging
 import os
@@ -50,7 +58,8 @@ DEFAULT_PORT = 9131
 log = logging.getLogger("easydiffusion.character_lora")
 
 _start_lock = threading.Lock()
-_start_state = {"state": "idle", "error": None, "pid": None, "log": None, "at": None, "exit_code": None}
+_start_state = {"state": "idle", "error": None, "pid": None, "log": None, "at": None, "exit_code": None,
+                "stop_requested": False}
 
 
 # --------------------------------------------------------------------------------------------- settings
@@ -204,14 +213,56 @@ def _same_dir(a, b):
 # --------------------------------------------------------------------------------------------- daemon
 
 
-def probe_daemon(url, timeout=1.0):
-    """True when ``GET <url>/health`` answers ``{"status": "ok"}``."""
+def fetch_health(url, timeout=1.0):
+    """The body of ``GET <url>/health`` when a daemon answers ``{"status": "ok"}``, else None."""
     try:
         with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout) as resp:
             body = json.loads(resp.read().decode("utf-8") or "{}")
-        return isinstance(body, dict) and body.get("status") == "ok"
     except (urllib.error.URLError, OSError, ValueError):
-        return False
+        return None
+    return body if isinstance(body, dict) and body.get("status") == "ok" else None
+
+
+def probe_daemon(url, timeout=1.0):
+    """True when ``GET <url>/health`` answers ``{"status": "ok"}``."""
+    return fetch_health(url, timeout) is not None
+
+
+def expected_instance(cfg_path):
+    """The instance id ``/health`` reports for a daemon started with this config file.
+
+    The same recipe as the daemon's ``daemon/instance_id.py`` (this file cannot import the daemon: it runs in
+    ED's Python); tests/test_lifecycle.py checks that both agree."""
+    canonical = os.path.normcase(os.path.realpath(os.path.abspath(cfg_path)))
+    return hashlib.sha256(("config:" + canonical).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def is_ours(health, cfg_path):
+    """True/False when the answering daemon was/was not started with ``cfg_path``; None when nothing answers,
+    no config is set, or the daemon is too old to report its instance."""
+    if not health or not cfg_path or not health.get("instance"):
+        return None
+    return health.get("instance") == expected_instance(cfg_path)
+
+
+def foreign_problem(health, url, cfg_path):
+    """The problem sentence for a daemon on our port that belongs to another config."""
+    pid = health.get("pid")
+    other = health.get("config")
+    details = []
+    if pid:
+        details.append(f"process {pid}")
+    if other:
+        details.append(f"config {other}")
+    what = " ({})".format(", ".join(details)) if details else ""
+    stop = f"end process {pid}" if pid else "stop it"
+    if other:
+        stop += f" or send it POST /shutdown with the token from {other}"
+    return {
+        "error": f"The daemon answering at {url} is a leftover of another configuration{what}, not the one {cfg_path} "
+        "describes, so it refuses this configuration's token.",
+        "fix": f"Stop that daemon ({stop}), or set another port in {cfg_path}; then start the daemon again.",
+    }
 
 
 def _child_env(workdir, python):
@@ -259,8 +310,12 @@ def spawn_daemon(settings, cfg_url):
         os.path.join(os.path.dirname(cfg_path), "ed-autostart.log") if cfg_path else None
     )
     with _start_lock:
-        if probe_daemon(cfg_url):
-            _set_state(state="already_running", error=None)
+        health = fetch_health(cfg_url)
+        if health is not None:
+            if is_ours(health, cfg_path) is False:
+                _set_state(state="port_taken", error=foreign_problem(health, cfg_url, cfg_path)["error"])
+            else:
+                _set_state(state="already_running", error=None)
             return start_state()
         if not python or not cfg_path:
             _set_state(state="not_configured", error="daemon_python or daemon_config is not set in the settings.")
@@ -303,7 +358,7 @@ def spawn_daemon(settings, cfg_url):
         finally:
             if out is not subprocess.DEVNULL:
                 out.close()
-        _set_state(state="starting", error=None, pid=proc.pid, log=log_path, exit_code=None)
+        _set_state(state="starting", error=None, pid=proc.pid, log=log_path, exit_code=None, stop_requested=False)
         log.info("Character LoRA: started the training daemon (pid %s), log: %s", proc.pid, log_path)
 
     # reap it (no zombie) and record how it ended; a daemon thread, so it never holds ED open
@@ -322,13 +377,20 @@ def _watch(proc, cfg_url, log_path):
         time.sleep(0.5)
     code = proc.wait()
     with _start_lock:
+        asked = bool(_start_state.get("stop_requested")) and code == 0
         if _start_state.get("pid") == proc.pid:
-            _set_state(
-                state="exited",
-                exit_code=code,
-                error="The daemon exited with code {}; see {}.".format(code, log_path or "its output"),
-            )
-    log.warning("Character LoRA: the training daemon exited with code %s (log: %s)", code, log_path)
+            if asked:  # the tab's Stop or Restart: not a failure to report
+                _set_state(state="stopped", exit_code=code, error=None)
+            else:
+                _set_state(
+                    state="exited",
+                    exit_code=code,
+                    error="The daemon exited with code {}; see {}.".format(code, log_path or "its output"),
+                )
+    if asked:
+        log.info("Character LoRA: the training daemon stopped on request")
+    else:
+        log.warning("Character LoRA: the training daemon exited with code %s (log: %s)", code, log_path)
 
 
 def start_in_background(settings_path=None):
@@ -355,6 +417,121 @@ def start_in_background(settings_path=None):
     _set_state(state="checking", error=None)
     t.start()
     return t
+
+
+# --------------------------------------------------------------------------------------------- stop, restart
+
+STOP_TIMEOUT_S = 30.0  # the daemon's graceful shutdown waits up to 10 s for requests, then kills the trainer
+RESTART_WAIT_S = 60.0
+
+
+def _pid_alive(pid):
+    """Whether process ``pid`` still runs (a zombie does not). Never signals it: on Windows ``os.kill(pid, 0)``
+    would terminate the process."""
+    if os.name == "nt":
+        import ctypes
+
+        kernel32 = ctypes.windll.kernel32
+        handle = kernel32.OpenProcess(0x00100000, False, int(pid))  # SYNCHRONIZE
+        if not handle:
+            return False
+        try:
+            return kernel32.WaitForSingleObject(handle, 0) != 0  # WAIT_OBJECT_0: it has exited
+        finally:
+            kernel32.CloseHandle(handle)
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    try:
+        with open(f"/proc/{int(pid)}/stat", encoding="utf-8") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _post_shutdown(url, token, timeout=5.0):
+    """POST <url>/shutdown with the token: the HTTP status, or None when nothing answered."""
+    req = urllib.request.Request(url.rstrip("/") + "/shutdown", data=b"", method="POST",
+                                 headers={"Authorization": "Bearer " + (token or "")})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+def _wait_gone(url, pid, timeout):
+    """Until the daemon no longer answers and its process has exited (so its data folder lock is free too)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if not probe_daemon(url, timeout=0.5) and not (pid and _pid_alive(pid)):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def stop_daemon(cfg_path, cfg, timeout=STOP_TIMEOUT_S):
+    """Stop the daemon this config describes. Returns (HTTP status for the tab, JSON body). Never raises."""
+    url, _host = daemon_address(cfg)
+    health = fetch_health(url)
+    if health is None:
+        return 200, {"stopped": False, "running": False, "message": f"The daemon at {url} was not running."}
+    if is_ours(health, cfg_path) is False:
+        problem = foreign_problem(health, url, cfg_path)
+        return 409, {"error": problem["error"], "hint": problem["fix"]}
+    pid = health.get("pid")
+    with _start_lock:
+        _set_state(stop_requested=True)
+    status = _post_shutdown(url, cfg.get("token"))
+    if status == 401:
+        return 409, {"error": f"The daemon at {url} refused the token in {cfg_path}.",
+                     "hint": "End process {} by hand, then start the daemon again.".format(pid or "of that daemon")}
+    if status != 202:
+        return 502, {"error": "The daemon at {} did not accept the stop request ({}).".format(
+            url, "no answer" if status is None else f"HTTP {status}"),
+            "hint": "Try again, or end process {} by hand.".format(pid or "of that daemon")}
+    if not _wait_gone(url, pid, timeout):
+        return 504, {"error": f"The daemon (process {pid}) did not stop within {timeout:.0f} s.",
+                     "hint": f"End process {pid} by hand."}
+    with _start_lock:
+        if _start_state.get("state") != "stopped":  # a daemon this ED did not start (no watcher records it)
+            _set_state(state="stopped", error=None)
+    log.info("Character LoRA: stopped the training daemon (pid %s)", pid)
+    return 200, {"stopped": True, "running": False, "pid": pid}
+
+
+def restart_daemon(settings, cfg, wait=RESTART_WAIT_S):
+    """Stop (if it runs), then start as the autostart does and wait until it answers. (status, body)."""
+    cfg_path = settings.get("daemon_config")
+    status, body = stop_daemon(cfg_path, cfg)
+    if status != 200:
+        return status, body
+    url, _host = daemon_address(cfg)
+    state = spawn_daemon(settings, url)
+    deadline = time.time() + wait
+    while state.get("state") == "starting" and time.time() < deadline:
+        time.sleep(0.1)
+        state = start_state()
+    body = {"stopped": body.get("stopped"), "start": state}
+    if state.get("state") in ("running", "already_running"):
+        return 200, body
+    body["error"] = state.get("error") or f"The daemon did not answer within {wait:.0f} s."
+    return 500, body
+
+
+def _bearer_ok(header, token):
+    """The stop/restart routes take the daemon token, as the daemon's own mutating calls do: another page the
+    browser visits cannot stop the daemon with a plain form post."""
+    if not token or not header or not header.lower().startswith("bearer "):
+        return False
+    return hmac.compare_digest(header[7:].strip().encode("utf-8"), str(token).encode("utf-8"))
 
 
 # --------------------------------------------------------------------------------------------- info
@@ -412,7 +589,11 @@ def build_info(settings_path=None, probe=True):
             }
         )
     state = start_state()
-    running = probe_daemon(url) if probe else None
+    health = fetch_health(url) if probe else None
+    running = (health is not None) if probe else None
+    ours = is_ours(health, cfg_path)
+    if ours is False:
+        problems.append(foreign_problem(health, url, cfg_path))
     can_start = bool(settings.get("daemon_python") and cfg_path)
     return {
         "plugin_version": PLUGIN_VERSION,
@@ -425,6 +606,9 @@ def build_info(settings_path=None, probe=True):
             "autostart": bool(settings.get("autostart")),
             "can_start": can_start,
             "running": running,
+            # False: what answers on the port is a leftover of another config (see problems); None: unknown
+            "ours": ours,
+            "pid": health.get("pid") if health else None,
             "start": state,
             "start_command": (
                 "{} -m daemon --config {}".format(settings.get("daemon_python"), cfg_path) if can_start else None
@@ -441,6 +625,7 @@ def build_info(settings_path=None, probe=True):
 
 def register_routes(server_api, settings_path=None):
     """Add the plugin's routes to a FastAPI app (ED's ``server_api``)."""
+    from fastapi import Request
     from fastapi.responses import JSONResponse
 
     no_store = {"Cache-Control": "no-store", "Pragma": "no-cache"}
@@ -466,6 +651,33 @@ def register_routes(server_api, settings_path=None):
         status = 500 if state.get("state") in ("failed", "not_configured") else 200
         return JSONResponse({"start": state}, status_code=status, headers=no_store)
 
+    def lifecycle(request, action):
+        settings, problem = load_settings(settings_path)
+        cfg_path = settings.get("daemon_config")
+        if problem or not cfg_path or not os.path.isfile(cfg_path):
+            return JSONResponse({"error": problem or "The daemon config is not set up.",
+                                 "hint": "Run install_plugin.py again."}, status_code=409, headers=no_store)
+        try:
+            cfg = read_daemon_config(cfg_path)
+        except Exception as e:
+            return JSONResponse({"error": f"The daemon config {cfg_path} cannot be read ({e}).",
+                                 "hint": "Fix the YAML in that file."}, status_code=409, headers=no_store)
+        if not _bearer_ok(request.headers.get("authorization"), cfg.get("token")):
+            return JSONResponse({"error": "This call needs the daemon token.",
+                                 "hint": "Send 'Authorization: Bearer <token>' with the token from "
+                                 + ROUTE_PREFIX + "/info."}, status_code=401, headers=no_store)
+        status, body = stop_daemon(cfg_path, cfg) if action == "stop" else restart_daemon(settings, cfg)
+        return JSONResponse(body, status_code=status, headers=no_store)
+
+    @server_api.post(ROUTE_PREFIX + "/stop")
+    def character_lora_stop(request: Request):
+        # sync: FastAPI runs it in its thread pool while the daemon winds down
+        return lifecycle(request, "stop")
+
+    @server_api.post(ROUTE_PREFIX + "/restart")
+    def character_lora_restart(request: Request):
+        return lifecycle(request, "restart")
+
     return server_api
 
 
@@ -477,7 +689,7 @@ def _init():
         return
     try:
         register_routes(server_api)
-        log.info("Character LoRA: added %s/info and %s/start", ROUTE_PREFIX, ROUTE_PREFIX)
+        log.info("Character LoRA: added %s/info, /start, /stop and /restart", ROUTE_PREFIX)
     except Exception:
         log.exception("Character LoRA: could not add the plugin's routes")
     try:
