@@ -33,6 +33,7 @@ Anything that goes wrong is logged; importing this module never raises, so ED al
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -436,12 +437,36 @@ def build_info(settings_path=None, probe=True):
     }
 
 
+# --------------------------------------------------------------------------------------------- tab modules
+
+# The tab's ES modules: install_plugin.py copies ed_plugin/ui/character-lora/ to <ED root>/plugins/ui/character-lora/,
+# next to plugins/server/ where this file lives (the same relative place as in the project folder).
+UI_MODULES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ui", "character-lora")
+# a module name is one or two lower-case path segments ending in .js: no "..", no backslash, no absolute path
+_UI_MODULE_RE = re.compile(r"^[a-z][a-z0-9-]*(/[a-z][a-z0-9-]*)?\.js$")
+JS_MIME = "text/javascript; charset=utf-8"
+
+
+def ui_module(name, ui_dir=None):
+    """(status, body bytes, content type) for ``GET /character-lora/ui/<name>``. Never reads outside ui_dir."""
+    ui_dir = os.path.realpath(ui_dir or UI_MODULES_DIR)
+    if not isinstance(name, str) or not _UI_MODULE_RE.match(name):
+        body = {"error": f"There is no tab module named {str(name)[:80]!r}."}
+        return 404, json.dumps(body).encode("utf-8"), "application/json"
+    path = os.path.realpath(os.path.join(ui_dir, *name.split("/")))
+    if os.path.commonpath([ui_dir, path]) != ui_dir or not os.path.isfile(path):
+        body = {"error": f"There is no tab module named {name!r}."}
+        return 404, json.dumps(body).encode("utf-8"), "application/json"
+    with open(path, "rb") as f:
+        return 200, f.read(), JS_MIME
+
+
 # --------------------------------------------------------------------------------------------- routes
 
 
 def register_routes(server_api, settings_path=None):
     """Add the plugin's routes to a FastAPI app (ED's ``server_api``)."""
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, Response
 
     no_store = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
@@ -466,6 +491,13 @@ def register_routes(server_api, settings_path=None):
         status = 500 if state.get("state") in ("failed", "not_configured") else 200
         return JSONResponse({"start": state}, status_code=status, headers=no_store)
 
+    @server_api.get(ROUTE_PREFIX + "/ui/{name:path}")
+    def character_lora_ui_module(name: str):
+        status, body, ctype = ui_module(name)
+        # no-cache like ED's own /plugins/user files: an updated install shows after a page reload
+        headers = {"Cache-Control": "no-cache, no-store, must-revalidate", "X-Content-Type-Options": "nosniff"}
+        return Response(content=body, status_code=status, media_type=ctype, headers=headers)
+
     return server_api
 
 
@@ -477,7 +509,7 @@ def _init():
         return
     try:
         register_routes(server_api)
-        log.info("Character LoRA: added %s/info and %s/start", ROUTE_PREFIX, ROUTE_PREFIX)
+        log.info("Character LoRA: added %s/info, %s/start and %s/ui/", ROUTE_PREFIX, ROUTE_PREFIX, ROUTE_PREFIX)
     except Exception:
         log.exception("Character LoRA: could not add the plugin's routes")
     try:
