@@ -21,24 +21,54 @@
     const LOAD_FAILED =
         "The Train character LoRA tab could not load its code from Easy Diffusion's server " +
         "(" + ENTRY + "): restart Easy Diffusion so that it loads the Character LoRA server plugin, then reload this page."
-    const loader = { loaded: true, version: "0.1.0", modules: "loading", loadError: null }
+    const loader = { loaded: true, version: "0.1.0", modules: "loading", loadError: null, tab: { onOpen: null } }
     window.CharacterLoRA = loader
 
-    function showLoadFailure() {
-        let make
+    /** The tab's placeholder, made as soon as ED's createTab exists (so the tab takes its place among the other
+     * plugins' tabs at once); main.js replaces the placeholder with the tab's content. */
+    function makeTab() {
+        let create
         try {
-            make = typeof createTab === "function" ? createTab : undefined
+            create = typeof createTab === "function" ? createTab : undefined
         } catch (e) {
-            make = undefined
+            create = undefined
         }
-        if (!make || !document.getElementById("tab-container") || !document.getElementById("tab-content-wrapper")) return false
+        if (!create || !document.getElementById("tab-container") || !document.getElementById("tab-content-wrapper")) return false
         if (document.getElementById("tab-" + TAB_ID)) return true
+        const placeholder = document.createElement("p")
+        placeholder.setAttribute("data-clora", "loading")
+        placeholder.textContent = "Loading the Train character LoRA tab…"
+        create({
+            id: TAB_ID,
+            icon: "fa-user-gear",
+            label: "Train character LoRA",
+            content: placeholder,
+            onOpen: () => {
+                if (loader.tab.onOpen) loader.tab.onOpen()
+                return undefined
+            },
+        })
+        return true
+    }
+
+    function showLoadFailure() {
+        const inner = document.getElementById(TAB_ID)
+        if (!inner) return false
         const note = document.createElement("p")
         note.setAttribute("data-clora", "load-error")
         note.setAttribute("role", "alert")
         note.textContent = LOAD_FAILED
-        make({ id: TAB_ID, icon: "fa-user-gear", label: "Train character LoRA", content: note })
+        inner.replaceChildren(note)
         return true
+    }
+
+    // ED runs plugins after its own scripts, but plugin managers may eval us earlier: wait for createTab.
+    if (!makeTab()) {
+        let tries = 0
+        const timer = setInterval(() => {
+            tries += 1
+            if (makeTab() || tries > 600) clearInterval(timer)
+        }, 100)
     }
 
     import(ENTRY).then(
