@@ -11,6 +11,10 @@ What it does:
   origin, so no CORS) to learn the daemon's URL and token and ED's models and LoRA folders. The token only
   ever reaches the page through this route.
 * adds ``POST /character-lora/start``, which starts the daemon on demand (the banner's "Start daemon").
+* adds ``GET /character-lora/ui/<name>.js``: the tab's ES modules, which ``install_plugin.py`` copies to
+  ``<ED root>/plugins/ui/character-lora/`` (``../ui/character-lora`` from this file). ED's tab loader
+  (``plugins/ui/character-lora.plugin.js``) imports ``main.js`` from there. Only lower-case ``name.js`` or
+  ``folder/name.js`` inside that folder is served (a link out of it is refused), as JavaScript.
 * when the settings say ``"autostart": true``, starts the training daemon (``<daemon venv python> -m daemon
   --config <path>``) in a background thread if ``GET /health`` does not answer. The daemon runs in its own
   session / process group, detached, so a daemon crash does not touch ED and ED exiting does not kill it.
