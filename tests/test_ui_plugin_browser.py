@@ -696,3 +696,38 @@ def test_tab_says_restart_ed_when_its_modules_cannot_load(env: Env, browser: Any
     context.close()
     assert any("[Character LoRA]" in line and "restart Easy Diffusion" in line for line in console), console
     assert not [line for line in console if line.startswith("pageerror")]
+
+
+def test_socket_and_api_modules_on_their_own(env: Env, page: Any) -> None:
+    """socket.js re-dispatches each frame under its type; api.js fails with typed DaemonErrors."""
+    page.goto(env.ed_url)
+    page.wait_for_function("window.__edFake && window.__edFake.ready")
+    got = page.evaluate(
+        """async ([url, token, deadUrl]) => {
+            const { DaemonSocket } = await import("/character-lora/ui/socket.js")
+            const { DaemonClient, DaemonError } = await import("/character-lora/ui/api.js")
+            const sock = new DaemonSocket(() => ({ url, token }))
+            const frames = []
+            sock.addEventListener("frame", (ev) => frames.push(ev.detail.type))
+            const snapshot = new Promise((resolve) => sock.addEventListener("snapshot", (ev) => resolve(ev.detail)))
+            sock.open()
+            const frame = await snapshot
+            sock.wanted = false
+            sock.close()
+
+            const client = new DaemonClient()
+            client.configure(url, "not-the-token")
+            const caught = async (p) => p.then(() => null, (e) => ({
+                isDaemonError: e instanceof DaemonError, kind: e.kind, status: e.status, message: e.message }))
+            const wrongToken = await caught(client.request("GET", "/jobs"))
+            client.configure(deadUrl, token)
+            const unreachable = await caught(client.request("GET", "/health", null, { auth: false }))
+            return { type: frame.type, jobs: Array.isArray((frame.data || {}).jobs), frames, wrongToken, unreachable }
+        }""",
+        [env.daemon.url, env.token, f"http://127.0.0.1:{free_port()}"],
+    )
+    assert got["type"] == "snapshot" and got["jobs"] and got["frames"][0] == "snapshot"
+    assert got["wrongToken"]["isDaemonError"] and got["wrongToken"]["kind"] == "http"
+    assert got["wrongToken"]["status"] == 401 and got["wrongToken"]["message"]
+    assert got["unreachable"]["isDaemonError"] and got["unreachable"]["kind"] == "network"
+    assert got["unreachable"]["status"] == 0 and "cannot be reached" in got["unreachable"]["message"]
