@@ -88,3 +88,32 @@ export function scheduleRender() {
 export function renderAll() {
     for (const view of views) view()
 }
+
+// The views change the state only through these (the daemon's events and the controllers write the rest).
+
+/** The user picked a job in the list: the panel shows it until they pick another. */
+export function selectJob(id) {
+    state.selectedId = id
+    state.userSelected = true
+    renderAll()
+}
+
+/** The daemon deleted the job: it leaves the list. */
+export function forgetJob(id) {
+    state.jobs.delete(id)
+    scheduleRender()
+}
+
+/** The user chose a base model: stop following ED's current model. */
+export function touchBaseModel() {
+    state.baseModelTouched = true
+}
+
+/** An advanced field the user changed is sent with the job; the others come from the preset. */
+export function markParamChanged(key) {
+    state.paramsDirty.add(key)
+}
+
+export function resetParams() {
+    state.paramsDirty.clear()
+}

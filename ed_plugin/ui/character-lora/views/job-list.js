@@ -2,7 +2,7 @@
 import { STATE_LABELS } from "../constants.js"
 import { el, icon, toast } from "../dom.js"
 import { fmtTime, isFinished } from "../format.js"
-import { client, state, sortedJobs, selectedJob, scheduleRender, renderAll } from "../store.js"
+import { client, sortedJobs, selectedJob, selectJob, forgetJob } from "../store.js"
 import { ui } from "./ui.js"
 import { useLora } from "../use-lora.js"
 
@@ -31,8 +31,7 @@ export function renderJobList() {
                               e.stopPropagation()
                               try {
                                   await client.request("DELETE", "/jobs/" + encodeURIComponent(job.id))
-                                  state.jobs.delete(job.id)
-                                  scheduleRender()
+                                  forgetJob(job.id)
                               } catch (err) {
                                   toast("Could not remove the job: " + err.message, true)
                               }
@@ -56,9 +55,7 @@ export function renderJobList() {
             el("td", { style: { whiteSpace: "nowrap", textAlign: "right" } }, useBtn, " ", del)
         )
         tr.addEventListener("click", () => {
-            state.selectedId = job.id
-            state.userSelected = true
-            renderAll()
+            selectJob(job.id)
         })
         return tr
     })

@@ -1,7 +1,7 @@
 // Builds the tab's DOM once: the form, the job panel, the job list, the banner.
 import { MIN_IMAGES, MAX_IMAGES, MIN_SIDE, PARAM_FIELDS } from "../constants.js"
 import { el, icon } from "../dom.js"
-import { state, renderAll } from "../store.js"
+import { renderAll, touchBaseModel, markParamChanged, resetParams } from "../store.js"
 import { ui } from "./ui.js"
 import { connect } from "../connection.js"
 import { validateName, validateTrigger, validateClass } from "../form-rules.js"
@@ -60,12 +60,12 @@ export function buildUI() {
         input._validate = validate
     }
     ui.baseModel.addEventListener("change", () => {
-        state.baseModelTouched = true
+        touchBaseModel()
         ui.serverErrors.base_model.textContent = ""
         renderForm()
     })
     ui.preset.addEventListener("change", () => {
-        state.paramsDirty.clear()
+        resetParams()
         fillParamsFromPreset()
         renderForm()
     })
@@ -76,7 +76,7 @@ export function buildUI() {
             attrs: { id: "clora-p-" + f.key, type: "number", step: f.step, min: f.min, max: f.max, title: f.title, "data-param": f.key, inputmode: f.type === "int" ? "numeric" : "decimal" },
         })
         input.addEventListener("input", () => {
-            state.paramsDirty.add(f.key)
+            markParamChanged(f.key)
             input.classList.add("clora-dirty")
             ui.serverErrors.params.textContent = ""
             renderForm()
@@ -86,7 +86,7 @@ export function buildUI() {
     }
     const resetBtn = el(
         "button",
-        { className: "tertiaryButton", attrs: { type: "button" }, on: { click: () => { state.paramsDirty.clear(); fillParamsFromPreset(); renderForm() } } },
+        { className: "tertiaryButton", attrs: { type: "button" }, on: { click: () => { resetParams(); fillParamsFromPreset(); renderForm() } } },
         "Reset to preset"
     )
     ui.serverErrors.params = el("div", { className: "clora-err" })
