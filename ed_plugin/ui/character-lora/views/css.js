@@ -1,7 +1,5 @@
-// The tab's style sheet (ED's createTab adds it to the page).
+// The tab's style sheet (main.js adds it where ED's createTab puts a tab's css).
 import { TAB_ID } from "../constants.js"
-import { state } from "../store.js"
-import { field } from "./tab.js"
 
 export const CSS = `
 #${TAB_ID}.tab-content-inner { max-width: 1180px; text-align: left; }

@@ -2,7 +2,7 @@
 import { DEFAULT_LORA_WEIGHT, STATE_LABELS } from "../constants.js"
 import { el, icon, toast } from "../dom.js"
 import { fmtDuration, fmtRate, isFinished } from "../format.js"
-import { client, state, upsertJob, selectedJob, scheduleRender } from "../store.js"
+import { client, upsertJob, selectedJob, scheduleRender } from "../store.js"
 import { ui } from "./ui.js"
 import { finishing, useLora } from "../use-lora.js"
 import { pruneSamples, updateSamples, closeViewer } from "./gallery.js"
