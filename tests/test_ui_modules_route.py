@@ -123,5 +123,6 @@ def test_pure_function_checks_the_name_before_touching_the_disk(tmp_path: Path) 
     (folder / "views" / "form.js").write_text("export const x = 1\n")
     status, body, ctype = plugin.ui_module("views/form.js", str(folder))
     assert (status, body, ctype) == (200, b"export const x = 1\n", "text/javascript; charset=utf-8")
-    for bad in (None, 3, "", ".js", "views/", "views\\form.js", "views//form.js", "./views/form.js"):
+    for bad in (None, 3, "", ".js", "views/", "views\\form.js", "views//form.js", "./views/form.js", "views/form.js\n",
+                "views/form.js\x00"):
         assert plugin.ui_module(bad, str(folder))[0] == 404

@@ -447,22 +447,30 @@ def build_info(settings_path=None, probe=True):
 # next to plugins/server/ where this file lives (the same relative place as in the project folder).
 UI_MODULES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ui", "character-lora")
 # a module name is one or two lower-case path segments ending in .js: no "..", no backslash, no absolute path
-_UI_MODULE_RE = re.compile(r"^[a-z][a-z0-9-]*(/[a-z][a-z0-9-]*)?\.js$")
+_UI_MODULE_RE = re.compile(r"[a-z][a-z0-9-]*(/[a-z][a-z0-9-]*)?\.js")
 JS_MIME = "text/javascript; charset=utf-8"
 
 
 def ui_module(name, ui_dir=None):
     """(status, body bytes, content type) for ``GET /character-lora/ui/<name>``. Never reads outside ui_dir."""
     ui_dir = os.path.realpath(ui_dir or UI_MODULES_DIR)
-    if not isinstance(name, str) or not _UI_MODULE_RE.match(name):
+    if not isinstance(name, str) or not _UI_MODULE_RE.fullmatch(name):
         body = {"error": f"There is no tab module named {str(name)[:80]!r}."}
         return 404, json.dumps(body).encode("utf-8"), "application/json"
     path = os.path.realpath(os.path.join(ui_dir, *name.split("/")))
-    if os.path.commonpath([ui_dir, path]) != ui_dir or not os.path.isfile(path):
+    try:
+        inside = os.path.commonpath([ui_dir, path]) == ui_dir
+    except ValueError:  # Windows: a link to another drive
+        inside = False
+    if not inside or not os.path.isfile(path):
         body = {"error": f"There is no tab module named {name!r}."}
         return 404, json.dumps(body).encode("utf-8"), "application/json"
-    with open(path, "rb") as f:
-        return 200, f.read(), JS_MIME
+    try:
+        with open(path, "rb") as f:
+            return 200, f.read(), JS_MIME
+    except OSError as e:
+        body = {"error": f"The tab module {name!r} cannot be read ({e.strerror})."}
+        return 404, json.dumps(body).encode("utf-8"), "application/json"
 
 
 # --------------------------------------------------------------------------------------------- routes
