@@ -10,8 +10,9 @@ Run it with the daemon's Python from the project folder (``.venv/bin/python inst
 
 1. finds Easy Diffusion (``--ed-root``, else the usual install folders) and checks the folder is an ED root;
 2. reads ED's ``config.yaml`` for ``models_dir`` (default ``<root>/models``) and ``net.listen_port``;
-3. copies ``ed_plugin/ui/character-lora.plugin.js`` to ``<root>/plugins/ui/`` and
-   ``ed_plugin/server/character_lora_plugin.py`` to ``<root>/plugins/server/``;
+3. copies ``ed_plugin/ui/character-lora.plugin.js`` (the tab's loader) to ``<root>/plugins/ui/``, the tab's ES
+   modules ``ed_plugin/ui/character-lora/`` to ``<root>/plugins/ui/character-lora/`` (the server plugin serves
+   them under ``/character-lora/ui/``) and ``ed_plugin/server/character_lora_plugin.py`` to ``<root>/plugins/server/``;
 4. writes the server plugin's settings, ``<root>/plugins/server/character_lora_plugin.json`` (where the daemon
    config and Python are, whether ED starts the daemon, and the list of what was installed);
 5. writes or updates the daemon config: ``ed_lora_dir`` = ``<models_dir>/lora``, ``ed_models_dir`` =
@@ -39,7 +40,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent
 UI_PLUGIN_SRC = REPO / "ed_plugin" / "ui" / "character-lora.plugin.js"
-UI_ASSETS_SRC = REPO / "ed_plugin" / "ui" / "character-lora"  # optional extra assets
+# the tab's ES modules; the server plugin serves them from <root>/plugins/ui/character-lora/ (its ../ui/character-lora)
+UI_ASSETS_SRC = REPO / "ed_plugin" / "ui" / "character-lora"
 SERVER_PLUGIN_SRC = REPO / "ed_plugin" / "server" / "character_lora_plugin.py"
 
 UI_PLUGIN_NAME = UI_PLUGIN_SRC.name
@@ -358,7 +360,7 @@ def settings_content(plan: Plan, installed: list[str], created_dirs: list[str]) 
 
 def make_plan(ed: EdInfo, daemon_python: Path, daemon_config: Path, autostart: bool,
               kohya: dict[str, str] | None = None, *, allow_cpu: bool = False) -> Plan:
-    for src in (UI_PLUGIN_SRC, SERVER_PLUGIN_SRC):
+    for src in (UI_PLUGIN_SRC, UI_ASSETS_SRC / "main.js", SERVER_PLUGIN_SRC):
         if not src.is_file():
             raise InstallError(f"{src} is missing; run the installer from a complete copy of the project.")
     plan = Plan(ed=ed, daemon_python=daemon_python, daemon_config=daemon_config, autostart=autostart)

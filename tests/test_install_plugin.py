@@ -23,6 +23,10 @@ from tests.tokenizer_files import write_hub_cache, write_tokenizer
 UI_FILE = "plugins/ui/character-lora.plugin.js"
 SERVER_FILE = "plugins/server/character_lora_plugin.py"
 SETTINGS_FILE = "plugins/server/character_lora_plugin.json"
+MODULES_DIR = "plugins/ui/character-lora"
+# the tab's ES modules, in the order the installer lists them (sorted by path)
+MODULE_FILES = sorted(f"{MODULES_DIR}/{p.relative_to(install_plugin.UI_ASSETS_SRC).as_posix()}"
+                      for p in install_plugin.UI_ASSETS_SRC.rglob("*.js"))
 
 
 # --------------------------------------------------------------------------------------------- layouts
@@ -105,7 +109,7 @@ def test_linux_root_without_config_yaml_uses_root_models(tmp_path: Path) -> None
     assert settings["daemon_python"] == str(Path(sys.executable).absolute())
     assert settings["daemon_workdir"] == str(repo)
     assert settings["autostart"] is True
-    assert settings["installed"]["files"] == [UI_FILE, SERVER_FILE, SETTINGS_FILE]
+    assert settings["installed"]["files"] == [UI_FILE, *MODULE_FILES, SERVER_FILE, SETTINGS_FILE]
 
     config = load_config(cfg)  # the daemon itself accepts what was written
     assert config.ed_lora_dir == ed / "models" / "lora"
@@ -216,7 +220,8 @@ def test_fresh_zip_without_plugin_folders(tmp_path: Path) -> None:
     rc, out = install(ed, cfg)
     assert rc == 0, out
     settings = json.loads((ed / SETTINGS_FILE).read_text())
-    assert settings["installed"]["created_dirs"] == ["plugins", "plugins/server", "plugins/ui"]
+    assert settings["installed"]["created_dirs"] == ["plugins", "plugins/server", "plugins/ui", MODULES_DIR,
+                                                     f"{MODULES_DIR}/views"]
     assert install(ed, cfg)[1].count("Nothing to change") == 1
     rc, out = run("--ed-root", ed, "--uninstall")
     assert rc == 0
@@ -250,7 +255,9 @@ def test_uninstall_removes_exactly_what_was_installed(tmp_path: Path) -> None:
     after = snapshot(ed)
     for rel in (UI_FILE, SERVER_FILE, SETTINGS_FILE):
         assert str(ed / rel) not in after
-    assert after == {k: v for k, v in before_cache.items() if not k.endswith((UI_FILE, SERVER_FILE, SETTINGS_FILE))}
+    ours = (UI_FILE, SERVER_FILE, SETTINGS_FILE)
+    assert after == {k: v for k, v in before_cache.items()
+                     if not k.endswith(ours) and not k.startswith(str(ed / MODULES_DIR))}
     assert {k: v for k, v in after.items() if "__pycache__" not in k} == before
     assert cfg.is_file()  # the daemon's own config stays (token, kohya settings)
     assert "kept" in out
@@ -586,3 +593,64 @@ def test_uninstall_says_when_no_daemon_runs_and_leaves_another_configs_daemon_al
     assert install(ed, cfg)[0] == 0
     rc, out = run("--ed-root", ed, "--uninstall")
     assert rc == 0 and f"daemon        not running at http://127.0.0.1:{port}" in out
+# --------------------------------------------------------------------------------------------- the tab's modules
+
+
+def test_installs_the_tab_modules_where_the_server_plugin_serves_them(tmp_path: Path) -> None:
+    ed = linux_ed(tmp_path / "easy-diffusion")
+    assert install(ed, tmp_path / "c.yaml")[0] == 0
+    assert {"plugins/ui/character-lora/main.js", "plugins/ui/character-lora/api.js",
+            "plugins/ui/character-lora/socket.js", "plugins/ui/character-lora/store.js"} <= set(MODULE_FILES)
+    assert any(f.startswith(f"{MODULES_DIR}/views/") for f in MODULE_FILES)
+    for rel in MODULE_FILES:
+        src = install_plugin.UI_ASSETS_SRC / rel.removeprefix(MODULES_DIR + "/")
+        assert (ed / rel).read_bytes() == src.read_bytes(), rel
+    # only the loader is a *.plugin.js: ED runs every such file in plugins/ui as a classic script
+    assert sorted(p.name for p in (ed / "plugins" / "ui").rglob("*.plugin.js")) == ["character-lora.plugin.js"]
+    # the server plugin's folder for them is the installed one (its ../ui/character-lora)
+    plugin_src = (ed / SERVER_FILE).read_text()
+    assert 'os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ui", "character-lora")' \
+        in plugin_src
+    # a module that changes is copied again; one that did not is left alone
+    main_js = ed / MODULES_DIR / "main.js"
+    main_js.write_text("// stale\n")
+    rc, out = install(ed, tmp_path / "c.yaml")
+    assert rc == 0, out
+    assert f"update        {main_js}\n" in out and f"unchanged     {ed / MODULES_DIR / 'api.js'}\n" in out
+    assert main_js.read_bytes() == (install_plugin.UI_ASSETS_SRC / "main.js").read_bytes()
+
+
+def test_uninstall_removes_the_modules_even_without_the_settings_file(tmp_path: Path) -> None:
+    ed = linux_ed(tmp_path / "easy-diffusion")
+    before = snapshot(ed)
+    assert install(ed, tmp_path / "c.yaml")[0] == 0
+    (ed / SETTINGS_FILE).unlink()  # the manifest is gone: the installer falls back to the files it would copy
+    rc, out = run("--ed-root", ed, "--uninstall")
+    assert rc == 0, out
+    assert not (ed / MODULES_DIR).exists()
+    assert snapshot(ed) == before
+
+
+def test_uninstall_keeps_a_file_the_user_put_in_the_module_folder(tmp_path: Path) -> None:
+    ed = linux_ed(tmp_path / "easy-diffusion")
+    assert install(ed, tmp_path / "c.yaml")[0] == 0
+    mine = ed / MODULES_DIR / "notes.txt"
+    mine.write_text("mine\n")
+    assert run("--ed-root", ed, "--uninstall")[0] == 0
+    assert mine.read_text() == "mine\n"
+    assert sorted(p.name for p in (ed / MODULES_DIR).iterdir()) == ["notes.txt"]
+
+
+def test_missing_entry_module_is_one_sentence(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    partial = tmp_path / "copy" / "character-lora"
+    partial.mkdir(parents=True)
+    (partial / "api.js").write_text("export {}\n")
+    monkeypatch.setattr(install_plugin, "UI_ASSETS_SRC", partial)
+    ed = linux_ed(tmp_path / "easy-diffusion")
+    before = snapshot(ed)
+    rc, _ = install(ed, tmp_path / "c.yaml")
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert f"{partial / 'main.js'} is missing" in err and err.count("\n") == 1
+    assert snapshot(ed) == before

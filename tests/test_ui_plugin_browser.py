@@ -18,6 +18,7 @@ import base64
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -608,6 +609,7 @@ def test_page_origin_not_allowed_by_the_daemon(env: Env, page: Any, tmp_path: Pa
     ed_root = make_ed_root(tmp_path / "ed4", listen_port=ed_port)
     for src, dest in ((install_plugin.UI_PLUGIN_SRC, "ui"), (install_plugin.SERVER_PLUGIN_SRC, "server")):
         (ed_root / "plugins" / dest / src.name).write_bytes(src.read_bytes())
+    shutil.copytree(install_plugin.UI_ASSETS_SRC, ed_root / "plugins" / "ui" / install_plugin.UI_ASSETS_NAME)
     # settings pointing at the running daemon's config, which does not list this ED's port
     settings = json.loads((env.ed_root / "plugins" / "server" / "character_lora_plugin.json").read_text())
     (ed_root / "plugins" / "server" / "character_lora_plugin.json").write_text(json.dumps(settings))
@@ -666,3 +668,66 @@ def test_reconnects_by_itself_after_the_daemon_restarts(env: Env, page: Any) -> 
     page.wait_for_selector("[data-clora=banner][hidden]", state="attached", timeout=20000)
     assert page.locator("[data-clora=job-row]").count() == rows
     assert page.get_attribute("[data-clora=root]", "data-ready") == "true"
+
+
+def test_tab_says_restart_ed_when_its_modules_cannot_load(env: Env, browser: Any, tmp_path: Path) -> None:
+    """The loader is installed but ED runs without the server plugin's module route (ED not restarted)."""
+    ed_port = free_port()
+    ed_root = make_ed_root(tmp_path / "ed-no-route", listen_port=ed_port)
+    for src, dest in ((install_plugin.UI_PLUGIN_SRC, "ui"), (install_plugin.SERVER_PLUGIN_SRC, "server")):
+        (ed_root / "plugins" / dest / src.name).write_bytes(src.read_bytes())
+    shutil.copytree(install_plugin.UI_ASSETS_SRC, ed_root / "plugins" / "ui" / install_plugin.UI_ASSETS_NAME)
+    # its own page: the console error this case logs is expected here (the `page` fixture refuses any)
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    page = context.new_page()
+    console: list[str] = []
+    page.on("console", lambda msg: console.append(msg.text))
+    page.on("pageerror", lambda exc: console.append("pageerror: " + str(exc)))
+    with ServerThread(FakeEd(ed_root, listen_port=ed_port, serve_ui_modules=False).app(), ed_port) as server:
+        open_tab(page, server.url)
+        note = page.locator("#tab-content-character-lora [data-clora=load-error]")
+        note.wait_for(state="visible", timeout=20000)
+        text = note.inner_text()
+        assert "could not load its code" in text and "restart Easy Diffusion" in text
+        assert page.locator("#tab-character-lora").count() == 1
+        assert page.locator("[data-clora=root]").count() == 0
+        assert page.evaluate("window.CharacterLoRA.modules") == "failed"
+        page.screenshot(path=str(artifacts_dir() / "modules-not-loaded.png"), full_page=True)
+    context.close()
+    assert any("[Character LoRA]" in line and "restart Easy Diffusion" in line for line in console), console
+    assert not [line for line in console if line.startswith("pageerror")]
+
+
+def test_socket_and_api_modules_on_their_own(env: Env, page: Any) -> None:
+    """socket.js re-dispatches each frame under its type; api.js fails with typed DaemonErrors."""
+    page.goto(env.ed_url)
+    page.wait_for_function("window.__edFake && window.__edFake.ready")
+    got = page.evaluate(
+        """async ([url, token, deadUrl]) => {
+            const { DaemonSocket } = await import("/character-lora/ui/socket.js")
+            const { DaemonClient, DaemonError } = await import("/character-lora/ui/api.js")
+            const sock = new DaemonSocket(() => ({ url, token }))
+            const frames = []
+            sock.addEventListener("frame", (ev) => frames.push(ev.detail.type))
+            const snapshot = new Promise((resolve) => sock.addEventListener("snapshot", (ev) => resolve(ev.detail)))
+            sock.open()
+            const frame = await snapshot
+            sock.wanted = false
+            sock.close()
+
+            const client = new DaemonClient()
+            client.configure(url, "not-the-token")
+            const caught = async (p) => p.then(() => null, (e) => ({
+                isDaemonError: e instanceof DaemonError, kind: e.kind, status: e.status, message: e.message }))
+            const wrongToken = await caught(client.request("GET", "/jobs"))
+            client.configure(deadUrl, token)
+            const unreachable = await caught(client.request("GET", "/health", null, { auth: false }))
+            return { type: frame.type, jobs: Array.isArray((frame.data || {}).jobs), frames, wrongToken, unreachable }
+        }""",
+        [env.daemon.url, env.token, f"http://127.0.0.1:{free_port()}"],
+    )
+    assert got["type"] == "snapshot" and got["jobs"] and got["frames"][0] == "snapshot"
+    assert got["wrongToken"]["isDaemonError"] and got["wrongToken"]["kind"] == "http"
+    assert got["wrongToken"]["status"] == 401 and got["wrongToken"]["message"]
+    assert got["unreachable"]["isDaemonError"] and got["unreachable"]["kind"] == "network"
+    assert got["unreachable"]["status"] == 0 and "cannot be reached" in got["unreachable"]["message"]

@@ -17,6 +17,10 @@ What it does:
   it again as the autostart does.
 * tells its own daemon from a leftover of another config that holds the port: ``GET /health`` reports an
   instance id (from the daemon's config path) which ``/info`` compares with the one of its own config.
+* adds ``GET /character-lora/ui/<name>.js``: the tab's ES modules, which ``install_plugin.py`` copies to
+  ``<ED root>/plugins/ui/character-lora/`` (``../ui/character-lora`` from this file). ED's tab loader
+  (``plugins/ui/character-lora.plugin.js``) imports ``main.js`` from there. Only lower-case ``name.js`` or
+  ``folder/name.js`` inside that folder is served (a link out of it is refused), as JavaScript.
 * when the settings say ``"autostart": true``, starts the training daemon (``<daemon venv python> -m daemon
   --config <path>``) in a background thread if ``GET /health`` does not answer. The daemon runs in its own
   session / process group, detached, so a daemon crash does not touch ED and ED exiting does not kill it.
@@ -41,6 +45,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -620,13 +625,45 @@ def build_info(settings_path=None, probe=True):
     }
 
 
+# --------------------------------------------------------------------------------------------- tab modules
+
+# The tab's ES modules: install_plugin.py copies ed_plugin/ui/character-lora/ to <ED root>/plugins/ui/character-lora/,
+# next to plugins/server/ where this file lives (the same relative place as in the project folder).
+UI_MODULES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ui", "character-lora")
+# a module name is one or two lower-case path segments ending in .js: no "..", no backslash, no absolute path
+_UI_MODULE_RE = re.compile(r"[a-z][a-z0-9-]*(/[a-z][a-z0-9-]*)?\.js")
+JS_MIME = "text/javascript; charset=utf-8"
+
+
+def ui_module(name, ui_dir=None):
+    """(status, body bytes, content type) for ``GET /character-lora/ui/<name>``. Never reads outside ui_dir."""
+    ui_dir = os.path.realpath(ui_dir or UI_MODULES_DIR)
+    if not isinstance(name, str) or not _UI_MODULE_RE.fullmatch(name):
+        body = {"error": f"There is no tab module named {str(name)[:80]!r}."}
+        return 404, json.dumps(body).encode("utf-8"), "application/json"
+    path = os.path.realpath(os.path.join(ui_dir, *name.split("/")))
+    try:
+        inside = os.path.commonpath([ui_dir, path]) == ui_dir
+    except ValueError:  # Windows: a link to another drive
+        inside = False
+    if not inside or not os.path.isfile(path):
+        body = {"error": f"There is no tab module named {name!r}."}
+        return 404, json.dumps(body).encode("utf-8"), "application/json"
+    try:
+        with open(path, "rb") as f:
+            return 200, f.read(), JS_MIME
+    except OSError as e:
+        body = {"error": f"The tab module {name!r} cannot be read ({e.strerror})."}
+        return 404, json.dumps(body).encode("utf-8"), "application/json"
+
+
 # --------------------------------------------------------------------------------------------- routes
 
 
 def register_routes(server_api, settings_path=None):
     """Add the plugin's routes to a FastAPI app (ED's ``server_api``)."""
     from fastapi import Request
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, Response
 
     no_store = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
@@ -677,6 +714,12 @@ def register_routes(server_api, settings_path=None):
     @server_api.post(ROUTE_PREFIX + "/restart")
     def character_lora_restart(request: Request):
         return lifecycle(request, "restart")
+    @server_api.get(ROUTE_PREFIX + "/ui/{name:path}")
+    def character_lora_ui_module(name: str):
+        status, body, ctype = ui_module(name)
+        # no-cache like ED's own /plugins/user files: an updated install shows after a page reload
+        headers = {"Cache-Control": "no-cache, no-store, must-revalidate", "X-Content-Type-Options": "nosniff"}
+        return Response(content=body, status_code=status, media_type=ctype, headers=headers)
 
     return server_api
 
@@ -689,7 +732,7 @@ def _init():
         return
     try:
         register_routes(server_api)
-        log.info("Character LoRA: added %s/info, /start, /stop and /restart", ROUTE_PREFIX)
+        log.info("Character LoRA: added %s/info, /start, /stop, /restart and /ui/", ROUTE_PREFIX)
     except Exception:
         log.exception("Character LoRA: could not add the plugin's routes")
     try:

@@ -13,8 +13,10 @@ ED's server that the page and our plugin use, with ED's paths and response shape
                                          after saving, as ED does on Python >= 3.9
     GET  /character-lora/info            answered by the installed server plugin's build_info()
     POST /character-lora/start           answered by the installed server plugin's spawn_daemon()
+    GET  /character-lora/ui/<name>       the tab's ES modules, answered by the installed server plugin's ui_module()
+                                         (absent with serve_ui_modules=False: ED not restarted after the install)
 
-The two /character-lora routes call the real server plugin file that install_plugin.py copied into
+The /character-lora routes call the real server plugin file that install_plugin.py copied into
 <ED root>/plugins/server/, loaded by path (inside ED the plugin adds the same routes to ED's FastAPI app).
 """
 
@@ -92,12 +94,14 @@ def scan_models(models_dir: Path) -> list[dict[str, Any]]:
 
 class FakeEd:
     def __init__(self, ed_root: Path, *, models_dir: Path | None = None, settings_path: Path | None = None,
-                 listen_port: int = 9000, bucket_post_fails_after_saving: bool = True) -> None:
+                 listen_port: int = 9000, bucket_post_fails_after_saving: bool = True,
+                 serve_ui_modules: bool = True) -> None:
         self.ed_root = ed_root
         self.models_dir = models_dir or ed_root / "models"
         self.settings_path = settings_path
         self.listen_port = listen_port
         self.bucket_post_fails_after_saving = bucket_post_fails_after_saving
+        self.serve_ui_modules = serve_ui_modules
         self.bucket: dict[str, bytes] = {}
         self.plugin = load_server_plugin(ed_root)
         self.requests: list[str] = []
@@ -114,6 +118,8 @@ class FakeEd:
         app.router.add_post("/bucket/{path:.+}", self.bucket_post)
         app.router.add_get("/character-lora/info", self.info)
         app.router.add_post("/character-lora/start", self.start)
+        if self.serve_ui_modules:
+            app.router.add_get("/character-lora/ui/{name:.+}", self.ui_module)
         return app
 
     async def index(self, request: web.Request) -> web.StreamResponse:
@@ -175,6 +181,12 @@ class FakeEd:
         url, _ = self.plugin.daemon_address(cfg)
         state = await asyncio.to_thread(self.plugin.spawn_daemon, settings, url)
         return web.json_response({"start": state})
+
+
+    async def ui_module(self, request: web.Request) -> web.Response:
+        status, body, ctype = self.plugin.ui_module(request.match_info["name"])
+        mime, _, charset = ctype.partition("; charset=")
+        return web.Response(body=body, status=status, content_type=mime, charset=charset or None, headers=NO_CACHE)
 
 
 class ServerThread:

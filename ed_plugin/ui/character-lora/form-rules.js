@@ -1,0 +1,206 @@
+// The form's rules, as the daemon checks them: names, trigger and class word, pictures, base model, advanced
+// parameters, and the step estimate per kohya bucket.
+import { MIN_IMAGES, MAX_IMAGES, BUCKET_STEP, CONTROL_RE, NAME_RE, TRIGGER_RE, ARCH_LABELS, PARAM_FIELDS } from "./constants.js"
+import { ed } from "./ed.js"
+import { archFromTags } from "./format.js"
+import { state } from "./store.js"
+import { ui } from "./views/ui.js"
+import { field } from "./views/tab.js"
+
+export function validateName(v) {
+    v = v.trim()
+    if (!v) return "Give the character a name."
+    if (!NAME_RE.test(v)) return "Use 1–64 letters, digits, spaces, - or _."
+    return null
+}
+export function validateTrigger(v) {
+    v = v.trim()
+    if (!v) return "Give a trigger word, e.g. ohwx (a word the model does not know yet)."
+    if (/\s/.test(v)) return "The trigger word cannot contain spaces."
+    if (v.includes(",")) return "The trigger word cannot contain commas."
+    if (CONTROL_RE.test(v)) return "The trigger word cannot contain control or invisible characters."
+    if (v.startsWith("-")) return "The trigger word cannot start with '-'."
+    if (!TRIGGER_RE.test(v)) return "Use at most 32 characters."
+    return null
+}
+export function validateClass(v) {
+    v = v.replace(/\s+/g, " ").trim()
+    if (!v) return null
+    if (v.includes(",")) return "The class word cannot contain commas."
+    if (CONTROL_RE.test(v)) return "The class word cannot contain control or invisible characters."
+    if (v.startsWith("-") || v.includes("--")) return "The class word cannot start with '-' or contain '--'."
+    if (v.length > 40) return "Use at most 40 characters."
+    return null
+}
+export function imagesProblem() {
+    const bad = state.images.filter((i) => i.problem)
+    if (bad.length) return bad.length === 1 ? "Remove “" + bad[0].file.name + "”: " + bad[0].problem : "Remove the " + bad.length + " pictures marked in red."
+    const pending = state.images.filter((i) => !i.checked)
+    const n = state.images.length
+    if (n < MIN_IMAGES) {
+        return n === 0
+            ? "Add " + MIN_IMAGES + " to " + MAX_IMAGES + " pictures of the character."
+            : "Add at least " + (MIN_IMAGES - n) + " more picture" + (MIN_IMAGES - n === 1 ? "" : "s") + " (" + MIN_IMAGES + "–" + MAX_IMAGES + " needed)."
+    }
+    if (n > MAX_IMAGES) return "Remove " + (n - MAX_IMAGES) + " picture" + (n - MAX_IMAGES === 1 ? "" : "s") + ": at most " + MAX_IMAGES + " are used."
+    if (pending.length) return "Checking the pictures…"
+    return null
+}
+export function selectedBaseModel() {
+    return ui.baseModel ? ui.baseModel.value : ""
+}
+export function baseModelArch(id) {
+    if (!id) return null
+    const db = ed.modelsDB()
+    const entry = db && db["stable-diffusion"] && db["stable-diffusion"][id]
+    let arch = entry ? archFromTags(entry.tags) : null
+    if (!arch && state.daemonModels) {
+        const m = state.daemonModels.find((x) => x.id === id)
+        if (m) arch = m.arch
+    }
+    return arch || "unknown"
+}
+export function archProblem(arch) {
+    if (!arch || arch === "unknown") return null
+    if (state.supportedArchs.includes(arch)) return null
+    const label = ARCH_LABELS[arch] || arch.replace(/^other:/, "")
+    return label + " models cannot be trained yet; pick an SD 1.x model."
+}
+export function formErrors() {
+    return {
+        name: validateName(ui.name.value),
+        trigger: validateTrigger(ui.trigger.value),
+        class_token: validateClass(ui.classWord.value),
+        base_model: archProblem(baseModelArch(selectedBaseModel())),
+    }
+}
+export function startBlocker() {
+    if (state.submitting) return "Uploading…"
+    if (state.health !== "ok") return "The daemon is not reachable (see the message above)."
+    if (state.ready && !state.ready.ready) return "The daemon is not ready (see the message above)."
+    const errs = formErrors()
+    const labels = { name: "name", trigger: "trigger word", class_token: "class word", base_model: "base model" }
+    // an empty field says what to type; "Fix … first" is for a value that is there but wrong
+    const whenEmpty = { name: ["Type a character name.", ui.name], trigger: ["Type a trigger word.", ui.trigger] }
+    for (const k of Object.keys(errs)) {
+        if (!errs[k]) continue
+        if (whenEmpty[k] && !whenEmpty[k][1].value.trim()) return whenEmpty[k][0]
+        return "Fix the " + labels[k] + " first."
+    }
+    const img = imagesProblem()
+    if (img) return img
+    const p = paramsProblem()
+    if (p) return p
+    return null
+}
+export function presetValues() {
+    return state.presets[ui.preset && ui.preset.value] || {}
+}
+export function readParam(f) {
+    const input = ui.params[f.key]
+    const raw = input.value.trim()
+    if (raw === "") return undefined
+    const num = Number(raw)
+    return num
+}
+export function paramsProblem() {
+    const issue = paramsIssue()
+    return issue ? issue.text : null
+}
+/** The first changed Advanced value the daemon would refuse: {key, text}, or null. */
+export function paramsIssue() {
+    for (const f of PARAM_FIELDS) {
+        if (!state.paramsDirty.has(f.key)) continue
+        const v = readParam(f)
+        if (v === undefined) continue
+        const bad = (text) => ({ key: f.key, text })
+        if (!isFinite(v) || (f.type === "int" && !Number.isInteger(v))) return bad(f.label + " must be a " + (f.type === "int" ? "whole " : "") + "number.")
+        if (f.min !== undefined && v < f.min) return bad(f.label + " must be at least " + f.min + ".")
+        if (f.max !== undefined && v > f.max) return bad(f.label + " must be at most " + f.max + ".")
+        if (f.key === "resolution" && v % 64) return bad("Resolution must be a multiple of 64.")
+    }
+    // the daemon refuses a sent preview interval longer than the run (400, key sample_every_n_epochs)
+    if (state.paramsDirty.has("sample_every_n_epochs")) {
+        const v = readParam({ key: "sample_every_n_epochs" })
+        const epochs = effectiveEpochs()
+        if (v !== undefined && epochs && v > epochs) {
+            return { key: "sample_every_n_epochs", text: "Preview every N epochs must be from 0 (off) to the number of epochs (" + epochs + ")." }
+        }
+    }
+    return null
+}
+export function effectiveEpochs() {
+    const v = state.paramsDirty.has("epochs") ? readParam({ key: "epochs" }) : undefined
+    return v !== undefined && Number.isInteger(v) && v >= 1 ? v : presetValues().epochs
+}
+/** The daemon trains on the CPU (no CUDA GPU, allow_cpu): /config/test says so in `device`. */
+export function trainsOnCpu() {
+    return !!(state.ready && state.ready.device === "cpu")
+}
+/** What an unchanged Advanced field shows: what the daemon will use when the key is not sent. */
+export function paramDefault(f) {
+    const p = presetValues()
+    let v = p[f.key]
+    if (f.key === "sample_every_n_epochs") {
+        // the daemon turns previews off on a CPU, and drops an interval the run never reaches
+        if (trainsOnCpu()) v = 0
+        const epochs = effectiveEpochs()
+        if (typeof v === "number" && epochs && v > epochs) v = 0
+    }
+    return v === undefined || v === null ? "" : String(v)
+}
+export function collectParams() {
+    const params = { preset: ui.preset.value || state.defaultPreset }
+    for (const f of PARAM_FIELDS) {
+        if (!state.paramsDirty.has(f.key)) continue
+        const v = readParam(f)
+        if (v !== undefined) params[f.key] = v
+    }
+    return params
+}
+export function autoRepeats(n) {
+    return Math.max(1, Math.min(100, Math.round(200 / Math.max(1, n))))
+}
+// kohya's bucket for a picture with bucket_no_upscale, as daemon/pipeline/buckets.py computes it: a picture
+// larger than resolution² is scaled down keeping its shape (one side on the step), then both sides are
+// rounded down to the step. Batches never mix buckets, so the step count is counted per bucket.
+export function bucketOf(width, height, resolution) {
+    const roundToSteps = (x) => { const r = Math.floor(x + 0.5); return r - (r % BUCKET_STEP) }
+    let w = width, h = height
+    const maxArea = resolution * resolution
+    if (w * h > maxArea) {
+        const aspect = w / h
+        const rw = Math.sqrt(maxArea * aspect)
+        const rh = maxArea / rw
+        const wRounded = roundToSteps(rw)
+        const hInW = roundToSteps(wRounded / aspect)
+        const hRounded = roundToSteps(rh)
+        const wInH = roundToSteps(hRounded * aspect)
+        if (hInW && Math.abs(wRounded / hInW - aspect) < Math.abs(wInH / hRounded - aspect)) {
+            w = wRounded; h = Math.floor(wRounded / aspect + 0.5)
+        } else {
+            w = Math.floor(hRounded * aspect + 0.5); h = hRounded
+        }
+    }
+    return (w - (w % BUCKET_STEP)) + "x" + (h - (h % BUCKET_STEP))
+}
+export function estimateSteps() {
+    const p = presetValues()
+    const val = (k) => (state.paramsDirty.has(k) && readParam({ key: k }) !== undefined ? readParam({ key: k }) : p[k])
+    const n = state.images.length || MIN_IMAGES
+    const repeats = state.paramsDirty.has("repeats") && readParam({ key: "repeats" }) ? readParam({ key: "repeats" }) : autoRepeats(n)
+    const epochs = val("epochs")
+    const batch = val("batch_size") || 1
+    const resolution = val("resolution")
+    if (!epochs) return null
+    const sized = state.images.length && resolution && state.images.every((i) => i.width && i.height)
+    if (!sized) return Math.ceil((n * repeats) / batch) * epochs
+    const counts = {}
+    for (const img of state.images) {
+        const key = bucketOf(img.width, img.height, resolution)
+        counts[key] = (counts[key] || 0) + 1
+    }
+    let perEpoch = 0
+    for (const count of Object.values(counts)) perEpoch += Math.ceil((count * repeats) / batch)
+    return perEpoch * epochs
+}

@@ -1,0 +1,111 @@
+// The tab's style sheet (main.js adds it where ED's createTab puts a tab's css).
+import { TAB_ID } from "../constants.js"
+
+export const CSS = `
+#${TAB_ID}.tab-content-inner { max-width: 1180px; text-align: left; }
+.clora-root { display: flex; flex-direction: column; gap: 12px; }
+.clora-header { display: flex; align-items: center; justify-content: space-between; gap: 8px; flex-wrap: wrap; }
+.clora-header h3 { margin: 0; font-weight: normal; }
+.clora-conn { font-size: 9pt; color: var(--small-label-color, #999); }
+.clora-conn .clora-dot { display: inline-block; width: 8px; height: 8px; border-radius: 50%; margin-right: 5px; background: var(--status-orange, orange); }
+.clora-conn[data-status="live"] .clora-dot { background: var(--status-green, green); }
+.clora-conn[data-status="offline"] .clora-dot { background: var(--status-red, red); }
+.clora-banner { border-radius: 7px; padding: 10px 12px; border: 1px solid var(--status-red, red); background: var(--background-color3); }
+.clora-banner.clora-waiting { border-color: var(--status-orange, orange); }
+.clora-banner h4 { margin: 0 0 6px 0; }
+.clora-banner ul { margin: 0 0 8px 0; padding-left: 18px; }
+.clora-banner li { margin-bottom: 6px; }
+.clora-banner .clora-fix { display: block; color: var(--small-label-color, #aaa); font-size: 10pt; margin-top: 2px; word-break: break-word; }
+.clora-banner button { margin-right: 6px; }
+.clora-columns { display: grid; grid-template-columns: minmax(320px, 1fr) minmax(320px, 1fr); gap: 12px; align-items: start; }
+@media (max-width: 900px) { .clora-columns { grid-template-columns: 1fr; } }
+.clora-root .panel-box { margin-bottom: 0; padding: 10px 12px; }
+.clora-root .panel-box > h4 { margin: 0 0 10px 0; display: flex; align-items: center; gap: 6px; }
+.clora-field { display: grid; grid-template-columns: 120px 1fr; gap: 2px 10px; align-items: center; margin-bottom: 8px; }
+.clora-field > label { text-align: right; }
+.clora-field input, .clora-field select, .clora-adv input {
+width: 100%; padding: 4px 6px; color: var(--input-text-color);
+background: var(--input-background-color); border: var(--input-border-size, 1px) solid var(--input-border-color);
+border-radius: var(--input-border-radius, 4px); font-size: 10pt; }
+.clora-field input[aria-invalid="true"] { border-color: var(--status-red, red); }
+.clora-help, .clora-err, .clora-arch { grid-column: 2; font-size: 9pt; min-height: 0; }
+.clora-help, .clora-arch { color: var(--small-label-color, #999); }
+.clora-err { color: #ff6b6b; }
+.clora-err:empty, .clora-help:empty { display: none; }
+.clora-arch.clora-warn { color: var(--status-orange, orange); }
+.clora-root details { margin: 4px 0 10px 0; }
+.clora-root summary { cursor: pointer; color: var(--small-label-color, #aaa); }
+.clora-adv { display: grid; grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)); gap: 8px; margin-top: 8px; }
+.clora-adv label { display: block; font-size: 9pt; color: var(--small-label-color, #aaa); margin-bottom: 2px; }
+.clora-adv input.clora-dirty { border-color: var(--accent-color); }
+.clora-adv input[aria-invalid="true"] { border-color: var(--status-red, red); }
+.clora-root details > .clora-err { margin-top: 6px; }
+.clora-drop { border: 2px dashed var(--background-color4); border-radius: 7px; padding: 14px; text-align: center; cursor: pointer;
+background: var(--background-color3); color: var(--small-label-color, #aaa); transition: border-color 0.15s, background 0.15s; }
+.clora-drop:hover, .clora-drop.clora-over { border-color: var(--accent-color); background: var(--background-color1); color: var(--text-color); }
+.clora-drop i { font-size: 20px; display: block; margin-bottom: 4px; }
+.clora-thumbs { display: grid; grid-template-columns: repeat(auto-fill, minmax(72px, 1fr)); gap: 6px; margin-top: 8px; }
+.clora-thumb { position: relative; aspect-ratio: 1; border-radius: 5px; overflow: hidden; background: var(--background-color4); border: 2px solid transparent; }
+.clora-thumb.clora-bad { border-color: var(--status-red, red); }
+.clora-thumb img { width: 100%; height: 100%; object-fit: cover; display: block; }
+.clora-thumb button { position: absolute; top: 2px; right: 2px; width: 20px; height: 20px; padding: 0; border-radius: 50%; font-size: 10px; line-height: 20px; opacity: 0.85; }
+.clora-count { display: flex; justify-content: space-between; margin-top: 6px; font-size: 10pt; }
+.clora-count b[data-ok="true"] { color: #5fbf5f; }
+.clora-count b[data-ok="false"] { color: var(--status-orange, orange); }
+.clora-start { display: flex; align-items: center; gap: 10px; margin-top: 12px; flex-wrap: wrap; }
+.clora-start .primaryButton { font-size: 11pt; padding: 6px 14px; border-radius: var(--input-border-radius, 4px); }
+.clora-start .primaryButton:disabled { opacity: 0.45; cursor: not-allowed; }
+.clora-start .clora-reason { font-size: 9pt; color: var(--small-label-color, #999); }
+.clora-badge { display: inline-block; padding: 1px 8px; border-radius: 10px; font-size: 9pt; background: var(--background-color4); white-space: nowrap; }
+.clora-badge[data-state="prepping"], .clora-badge[data-state="training"], .clora-badge[data-state="copying"] { background: var(--accent-color); color: var(--accent-text-color); }
+.clora-badge[data-state="done"] { background: #2e7d32; color: #fff; }
+.clora-badge[data-state="error"] { background: #b3261e; color: #fff; }
+.clora-badge[data-state="cancelled"], .clora-badge[data-state="interrupted"] { background: var(--status-orange, orange); color: #000; }
+.clora-job-title { display: flex; justify-content: space-between; align-items: center; gap: 8px; margin-bottom: 8px; }
+.clora-job-title b { font-size: 12pt; }
+.clora-bar { height: 14px; border-radius: 7px; background: var(--background-color4); overflow: hidden; }
+.clora-bar > div { height: 100%; width: 0; background: var(--accent-color); transition: width 0.4s; }
+.clora-bar[data-state="done"] > div { background: #2e7d32; }
+.clora-stats { display: grid; grid-template-columns: repeat(auto-fill, minmax(95px, 1fr)); gap: 6px; margin: 8px 0; }
+.clora-stats div { background: var(--background-color3); border-radius: 5px; padding: 4px 6px; }
+.clora-stats span { display: block; font-size: 8pt; color: var(--small-label-color, #999); }
+.clora-log { background: var(--background-color4); border-radius: 5px; padding: 6px 8px; height: 170px; overflow: auto; font-family: monospace; font-size: 8.5pt;
+white-space: pre-wrap; word-break: break-all; margin: 0; color: var(--text-color); }
+.clora-samples { margin: 0 0 8px 0; }
+.clora-samples-head { font-size: 9pt; color: var(--small-label-color, #999); margin-bottom: 4px; }
+.clora-sample-strip { display: flex; gap: 6px; align-items: flex-end; overflow-x: auto; padding-bottom: 4px; }
+.clora-root .clora-sample { flex: 0 0 auto; display: flex; flex-direction: column; align-items: center; gap: 2px; padding: 0; margin: 0;
+background: none; border: none; color: var(--small-label-color, #999); font-size: 8pt; cursor: pointer; }
+.clora-root .clora-sample:hover { background: none; color: var(--text-color); }
+.clora-sample-pic { position: relative; display: block; width: 64px; height: 64px; border-radius: 5px; overflow: hidden;
+background: var(--background-color4); border: 2px solid var(--background-color3); }
+.clora-sample.clora-latest .clora-sample-pic { width: 112px; height: 112px; border-color: var(--accent-color); }
+.clora-sample-label { max-width: 68px; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+.clora-sample.clora-latest .clora-sample-label { max-width: 116px; color: var(--text-color); font-weight: bold; }
+.clora-sample:hover .clora-sample-pic, .clora-sample:focus-visible .clora-sample-pic { border-color: var(--accent-color-hover, var(--accent-color)); }
+.clora-sample img { display: none; width: 100%; height: 100%; object-fit: cover; }
+.clora-sample[data-status="ok"] img { display: block; }
+.clora-sample:not([data-status="ok"]) .clora-sample-pic::after { content: "…"; position: absolute; inset: 0; display: flex; align-items: center; justify-content: center; }
+.clora-sample[data-status="error"] .clora-sample-pic::after { content: "!"; color: var(--status-red, red); font-weight: bold; }
+.clora-viewer { position: fixed; inset: 0; z-index: 10000; display: flex; flex-direction: column; align-items: center; justify-content: center; gap: 8px;
+background: rgba(0, 0, 0, 0.85); cursor: zoom-out; outline: none; }
+.clora-viewer img { width: min(90vw, 80vh); height: auto; max-height: 80vh; object-fit: contain; border-radius: 7px; background: var(--background-color4);
+box-shadow: 0 4px 8px 0 rgba(0, 0, 0, 0.15), 0 6px 20px 0 rgba(0, 0, 0, 0.15); }
+.clora-viewer-caption { color: var(--text-color); font-size: 10pt; text-align: center; }
+.clora-viewer-caption span { color: var(--small-label-color, #999); }
+.clora-viewer-hint { display: block; font-size: 9pt; margin-top: 2px; }
+.clora-actions { display: flex; gap: 8px; margin-top: 8px; flex-wrap: wrap; align-items: center; }
+.clora-result { margin-top: 8px; padding: 8px; border-radius: 5px; background: var(--background-color3); }
+.clora-result.clora-error { border-left: 3px solid var(--status-red, red); }
+.clora-result.clora-ok { border-left: 3px solid #2e7d32; }
+.clora-result code { word-break: break-all; }
+.clora-empty { color: var(--small-label-color, #999); font-size: 10pt; }
+.clora-jobs { width: 100%; border-collapse: collapse; font-size: 10pt; }
+.clora-jobs th { text-align: left; font-weight: normal; color: var(--small-label-color, #999); font-size: 9pt; padding: 2px 4px; }
+.clora-jobs td { padding: 4px; border-top: 1px solid var(--background-color3); vertical-align: middle; }
+.clora-jobs tr.clora-row { cursor: pointer; }
+.clora-jobs tr.clora-row:hover td { background: var(--background-color3); }
+.clora-jobs tr.clora-selected td { background: var(--background-color1); }
+.clora-jobs .clora-small { font-size: 9pt; color: var(--small-label-color, #999); }
+.clora-jobs button { padding: 1px 6px; }
+`

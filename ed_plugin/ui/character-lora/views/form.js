@@ -1,0 +1,149 @@
+// The form view: presets, base models (following ED's model), fields, advanced parameters, pictures, Start.
+import { MIN_IMAGES, MAX_IMAGES, ARCH_LABELS, PARAM_FIELDS } from "../constants.js"
+import { ed } from "../ed.js"
+import { el, icon } from "../dom.js"
+import { state } from "../store.js"
+import { ui } from "./ui.js"
+import { imagesProblem, selectedBaseModel, baseModelArch, archProblem, formErrors, startBlocker, presetValues, readParam, paramsIssue, paramDefault, autoRepeats, estimateSteps } from "../form-rules.js"
+import { removeImage } from "../images.js"
+
+export function renderPresets() {
+    if (!ui.preset) return
+    const names = Object.keys(state.presets)
+    const current = ui.preset.value
+    if (!names.length) {
+        ui.preset.replaceChildren(el("option", { text: "(loading…)", attrs: { value: "" } }))
+        return
+    }
+    if (ui.preset.options.length === names.length && names.every((n, i) => ui.preset.options[i].value === n)) return
+    ui.preset.replaceChildren(...names.map((n) => el("option", { text: n + (n === state.defaultPreset ? " (recommended)" : ""), attrs: { value: n } })))
+    ui.preset.value = names.includes(current) ? current : names.includes(state.defaultPreset) ? state.defaultPreset : names[0]
+    fillParamsFromPreset()
+}
+export function fillParamsFromPreset() {
+    for (const f of PARAM_FIELDS) {
+        const input = ui.params[f.key]
+        if (state.paramsDirty.has(f.key)) continue
+        input.classList.remove("clora-dirty")
+        if (f.auto) {
+            input.value = ""
+            input.placeholder = "auto (" + autoRepeats(state.images.length || MIN_IMAGES) + ")"
+        } else {
+            input.value = paramDefault(f)
+        }
+    }
+}
+export function edModelIds() {
+    const db = ed.modelsDB()
+    const sd = db && db["stable-diffusion"]
+    if (sd && Object.keys(sd).length) return Object.keys(sd).sort((a, b) => a.localeCompare(b))
+    if (state.daemonModels) return state.daemonModels.map((m) => m.id)
+    return []
+}
+export function edCurrentModel() {
+    const f = ed.sdModelField()
+    try {
+        return f && f.value ? String(f.value) : ""
+    } catch (e) {
+        return ""
+    }
+}
+export function renderBaseModels() {
+    if (!ui.baseModel) return
+    const ids = edModelIds()
+    const keep = state.baseModelTouched ? ui.baseModel.value : edCurrentModel() || ui.baseModel.value
+    const same = ui.baseModel.options.length === ids.length && ids.every((id, i) => ui.baseModel.options[i].value === id)
+    if (!same) {
+        ui.baseModel.replaceChildren(
+            ...(ids.length ? ids.map((id) => el("option", { text: id, attrs: { value: id } })) : [el("option", { text: "(no models found)", attrs: { value: "" } })])
+        )
+    }
+    if (keep && ids.includes(keep)) ui.baseModel.value = keep
+}
+export function renderForm() {
+    if (!ui.name) return
+    const errs = formErrors()
+    for (const [input, key] of [
+        [ui.name, "name"],
+        [ui.trigger, "trigger"],
+        [ui.classWord, "class_token"],
+    ]) {
+        const show = input.dataset.touched && errs[key]
+        ui.fieldErrors[key].textContent = show ? errs[key] : ""
+        input.setAttribute("aria-invalid", show ? "true" : "false")
+    }
+    // base model + architecture
+    const id = selectedBaseModel()
+    const arch = baseModelArch(id)
+    let archText = ""
+    let warn = false
+    if (id) {
+        if (arch === "unknown") {
+            archText = "Architecture: unknown (not in Easy Diffusion's model info); the daemon checks it when training starts."
+            warn = true
+        } else if (arch && arch.startsWith("other:")) {
+            archText = "Architecture: " + arch.slice(6) + " (Easy Diffusion's tag)."
+            warn = true
+        } else {
+            archText = "Architecture: " + (ARCH_LABELS[arch] || arch) + (arch === "sdxl" ? " (SDXL)" : "")
+            warn = !!archProblem(arch)
+        }
+        const cur = edCurrentModel()
+        if (cur && cur === id) archText += " · Easy Diffusion's current model."
+        if (state.daemonModels && !state.daemonModels.some((m) => m.id === id)) {
+            archText += " The daemon does not see this model: check ed_models_dir in its config."
+            warn = true
+        }
+    }
+    ui.arch.textContent = archText
+    ui.arch.dataset.arch = arch || ""
+    ui.arch.classList.toggle("clora-warn", warn)
+    ui.fieldErrors.base_model.textContent = errs.base_model || ""
+
+    // preset summary
+    const steps = estimateSteps()
+    const p = presetValues()
+    ui.presetHelp.textContent = p && p.epochs
+        ? "≈ " + (steps || "?") + " steps · " + (state.paramsDirty.has("epochs") ? readParam({ key: "epochs" }) : p.epochs) + " epochs · rank " + (state.paramsDirty.has("network_dim") ? readParam({ key: "network_dim" }) : p.network_dim)
+        : ""
+    if (ui.params.repeats && !state.paramsDirty.has("repeats")) ui.params.repeats.placeholder = "auto (" + autoRepeats(state.images.length || MIN_IMAGES) + ")"
+    const preview = PARAM_FIELDS.find((f) => f.key === "sample_every_n_epochs")
+    if (ui.params[preview.key] && !state.paramsDirty.has(preview.key)) {
+        const d = paramDefault(preview) // follows a changed epoch count, as the daemon does
+        if (ui.params[preview.key].value !== d) ui.params[preview.key].value = d
+    }
+    // Advanced values, checked as typed (the Start reason repeats the first problem)
+    const issue = paramsIssue()
+    ui.paramsError.textContent = issue ? issue.text : ""
+    for (const f of PARAM_FIELDS) ui.params[f.key].setAttribute("aria-invalid", issue && issue.key === f.key ? "true" : "false")
+
+    // images
+    const n = state.images.length
+    const ok = n >= MIN_IMAGES && n <= MAX_IMAGES && !state.images.some((i) => i.problem)
+    ui.count.textContent = n + " (" + MIN_IMAGES + "–" + MAX_IMAGES + ")"
+    ui.count.dataset.ok = String(ok)
+    ui.clearImages.hidden = n === 0
+    const imgReason = imagesProblem()
+    ui.imageReason.textContent = n > 0 && imgReason ? imgReason : ""
+
+    const blocker = startBlocker()
+    ui.start.disabled = !!blocker
+    ui.startReason.textContent = blocker || "About " + (estimateSteps() || "?") + " steps."
+}
+export function renderImages() {
+    if (!ui.thumbs) return
+    ui.thumbs.replaceChildren(
+        ...state.images.map((img) =>
+            el(
+                "div",
+                { className: "clora-thumb" + (img.problem ? " clora-bad" : ""), attrs: { title: img.file.name + (img.problem ? " — " + img.problem : ""), "data-clora": "thumb" } },
+                el("img", { attrs: { src: img.url, alt: img.file.name, loading: "lazy" } }),
+                el(
+                    "button",
+                    { className: "secondaryButton", attrs: { type: "button", title: "Remove " + img.file.name, "aria-label": "Remove " + img.file.name, "data-clora": "remove-image" }, on: { click: (e) => { e.stopPropagation(); removeImage(img.id) } } },
+                    icon("fa-xmark")
+                )
+            )
+        )
+    )
+}

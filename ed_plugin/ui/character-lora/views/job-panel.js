@@ -1,0 +1,134 @@
+// The job panel: state, progress tiles, log, actions (Cancel, Use it) for the job in view.
+import { DEFAULT_LORA_WEIGHT, STATE_LABELS } from "../constants.js"
+import { el, icon, toast } from "../dom.js"
+import { fmtDuration, fmtRate, isFinished } from "../format.js"
+import { client, upsertJob, selectedJob, scheduleRender } from "../store.js"
+import { ui } from "./ui.js"
+import { finishing, useLora } from "../use-lora.js"
+import { pruneSamples, updateSamples, closeViewer } from "./gallery.js"
+
+export let samplesJobId = null
+export let renderedJobKey = null
+export function renderJobPanel() {
+    if (!ui.jobPanel) return
+    const job = selectedJob()
+    const shownId = job ? job.id : null
+    if (shownId !== samplesJobId) {
+        // another job (or none) in the panel: let the previous job's pictures go
+        samplesJobId = shownId
+        closeViewer()
+        pruneSamples(shownId)
+    }
+    if (!job) {
+        renderedJobKey = null
+        ui.jobPanel.replaceChildren(el("h4", {}, icon("fa-hourglass-half"), "Training"), el("div", { className: "clora-empty", text: "No training yet. Fill in the form and press Start training." }))
+        return
+    }
+    // rebuild the panel when the job or its state changes; otherwise update in place (keeps log scroll)
+    const key = job.id + "|" + job.state + "|" + (job.lora_id || "") + "|" + (finishing.has(job.id) ? 1 : 0)
+    if (key !== renderedJobKey) {
+        renderedJobKey = key
+        buildJobPanel(job)
+    }
+    updateJobPanel(job)
+}
+export function buildJobPanel(job) {
+    const p = {}
+    p.badge = el("span", { className: "clora-badge", attrs: { "data-state": job.state, "data-clora": "job-state" }, text: STATE_LABELS[job.state] || job.state })
+    p.bar = el("div", { className: "clora-bar", attrs: { "data-state": job.state, role: "progressbar", "aria-valuemin": "0", "aria-valuemax": "100", "data-clora": "progress" } }, el("div"))
+    const stat = (label, name) => {
+        const v = el("b", { attrs: { "data-clora": "stat-" + name }, text: "–" })
+        p[name] = v
+        return el("div", {}, el("span", { text: label }), v)
+    }
+    p.stats = el("div", { className: "clora-stats" }, stat("Step", "step"), stat("Epoch", "epoch"), stat("Loss", "loss"), stat("Speed", "rate"), stat("Time left", "eta"))
+    p.samples = el("div", { className: "clora-samples", attrs: { "data-clora": "samples", hidden: true } })
+    p.sampleNodes = new Map() // sample url -> {btn, img}
+    p.samplesKey = null
+    p.log = el("pre", { className: "clora-log", attrs: { "data-clora": "log", "aria-live": "off" } })
+    p.actions = el("div", { className: "clora-actions" })
+    if (!isFinished(job)) {
+        const cancel = el("button", { className: "secondaryButton", attrs: { type: "button", "data-clora": "cancel" } }, icon("fa-stop"), " Cancel")
+        let armed = false
+        let timer = null
+        cancel.addEventListener("click", async () => {
+            if (!armed) {
+                armed = true
+                cancel.lastChild.textContent = " Click again to cancel"
+                timer = setTimeout(() => {
+                    armed = false
+                    cancel.lastChild.textContent = " Cancel"
+                }, 4000)
+                return
+            }
+            clearTimeout(timer)
+            cancel.disabled = true
+            cancel.lastChild.textContent = " Cancelling…"
+            try {
+                const j = await client.request("POST", "/jobs/" + encodeURIComponent(job.id) + "/cancel", null, { timeoutMs: 30000 })
+                if (j && j.id) upsertJob(j)
+            } catch (e) {
+                toast("Could not cancel: " + e.message, true)
+                cancel.disabled = false
+                cancel.lastChild.textContent = " Cancel"
+            }
+            scheduleRender()
+        })
+        p.actions.appendChild(cancel)
+    }
+    let result = null
+    if (job.state === "done") {
+        const use = el("button", { className: "primaryButton", attrs: { type: "button", "data-clora": "use-it" }, on: { click: () => useLora(job) } }, icon("fa-wand-magic-sparkles"), " Use it")
+        use.disabled = !job.lora_id || finishing.has(job.id)
+        result = el(
+            "div",
+            { className: "clora-result clora-ok", attrs: { "data-clora": "result" } },
+            el("div", {}, icon("fa-circle-check"), " Saved as LoRA ", el("code", { text: job.lora_id || "?" })),
+            el("div", { className: "clora-small", text: "Prompt with “" + job.trigger + "”; a weight around " + DEFAULT_LORA_WEIGHT + " is a good start." }),
+            el("div", { className: "clora-actions" }, use)
+        )
+    } else if (job.state === "error" || job.state === "interrupted" || job.state === "cancelled") {
+        const err = job.error || {}
+        result = el(
+            "div",
+            { className: "clora-result clora-error", attrs: { "data-clora": "result" } },
+            el("div", { text: err.message || (job.state === "cancelled" ? "Training was cancelled." : job.state === "interrupted" ? "Training was interrupted (the daemon stopped)." : "Training failed.") }),
+            err.hint ? el("div", { className: "clora-fix clora-small", text: "Fix: " + err.hint }) : null
+        )
+    }
+    ui.jobParts = p
+    ui.jobPanel.replaceChildren(
+        el("h4", {}, icon("fa-chart-line"), "Training"),
+        el("div", { className: "clora-job-title" }, el("div", {}, el("b", { text: job.name }), " ", el("span", { className: "clora-small", text: "trigger “" + job.trigger + "”, " + (job.image_count || "?") + " pictures" })), p.badge),
+        p.bar,
+        p.stats,
+        p.samples,
+        p.log,
+        ...(result ? [result] : []),
+        p.actions
+    )
+}
+export function updateJobPanel(job) {
+    const p = ui.jobParts
+    if (!p) return
+    const pr = job.progress || {}
+    const total = pr.total || 0
+    const step = pr.step || 0
+    let pct = total ? Math.min(100, (100 * step) / total) : 0
+    if (job.state === "done") pct = 100
+    p.bar.firstChild.style.width = pct.toFixed(1) + "%"
+    p.bar.setAttribute("aria-valuenow", pct.toFixed(0))
+    p.step.textContent = total ? step + " / " + total : step ? String(step) : "–"
+    p.epoch.textContent = pr.epochs ? (pr.epoch || 0) + " / " + pr.epochs : pr.epoch ? String(pr.epoch) : "–"
+    p.loss.textContent = typeof pr.loss === "number" ? pr.loss.toFixed(4) : "–"
+    p.rate.textContent = fmtRate(pr.rate)
+    p.eta.textContent = isFinished(job) ? "–" : fmtDuration(pr.eta_s)
+    updateSamples(job, p)
+    const lines = job.logs || []
+    const text = lines.join("\n")
+    if (p.log.textContent !== text) {
+        const atBottom = p.log.scrollHeight - p.log.scrollTop - p.log.clientHeight < 24
+        p.log.textContent = text
+        if (atBottom) p.log.scrollTop = p.log.scrollHeight
+    }
+}
