@@ -731,3 +731,141 @@ def test_socket_and_api_modules_on_their_own(env: Env, page: Any) -> None:
     assert got["wrongToken"]["status"] == 401 and got["wrongToken"]["message"]
     assert got["unreachable"]["isDaemonError"] and got["unreachable"]["kind"] == "network"
     assert got["unreachable"]["status"] == 0 and "cannot be reached" in got["unreachable"]["message"]
+
+
+# ---- lifecycle buttons and Use it model switch
+
+
+def _ed_with_own_daemon(tmp_path: Path, name: str) -> tuple[Path, Path, int, int]:
+    """A second ED install with its own daemon config (own port, token, data dir), as install_plugin.py makes it."""
+    ed_port = free_port()
+    ed_root = make_ed_root(tmp_path / f"ed-{name}", listen_port=ed_port)
+    cfg = tmp_path / f"daemon-{name}" / "config.yaml"
+    assert install_plugin.main(
+        ["--ed-root", str(ed_root), "--daemon-python", sys.executable, "--daemon-config", str(cfg), "--no-autostart"]
+    ) == 0
+    port = free_port()
+    workspace = tmp_path / f"workspace-{name}"
+    workspace.mkdir()
+    update_config_file(cfg, {"port": port, "data_dir": str(tmp_path / f"daemon-{name}" / "data"), "allow_cpu": True,
+                             "kohya": {"python": sys.executable, "script_path": str(KOHYA_DOUBLE),
+                                       "workspace": str(workspace)}})
+    return ed_root, cfg, ed_port, port
+
+
+def test_restart_and_stop_buttons_run_the_daemon_through_ed(env: Env, page: Any, tmp_path: Path) -> None:
+    ed_root, cfg, ed_port, port = _ed_with_own_daemon(tmp_path, "life")
+    url = f"http://127.0.0.1:{port}"
+    daemon = DaemonProcess(cfg, url, tmp_path / "life.log")
+    daemon.start()
+    fake = FakeEd(ed_root, listen_port=ed_port)
+    try:
+        with ServerThread(fake.app(), ed_port) as server:
+            open_tab(page, server.url)
+            page.wait_for_selector("[data-clora=conn][data-status=live]", timeout=30000)
+            first_pid = fake.plugin.fetch_health(url)["pid"]
+            assert page.is_enabled("[data-clora=restart-daemon]") and page.is_enabled("[data-clora=stop-daemon]")
+
+            # Restart: busy while the plugin stops and starts it, then connected to a new process
+            page.click("[data-clora=restart-daemon]")
+            page.wait_for_selector("[data-clora=root][data-busy=restarting]", timeout=10000)
+            assert page.is_disabled("[data-clora=stop-daemon]")
+            assert "Restarting" in page.inner_text("[data-clora=restart-daemon]")
+            page.wait_for_selector("[data-clora=root]:not([data-busy])", timeout=90000)
+            page.wait_for_selector("[data-clora=conn][data-status=live]", timeout=30000)
+            assert daemon.proc is not None and daemon.proc.wait(10) == 0  # the first one shut down cleanly
+            second_pid = fake.plugin.fetch_health(url)["pid"]
+            assert second_pid != first_pid
+            page.wait_for_function(
+                "(pid) => window.__edFake.calls.some((c) => c.fn === 'showToast' && c.args[0].includes("
+                "'daemon restarted (process ' + pid + ')'))", arg=second_pid, timeout=5000)
+            assert page.locator("[data-clora=banner]").is_hidden()
+
+            # Stop: the daemon is gone, the banner offers Start daemon, Stop is off until it runs again
+            page.click("[data-clora=stop-daemon]")
+            page.wait_for_selector("[data-clora=start-daemon]", timeout=45000)
+            assert fake.plugin.fetch_health(url) is None
+            assert page.get_attribute("[data-clora=conn]", "data-status") == "offline"
+            assert page.is_disabled("[data-clora=stop-daemon]") and page.is_enabled("[data-clora=restart-daemon]")
+            assert "not running" in page.inner_text("[data-clora=banner]")
+            page.screenshot(path=str(artifacts_dir() / "daemon-stopped-from-the-tab.png"), full_page=True)
+
+            page.click("[data-clora=start-daemon]")
+            page.wait_for_selector("[data-clora=conn][data-status=live]", timeout=45000)
+            assert fake.plugin.fetch_health(url)["pid"] not in (first_pid, second_pid)
+    finally:
+        status, _body = fake.plugin.stop_daemon(str(cfg), fake.plugin.read_daemon_config(str(cfg)))
+        daemon.stop()
+        assert status == 200
+
+
+def test_a_leftover_daemon_of_another_config_is_named_not_blamed_on_the_token(env: Env, page: Any,
+                                                                             tmp_path: Path) -> None:
+    """This ED's config names the port the module's daemon (another config, another token) listens on."""
+    ed_root, cfg, ed_port, _port = _ed_with_own_daemon(tmp_path, "leftover")
+    update_config_file(cfg, {"port": int(env.daemon.url.rsplit(":", 1)[1])})
+    with ServerThread(FakeEd(ed_root, listen_port=ed_port).app(), ed_port) as server:
+        open_tab(page, server.url)
+        banner = page.locator("[data-clora=banner]")
+        banner.wait_for(state="visible", timeout=20000)
+        text = banner.inner_text()
+        assert f"is a leftover of another configuration (process {env.daemon.proc.pid}" in text
+        assert str(env.daemon_config) in text and "Fix: Stop that daemon" in text
+        assert "refused the token" not in text and page.locator("[data-clora=problem]").count() == 1
+        assert page.get_attribute("[data-clora=conn]", "data-status") == "offline"
+        assert page.is_disabled("[data-clora=stop-daemon]") and page.is_disabled("[data-clora=restart-daemon]")
+        assert page.is_disabled("[data-clora=start]")
+    assert env.daemon.proc is not None and env.daemon.proc.poll() is None  # nothing touched the other daemon
+
+
+def test_use_it_switches_ed_to_a_model_of_the_loras_architecture(env: Env, page: Any) -> None:
+    done = [j for j in daemon_json(env, "GET", "/jobs")["jobs"] if j["state"] == "done" and j["lora_id"]]
+    assert done, "the end-to-end test above trains the LoRA this test uses"
+    job = done[0]
+    assert job["base_model"].endswith("tiny-sd15.safetensors")
+    open_tab(page, env.ed_url)
+    page.wait_for_selector("[data-clora=conn][data-status=live]", timeout=30000)
+    page.locator(f"[data-job-id='{job['id']}']").click()
+    page.wait_for_selector("[data-clora=use-it]:not([disabled])", timeout=30000)
+
+    # an SDXL model is current: Use it selects the SD 1.x model the LoRA was trained on, and says so
+    page.evaluate("stableDiffusionModelField.value = 'tiny-sdxl'")
+    assert page.evaluate("stableDiffusionModelField.value") == "tiny-sdxl"
+    page.click("[data-clora=use-it]")
+    assert page.evaluate("stableDiffusionModelField.value") == "tiny-sd15"
+    assert page.input_value("#stable_diffusion_model") == "tiny-sd15"
+    toast = calls(page, "showToast")[-1]["args"]
+    assert "The model tiny-sdxl is SDXL, and this LoRA is SD 1.x: switched the model to tiny-sd15, the model it " \
+           "was trained on." in toast[0]
+    assert toast[2] is False
+    assert job["lora_id"] in page.evaluate("loraModelField.value")["modelNames"]
+
+    # a matching model stays as it is, and the toast says nothing about the model
+    page.locator("#tab-character-lora").click()
+    page.click("[data-clora=use-it]")
+    assert page.evaluate("stableDiffusionModelField.value") == "tiny-sd15"
+    assert "model" not in calls(page, "showToast")[-1]["args"][0].replace("LoRA", "")
+
+    # trained on a model ED no longer lists: another SD 1.x model is picked; none at all: the toast warns
+    got = page.evaluate(
+        """async ([job, root]) => {
+            const { useLora } = await import("/character-lora/ui/use-lora.js")
+            const { state } = await import("/character-lora/ui/store.js")
+            const toast = () => window.__edFake.calls.filter((c) => c.fn === "showToast").pop().args
+            stableDiffusionModelField.value = "tiny-sdxl"
+            await useLora({ ...job, base_model: root + "/models/stable-diffusion/deleted.safetensors" })
+            const other = { model: stableDiffusionModelField.value, toast: toast() }
+            const models = state.daemonModels
+            state.daemonModels = models.filter((m) => m.arch !== "sd1")
+            stableDiffusionModelField.value = "tiny-sdxl"
+            await useLora(job)
+            state.daemonModels = models
+            return { other, none: { model: stableDiffusionModelField.value, toast: toast() } }
+        }""",
+        [job, str(env.ed_root)],
+    )
+    assert got["other"]["model"] == "tiny-sd15"
+    assert "switched the model to tiny-sd15." in got["other"]["toast"][0]
+    assert got["none"]["model"] == "tiny-sdxl"
+    assert "pick an SD 1.x model under Model; none is listed." in got["none"]["toast"][0]
+    assert got["none"]["toast"][2] is True

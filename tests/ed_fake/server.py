@@ -13,6 +13,7 @@ ED's server that the page and our plugin use, with ED's paths and response shape
                                          after saving, as ED does on Python >= 3.9
     GET  /character-lora/info            answered by the installed server plugin's build_info()
     POST /character-lora/start           answered by the installed server plugin's spawn_daemon()
+    POST /character-lora/stop, /restart  token-checked (_bearer_ok), answered by its stop_daemon()/restart_daemon()
     GET  /character-lora/ui/<name>       the tab's ES modules, answered by the installed server plugin's ui_module()
                                          (absent with serve_ui_modules=False: ED not restarted after the install)
 
@@ -118,6 +119,8 @@ class FakeEd:
         app.router.add_post("/bucket/{path:.+}", self.bucket_post)
         app.router.add_get("/character-lora/info", self.info)
         app.router.add_post("/character-lora/start", self.start)
+        app.router.add_post("/character-lora/stop", self.stop)
+        app.router.add_post("/character-lora/restart", self.restart)
         if self.serve_ui_modules:
             app.router.add_get("/character-lora/ui/{name:.+}", self.ui_module)
         return app
@@ -182,6 +185,27 @@ class FakeEd:
         state = await asyncio.to_thread(self.plugin.spawn_daemon, settings, url)
         return web.json_response({"start": state})
 
+    async def stop(self, request: web.Request) -> web.Response:
+        return await self._lifecycle(request, "stop")
+
+    async def restart(self, request: web.Request) -> web.Response:
+        return await self._lifecycle(request, "restart")
+
+    async def _lifecycle(self, request: web.Request, action: str) -> web.Response:
+        """The plugin's register_routes() lifecycle handler, on aiohttp: same checks, same status codes."""
+        settings, problem = self.plugin.load_settings(str(self.settings_path) if self.settings_path else None)
+        cfg_path = settings.get("daemon_config")
+        if problem or not cfg_path or not Path(cfg_path).is_file():
+            return web.json_response({"error": problem or "The daemon config is not set up.",
+                                      "hint": "Run install_plugin.py again."}, status=409)
+        cfg = self.plugin.read_daemon_config(cfg_path)
+        if not self.plugin._bearer_ok(request.headers.get("Authorization"), cfg.get("token")):
+            return web.json_response({"error": "This call needs the daemon token."}, status=401)
+        if action == "stop":
+            status, body = await asyncio.to_thread(self.plugin.stop_daemon, cfg_path, cfg)
+        else:
+            status, body = await asyncio.to_thread(self.plugin.restart_daemon, settings, cfg)
+        return web.json_response(body, status=status)
 
     async def ui_module(self, request: web.Request) -> web.Response:
         status, body, ctype = self.plugin.ui_module(request.match_info["name"])

@@ -48,6 +48,12 @@ export async function connect() {
     client.configure(pageReachableUrl(daemon), daemon.token)
     const problems = (info.problems || []).map((p) => ({ title: p.error, fix: p.fix }))
 
+    if (daemon.ours === false) {
+        // a leftover daemon of another config answers on our port: it refuses our token (and maybe this page's
+        // origin), but neither is what is wrong; info's problems say what answers there and how to end it
+        return fail(gen, problems, { retrySoon: true })
+    }
+
     // is this page allowed by the daemon's CORS list?
     const origins = Array.isArray(daemon.allowed_origins) ? daemon.allowed_origins.map((o) => o.replace(/\/+$/, "")) : null
     const originBlocked = !!origins && !origins.includes(window.location.origin)

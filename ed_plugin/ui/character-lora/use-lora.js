@@ -1,5 +1,6 @@
 // When a job is done: ED's LoRA list refreshed, the trigger word stored, "Use it" fills ED's fields.
-import { DEFAULT_LORA_WEIGHT } from "./constants.js"
+import { ARCH_LABELS, DEFAULT_LORA_WEIGHT } from "./constants.js"
+import { baseModelArch } from "./form-rules.js"
 import { ed } from "./ed.js"
 import { toast } from "./dom.js"
 import { saveHandled } from "./handled.js"
@@ -148,11 +149,71 @@ export async function useLora(job) {
             prompt.dispatchEvent(new Event("change", { bubbles: true }))
         }
     }
+    const model = matchEdModel(job)
     const select = ed.selectTab()
     if (select && document.getElementById("tab-main")) select("tab-main")
     if (selected) {
-        toast("Selected LoRA " + job.lora_id + " (weight " + DEFAULT_LORA_WEIGHT + ") and added “" + job.trigger + "” to the prompt.")
+        toast("Selected LoRA " + job.lora_id + " (weight " + DEFAULT_LORA_WEIGHT + ") and added “" + job.trigger + "” to the prompt." + (model.note ? " " + model.note : ""), !!model.warn)
     } else {
-        toast("Easy Diffusion does not list the LoRA " + job.lora_id + " yet; click the reload button next to the model list, then pick it under LoRA.", true)
+        toast("Easy Diffusion does not list the LoRA " + job.lora_id + " yet; click the reload button next to the model list, then pick it under LoRA." + (model.note ? " " + model.note : ""), true)
     }
+}
+
+const archLabel = (arch) => ARCH_LABELS[arch] || String(arch).replace(/^other:/, "")
+
+/** The daemon's entry ({id, file, arch}) of the checkpoint a job trained on: job.base_model is its absolute path. */
+export function trainedOnModel(job) {
+    const base = String((job && job.base_model) || "").replace(/\\/g, "/")
+    if (!base || !state.daemonModels) return null
+    return state.daemonModels.find((m) => {
+        const dot = m.file.lastIndexOf(".")
+        return base.endsWith("/" + m.id + (dot > 0 ? m.file.slice(dot) : ""))
+    }) || null
+}
+
+/** The LoRA's architecture: its base model's; the daemon trains SD 1.x only, so that is the fallback. */
+export function loraArch(job) {
+    const m = trainedOnModel(job)
+    return m && m.arch && m.arch !== "unknown" ? m.arch : state.supportedArchs[0] || "sd1"
+}
+
+/** The model id "Use it" should select for this LoRA, or null when ED's current model already fits (or none fits). */
+export function pickModel(job, currentId, archOf) {
+    const want = loraArch(job)
+    const current = currentId ? archOf(currentId) : null
+    if (current === want) return null
+    const db = ed.modelsDB()
+    const sdModels = db && db["stable-diffusion"]
+    // only a model ED lists can be selected in its Model field
+    const listed = (id) => archOf(id) === want && (!sdModels || Object.prototype.hasOwnProperty.call(sdModels, id))
+    const trained = trainedOnModel(job)
+    if (trained && listed(trained.id)) return trained.id
+    const other = (state.daemonModels || []).find((m) => m.arch === want && listed(m.id))
+    return other ? other.id : null
+}
+
+/** When ED's current model is not of the LoRA's architecture, select the model the LoRA was trained on (or
+ * another of its architecture). {note, warn}: the sentence for the toast, empty when nothing changed. */
+export function matchEdModel(job) {
+    const sd = ed.sdModelField()
+    if (!sd) return { note: "" }
+    const want = loraArch(job)
+    const before = sd.value || ""
+    const beforeArch = before ? baseModelArch(before) : null
+    // an unknown architecture (an untagged .ckpt the daemon cannot read either) is left as the user chose it
+    if (beforeArch === want || beforeArch === "unknown") return { note: "" }
+    const target = pickModel(job, before, baseModelArch)
+    if (target) {
+        try {
+            sd.value = target
+        } catch (e) {
+            console.warn("[Character LoRA] could not set the model field", e)
+        }
+    }
+    const what = before ? "The model " + before + " is " + archLabel(beforeArch) : "No model is selected"
+    if (target && sd.value === target) {
+        const why = trainedOnModel(job) && trainedOnModel(job).id === target ? ", the model it was trained on" : ""
+        return { note: what + ", and this LoRA is " + archLabel(want) + ": switched the model to " + target + why + "." }
+    }
+    return { note: what + ", and this LoRA is " + archLabel(want) + ": pick an " + archLabel(want) + " model under Model; none is listed.", warn: true }
 }

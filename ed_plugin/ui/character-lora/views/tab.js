@@ -8,6 +8,7 @@ import { validateName, validateTrigger, validateClass } from "../form-rules.js"
 import { submit } from "../submit.js"
 import { addFiles, clearImages } from "../images.js"
 import { renderPresets, fillParamsFromPreset, renderBaseModels, renderForm } from "./form.js"
+import { lifecycleButtons } from "./banner.js"
 
 export function field(labelText, input, { help, errorKey, extra } = {}) {
     const id = input.id
@@ -177,7 +178,7 @@ export function buildUI() {
     ui.root = el(
         "div",
         { className: "clora-root", attrs: { "data-clora": "root" } },
-        el("div", { className: "clora-header" }, el("h3", {}, "Train a character LoRA"), el("div", { style: { display: "flex", gap: "8px", alignItems: "center" } }, ui.conn, retry)),
+        el("div", { className: "clora-header" }, el("h3", {}, "Train a character LoRA"), el("div", { style: { display: "flex", gap: "8px", alignItems: "center", flexWrap: "wrap" } }, ui.conn, retry, ...lifecycleButtons())),
         ui.banner,
         el("div", { className: "clora-columns" }, formBox, el("div", { style: { display: "flex", flexDirection: "column", gap: "12px" } }, ui.jobPanel, ui.jobList))
     )
