@@ -19,6 +19,11 @@ function renderLifecycle() {
     const ours = daemon.ours !== false
     ui.restart.disabled = !!busy || !ours || !daemon.can_start
     ui.stop.disabled = !!busy || !ours || !daemon.running
+    for (const b of [ui.restart, ui.stop]) {
+        // ED styles no disabled tertiaryButton: dim it here (css.js belongs to the form's layout)
+        b.style.opacity = b.disabled ? "0.5" : ""
+        b.style.cursor = b.disabled ? "not-allowed" : ""
+    }
     ui.restart.lastChild.textContent = busy === "restarting" ? " Restarting…" : " Restart"
     ui.stop.lastChild.textContent = busy === "stopping" ? " Stopping…" : " Stop"
     if (ui.root) {
