@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from aiohttp.test_utils import TestClient
 
 from daemon.pipeline.failure import CANCELLED, FAILURE_KINDS, KILLED, classify_failure
 from daemon.pipeline.progress import (
@@ -53,6 +54,8 @@ from daemon.pipeline.progress import (
     parse_line,
     split_glued_line,
 )
+from daemon.pipeline.runner import preview_phase
+from tests.conftest import train_form
 
 REPO = Path(__file__).resolve().parents[1]
 LOGS_DIR = Path(os.environ.get("KOHYA_LOGS_DIR", REPO.parent / "shared" / "kohya-logs"))
@@ -836,3 +839,86 @@ def test_error_hints_cover_every_rule_on_real_output() -> None:
         assert _classify_error(message) == slow, line
         checked += slow is not None
     assert checked > 20
+
+
+# --- the preview phase and the rate the tab shows ------------------------------------------------------
+
+SAMPLES_RUN = LOGS_DIR / "cpu" / "01_ok_folder_python_2ep_samples"
+
+
+def phases(events: list[ProgressEvent]) -> list[tuple[str, int]]:
+    """(phase, step) after each event, as the runner tracks it, collapsed to the changes."""
+    phase, preview_step, step = "training", None, 0
+    seen: list[tuple[str, int]] = []
+    for event in events:
+        phase = preview_phase(phase, event, preview_step)
+        if isinstance(event, SampleImagesStarted):
+            preview_step = event.step
+        if isinstance(event, StepProgress):
+            step = event.step
+        if not seen or seen[-1][0] != phase:
+            seen.append((phase, step))
+    return seen
+
+
+@pytest.mark.skipif(not SAMPLES_RUN.is_dir(), reason="real kohya logs not available")
+@pytest.mark.parametrize("mode", ["streams", "combined"])
+def test_real_previews_start_and_end_the_preview_phase(mode: str) -> None:
+    # sample_at_first (step 0), after epoch 1 (step 16) and after the last step (32): each preview
+    # starts with kohya's `generating sample images` record and ends with what kohya does next.
+    got = phases(replay(SAMPLES_RUN, mode).events)
+    assert got == [("training", 0), ("preview", 0), ("training", 0), ("preview", 16), ("training", 16),
+                   ("preview", 32), ("training", 32)]
+
+
+def test_preview_phase_is_not_ended_by_a_redraw_of_the_same_step() -> None:
+    started = SampleImagesStarted(16)
+    assert preview_phase("training", started, None) == "preview"
+    assert preview_phase("preview", steps(16, 32, 1.1, 14, 15), 16) == "preview"
+    assert preview_phase("preview", steps(17, 32, 1.1, 15, 14), 16) == "training"
+    assert preview_phase("preview", EpochStarted(2, 2), 16) == "training"
+    assert preview_phase("preview", CheckpointSaved("/x/a.safetensors"), 32) == "training"
+    assert preview_phase("preview", ModelSaved(), 32) == "training"
+    # nothing else a preview prints ends it: its prompt records and its own (no-desc) sampler bars
+    for line in ("                    INFO     prompt: sks red circle           train_util.py:6542",
+                 " 50%|█████     | 2/4 [00:01<00:01,  1.15it/s]\x1b[A"):
+        assert parse_line(line) is None
+
+
+@pytest.mark.skipif(not SAMPLES_RUN.is_dir(), reason="real kohya logs not available")
+def test_real_rate_leaves_the_preview_time_out() -> None:
+    # sd-scripts calls progress_bar.unpause() after its previews, so tqdm's elapsed time and rate
+    # (smoothing=0: steps / elapsed) count training steps only: the 7 s of previews after step 16
+    # (arrival 36.4 s -> 43.5 s in chunks.jsonl) add 1 s to the bar's clock, one step's worth.
+    bars = {e.step: e for e in step_events(replay(SAMPLES_RUN, "streams").events)}
+    assert bars[16].elapsed_s == 14 and bars[17].elapsed_s == 15
+    assert bars[16].rate is not None and bars[17].rate is not None
+    assert abs(bars[17].rate - bars[16].rate) < 0.02
+    assert bars[17].eta_s is not None and bars[17].eta_s <= 15 / bars[17].rate
+
+
+async def test_daemon_sends_the_preview_phase_while_kohya_draws_previews(
+        client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the double draws kohya's sampler bar for 0.6 s per picture: long enough to be seen, as real previews are
+    monkeypatch.setenv("KOHYA_DOUBLE_SAMPLE_SECONDS", "0.6")
+    ws = await client.ws_connect("/ws")
+    assert (await ws.receive_json(timeout=5))["type"] == "snapshot"
+    params = json.dumps({"epochs": 2, "sample_every_n_epochs": 1})
+    job_id = (await (await client.post("/train", data=train_form(8, name="Phase", params=params))).json())["job_id"]
+    progress: list[dict[str, object]] = []
+    while True:
+        frame = await ws.receive_json(timeout=60)
+        if frame["type"] == "progress":
+            progress.append(frame["data"])
+        if frame["type"] == "result":
+            break
+    await ws.close()
+    changes = [(p["phase"], p["step"]) for i, p in enumerate(progress)
+               if i == 0 or p["phase"] != progress[i - 1]["phase"]]
+    total = progress[-1]["total"]
+    assert isinstance(total, int) and total > 0
+    # after epoch 1 (half way) and after the last step; each ends with what kohya does next
+    assert changes == [("training", changes[0][1]), ("preview", total // 2), ("training", total // 2),
+                       ("preview", total), ("training", total)]
+    job = await (await client.get(f"/jobs/{job_id}/status")).json()
+    assert job["state"] == "done" and job["progress"]["phase"] == "training"

@@ -47,6 +47,7 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 STEP_SECONDS = os.environ.get("UI_TEST_STEP_SECONDS", "0.12")
+SAMPLE_SECONDS = os.environ.get("UI_TEST_SAMPLE_SECONDS", "0.8")  # per preview picture, so the state can be seen
 
 OTHER_PLUGIN = """
 var state = "another plugin's state"
@@ -76,7 +77,8 @@ class DaemonProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        env_vars = {**os.environ, "KOHYA_DOUBLE_STEP_SECONDS": STEP_SECONDS, "PYTHONUNBUFFERED": "1"}
+        env_vars = {**os.environ, "KOHYA_DOUBLE_STEP_SECONDS": STEP_SECONDS, "PYTHONUNBUFFERED": "1",
+                    "KOHYA_DOUBLE_SAMPLE_SECONDS": SAMPLE_SECONDS}
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "daemon", "--config", str(self.cfg)], cwd=REPO, env=env_vars, stdout=out,
@@ -869,3 +871,126 @@ def test_use_it_switches_ed_to_a_model_of_the_loras_architecture(env: Env, page:
     assert got["none"]["model"] == "tiny-sdxl"
     assert "pick an SD 1.x model under Model; none is listed." in got["none"]["toast"][0]
     assert got["none"]["toast"][2] is True
+
+# ---- small things: alpha, speed, layout
+
+def test_advanced_fields_show_what_the_daemon_will_use(env: Env, page: Any) -> None:
+    open_tab(page, env.ed_url)
+    page.wait_for_selector("[data-clora=root][data-ready=true]", timeout=30000)
+    page.locator("[data-clora=advanced] summary").click()
+    preset = daemon_json(env, "GET", "/presets")
+    presets = preset.get("presets", preset)
+    balanced = presets["balanced"]
+    assert page.input_value("#clora-p-network_dim") == str(balanced["network_dim"])
+    assert float(page.input_value("#clora-p-network_alpha")) == balanced["network_alpha"]
+    ratio = balanced["network_alpha"] / balanced["network_dim"]
+    # a changed rank keeps the preset's alpha/rank ratio, as resolve_params does: the field says so
+    page.fill("#clora-p-network_dim", "8")
+    assert float(page.input_value("#clora-p-network_alpha")) == 8 * ratio
+    page.fill("#clora-p-network_dim", "5")
+    assert float(page.input_value("#clora-p-network_alpha")) == 5 * ratio
+    assert page.inner_text("[data-clora=params-error]") == ""
+    # a typed alpha stays; one above the rank is refused inline, as the daemon would (400, network_alpha)
+    page.fill("#clora-p-network_alpha", "16")
+    assert "at most the rank (5)" in page.inner_text("[data-clora=params-error]")
+    assert page.get_attribute("#clora-p-network_alpha", "aria-invalid") == "true"
+    page.fill("#clora-p-network_dim", "32")
+    assert page.inner_text("[data-clora=params-error]") == ""
+    # learning rates past the daemon's ceiling are refused inline too
+    page.fill("#clora-p-unet_lr", "0.5")
+    assert "U-Net learning rate must be above 0 and at most 0.01" in page.inner_text("[data-clora=params-error]")
+    page.fill("#clora-p-unet_lr", "0.0002")
+    assert page.inner_text("[data-clora=params-error]") == ""
+    # back to the preset: every field shows the preset's value again
+    page.get_by_role("button", name="Reset to preset").click()
+    assert float(page.input_value("#clora-p-network_alpha")) == balanced["network_alpha"]
+    # no unchanged field shows a value the daemon would refuse
+    page.fill("#clora-p-network_dim", "1")
+    assert float(page.input_value("#clora-p-network_alpha")) == ratio
+    assert page.inner_text("[data-clora=params-error]") == ""
+    page.screenshot(path=str(artifacts_dir() / "advanced-alpha.png"), full_page=True)
+
+
+SEEN_RATES = """() => {
+    window.__seenRates = []
+    const look = () => {
+        const b = document.querySelector('[data-clora=stat-rate]')
+        if (b) {
+            const seen = b.dataset.phase + ':' + b.textContent
+            if (window.__seenRates[window.__seenRates.length - 1] !== seen) window.__seenRates.push(seen)
+        }
+        requestAnimationFrame(look)
+    }
+    look()
+}"""
+
+LAYOUT = """() => {
+    const box = (el) => {
+        const r = el.getBoundingClientRect()
+        return { x: r.left, y: r.top, w: r.width, h: r.height }
+    }
+    const lines = (el) => {
+        // distinct line boxes of the button's text: 1 when it does not wrap
+        const range = document.createRange()
+        range.selectNodeContents(el)
+        return new Set(Array.from(range.getClientRects()).filter((r) => r.width > 0).map((r) => Math.round(r.top))).size
+    }
+    const line = (el) => {
+        const cs = getComputedStyle(el)
+        const lh = parseFloat(cs.lineHeight) || parseFloat(cs.fontSize) * 1.2
+        const inner = el.getBoundingClientRect().height - parseFloat(cs.paddingTop) - parseFloat(cs.paddingBottom)
+            - parseFloat(cs.borderTopWidth) - parseFloat(cs.borderBottomWidth)
+        return { lines: lines(el), inner, lh }
+    }
+    return {
+        status: box(document.querySelector('#server-status')),
+        tabs: Array.from(document.querySelectorAll('#tab-container .tab')).map((t) => ({ id: t.id, ...box(t) })),
+        header: box(document.querySelector('.clora-header')),
+        buttons: Object.fromEntries(
+            ['start', 'use-it'].map((k) => [k, line(document.querySelector('[data-clora=' + k + ']'))])),
+    }
+}"""
+
+
+def _overlap(a: dict[str, float], b: dict[str, float]) -> bool:
+    across = a["x"] < b["x"] + b["w"] and b["x"] < a["x"] + a["w"]
+    return across and a["y"] < b["y"] + b["h"] and b["y"] < a["y"] + a["h"]
+
+
+def test_speed_tile_shows_previews_and_the_layout_fits_ed(env: Env, page: Any) -> None:
+    open_tab(page, env.ed_url)
+    page.wait_for_selector("[data-clora=root][data-ready=true]", timeout=30000)
+    page.evaluate(SEEN_RATES)
+    page.fill("#clora-name", "Layout Check")
+    page.fill("#clora-trigger", "l4yt")
+    page.locator("[data-clora=advanced] summary").click()
+    for key, value in (("epochs", "2"), ("repeats", "1"), ("batch_size", "1"), ("resolution", "256"),
+                       ("sample_every_n_epochs", "1")):
+        page.fill(f"#clora-p-{key}", value)
+    drop_images(page, image_payload(8))
+    page.wait_for_function("!document.querySelector('[data-clora=start]').disabled", timeout=30000)
+    page.click("[data-clora=start]")
+    # while kohya draws the previews the Speed tile says so, instead of a rate that seems stuck
+    page.wait_for_selector("[data-clora=stat-rate][data-phase=preview]", timeout=60000)
+    assert page.inner_text("[data-clora=stat-rate]") == "making preview…"
+    assert page.inner_text("[data-clora=job-state]") == "Training"
+    page.screenshot(path=str(artifacts_dir() / "speed-preview.png"), full_page=True)
+    wait_state(page, "Done", timeout=60000)
+    page.wait_for_selector("[data-clora=use-it]:not([disabled])", timeout=30000)
+    seen = page.evaluate("window.__seenRates")
+    preview_at = seen.index("preview:making preview…")
+    # training resumed after the preview and showed a rate again (steps/s), then the job ended
+    assert any(s.startswith("training:") and "/s" in s for s in seen[preview_at:]), seen
+    assert page.get_attribute("[data-clora=stat-rate]", "data-phase") == "training"
+
+    for width in (1280, 1400, 1920):
+        page.set_viewport_size({"width": width, "height": 1000})
+        page.wait_for_timeout(100)
+        got = page.evaluate(LAYOUT)
+        for name, b in got["buttons"].items():
+            assert b["lines"] == 1, f"{name} wraps at {width}px: {b}"
+            assert b["inner"] < 2 * b["lh"], f"{name} is taller than one line at {width}px: {b}"
+        for tab in got["tabs"]:
+            assert not _overlap(tab, got["status"]), f"tab {tab['id']} runs into ED's status at {width}px: {got}"
+        assert not _overlap(got["header"], got["status"]), f"the tab header runs into ED's status at {width}px"
+        page.screenshot(path=str(artifacts_dir() / f"layout-{width}.png"), full_page=False)

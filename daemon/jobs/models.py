@@ -39,6 +39,9 @@ class Progress:
     loss: float | None = None
     rate: float | None = None  # optimisation steps per second
     eta_s: float | None = None
+    # "preview" while kohya draws the preview pictures: no steps are made then, so the tab says so instead
+    # of showing a stalled rate and a frozen time left.
+    phase: str = "training"
 
     def to_json(self) -> dict[str, Any]:
         # JSON has no inf/nan: a diverging loss or a zero rate must not break every job listing.

@@ -34,9 +34,11 @@ from daemon.pipeline.process import OutputChunk, TrainerProcess, start_trainer
 from daemon.pipeline.progress import (
     CheckpointSaved,
     EpochStarted,
+    ModelSaved,
     OutputParser,
     Parsed,
     ProgressEvent,
+    SampleImagesStarted,
     StepProgress,
     TotalSteps,
 )
@@ -109,6 +111,21 @@ def output_name(job: Job) -> str:
     return publish.slugify(job.name)
 
 
+def preview_phase(phase: str, event: ProgressEvent, preview_step: int | None) -> str:
+    """The job's phase after `event`. kohya prints a line when it starts the previews but none when they
+    end: what follows them (the next epoch, a checkpoint, the final save or a later step) ends them."""
+    if isinstance(event, SampleImagesStarted):
+        return "preview"
+    if phase != "preview":
+        return phase
+    if isinstance(event, (EpochStarted, CheckpointSaved, ModelSaved)):
+        return "training"
+    # the bar kohya redraws right after a preview at step N still says N; only a new step ends it
+    if isinstance(event, StepProgress) and (preview_step is None or event.step > preview_step):
+        return "training"
+    return phase
+
+
 class JobReporter:
     """The single way a running job tells the world anything: each change is saved and published as
     one step (EventHub.publish), so a client never sees it twice or misses it."""
@@ -125,6 +142,7 @@ class JobReporter:
         self._pending_chars = 0
         self._skipped_logs = 0
         self._last_log_flush = 0.0
+        self.preview_step: int | None = None  # the step kohya's current preview was started at
 
     def saver(self) -> Callable[[], None]:
         # A copy: the store writes in a worker thread while this job keeps changing on the loop.
@@ -425,7 +443,11 @@ class JobRunner:
     @staticmethod
     async def _apply(events: list[ProgressEvent], progress: Progress, reporter: JobReporter) -> None:
         changed = False
+        phase = progress.phase
         for event in events:
+            progress.phase = preview_phase(progress.phase, event, reporter.preview_step)
+            if isinstance(event, SampleImagesStarted):
+                reporter.preview_step = event.step if event.step is not None else progress.step
             if isinstance(event, TotalSteps):
                 progress.total = event.total
                 changed = True
@@ -434,13 +456,19 @@ class JobRunner:
                 changed = True
             elif isinstance(event, StepProgress):
                 progress.step, progress.total = event.step, event.total
+                # tqdm's rate already leaves the previews out: sd-scripts calls progress_bar.unpause()
+                # after sample_images, which takes the pause out of the bar's elapsed time (see
+                # test_progress::test_real_rate_leaves_the_preview_time_out).
                 progress.rate, progress.eta_s = event.rate, event.eta_s
                 if event.loss is not None and math.isfinite(event.loss):
                     progress.loss = event.loss
                 changed = True
             elif isinstance(event, CheckpointSaved):
                 await reporter.checkpoint(event.path)
-        if changed:
+        if progress.phase != phase:
+            # rare (twice per preview) and what the user waits on: never held back by the interval
+            await reporter.progress(progress, force=True)
+        elif changed:
             await reporter.progress(progress)
 
     async def _read_output(self, proc: TrainerProcess, paths: JobPaths, parser: OutputParser,

@@ -37,6 +37,9 @@ Knobs (environment):
                              LoRA is 10-150 MiB), so tests can catch the daemon while it copies one
   KOHYA_DOUBLE_FLOOD_MB=<n>  before training, print n MB of kohya-shaped INFO log lines as fast as the pipe
                              takes them (a chatty trainer), then train and save as usual
+  KOHYA_DOUBLE_SAMPLE_SECONDS=<s>  time each preview picture takes (default 0): its 4-step sampler bar is
+                             drawn over that time, as kohya's inference bar is; the steps bar is unpaused
+                             after the previews, as sd-scripts does, so they do not count in its rate
 """
 
 from __future__ import annotations
@@ -226,6 +229,7 @@ class StepBar:
         line = f"steps: {int(frac * 100):3d}%|{bar}| {self.n}/{self.total} {timing}{postfix}]"
         sys.stderr.write("\r" + line)
         sys.stderr.flush()
+        self.last_draw = time.monotonic()
 
     def update(self) -> None:
         self.n += 1
@@ -234,6 +238,10 @@ class StepBar:
     def set_postfix(self, **values: float) -> None:
         self.postfix = ", ".join(f"{k}={v:.3g}" for k, v in values.items())
         self.draw()
+
+    def unpause(self) -> None:
+        # tqdm.unpause(): the time since the last redraw leaves the bar's elapsed time
+        self.start += time.monotonic() - self.last_draw
 
     def close(self) -> None:
         self.draw()
@@ -925,6 +933,7 @@ def train(args: argparse.Namespace, datasets: list[Dataset], console: Console) -
             save_lora(args, run, output_dir / f"{name}-{epoch:06d}.safetensors", epoch, step)
         if args.sample_every_n_epochs and epoch % args.sample_every_n_epochs == 0:
             sample_images(args, console, output_dir, name, epoch, step)
+            bar.unpause()
     bar.close()
     if fail == "no_output":
         return
@@ -971,10 +980,24 @@ def sample_images(args: argparse.Namespace, console: Console, output_dir: Path, 
         console.log(f"prompt: {prompt}")
         console.log(f"height: {height}")
         console.log(f"width: {width}")
+        sampler_bar(float(os.environ.get("KOHYA_DOUBLE_SAMPLE_SECONDS", "0")))
         stamp = time.strftime("%Y%m%d%H%M%S", time.localtime())
         suffix = "" if seed is None else f"_{seed}"
         picture = Image.new("RGB", (width, height), ((epoch * 40) % 256, 90, 160))
         picture.save(sample_dir / f"{name}_e{epoch:06d}_{index:02d}_{stamp}{suffix}.png")
+
+
+def sampler_bar(seconds: float, steps: int = 4) -> None:
+    """The diffusers inference bar under the steps bar: no desc, each redraw ends with a cursor-up."""
+    start = time.monotonic()
+    for n in range(steps + 1):
+        if n:
+            time.sleep(seconds / steps)
+        elapsed = time.monotonic() - start
+        done = "█" * (10 * n // steps)
+        timing = "[00:00<?, ?it/s]" if n == 0 else f"[{fmt_time(elapsed)}<00:00, {n / max(elapsed, 1e-3):5.2f}it/s]"
+        sys.stderr.write(f"\r{100 * n // steps:3d}%|{done.ljust(10)}| {n}/{steps} {timing}\x1b[A")
+        sys.stderr.flush()
 
 
 def fail_now(kind: str) -> NoReturn:

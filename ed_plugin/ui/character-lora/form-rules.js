@@ -127,6 +127,45 @@ export function paramsIssue() {
             return { key: "sample_every_n_epochs", text: "Preview every N epochs must be from 0 (off) to the number of epochs (" + epochs + ")." }
         }
     }
+    return relationsIssue()
+}
+// The daemon's learning-rate ceilings (daemon/pipeline/params.py MAX_LR, MAX_ADAPTIVE_LR)
+const MAX_LR = 1e-2
+const MAX_ADAPTIVE_LR = 2.0
+const ADAPTIVE_OPTIMIZERS = ["Prodigy"]
+/** A changed Advanced value that is there and a number, else undefined. */
+function changedNumber(key) {
+    if (!state.paramsDirty.has(key)) return undefined
+    const v = readParam({ key })
+    return v !== undefined && isFinite(v) ? v : undefined
+}
+/** The rank the daemon trains with: a valid changed value, else the preset's. */
+export function effectiveDim() {
+    const v = changedNumber("network_dim")
+    return v !== undefined && Number.isInteger(v) && v >= 1 && v <= 256 ? v : presetValues().network_dim
+}
+/** The alpha the daemon trains with. A changed rank without a changed alpha keeps the preset's alpha/rank
+ *  ratio (resolve_params), so rank 8 on a 32/16 preset trains with alpha 4, not 16. */
+export function effectiveAlpha() {
+    const changed = changedNumber("network_alpha")
+    if (changed !== undefined) return changed
+    const p = presetValues()
+    if (typeof p.network_alpha !== "number" || !p.network_dim) return p.network_alpha
+    const dim = effectiveDim()
+    return dim === p.network_dim ? p.network_alpha : (dim * p.network_alpha) / p.network_dim
+}
+/** The cross-field checks of the daemon's _check_relations that the tab's fields can break. */
+function relationsIssue() {
+    const dim = effectiveDim()
+    const alpha = effectiveAlpha()
+    if (typeof alpha === "number" && dim && !(alpha > 0 && alpha <= dim)) {
+        return { key: state.paramsDirty.has("network_alpha") ? "network_alpha" : "network_dim", text: "Network alpha must be above 0 and at most the rank (" + dim + ")." }
+    }
+    const maxLr = ADAPTIVE_OPTIMIZERS.includes(presetValues().optimizer) ? MAX_ADAPTIVE_LR : MAX_LR
+    const unet = changedNumber("unet_lr")
+    if (unet !== undefined && !(unet > 0 && unet <= maxLr)) return { key: "unet_lr", text: "U-Net learning rate must be above 0 and at most " + maxLr + "." }
+    const te = changedNumber("text_encoder_lr")
+    if (te !== undefined && !(te >= 0 && te <= maxLr)) return { key: "text_encoder_lr", text: "Text encoder learning rate must be from 0 (not trained) to " + maxLr + "." }
     return null
 }
 export function effectiveEpochs() {
@@ -141,6 +180,7 @@ export function trainsOnCpu() {
 export function paramDefault(f) {
     const p = presetValues()
     let v = p[f.key]
+    if (f.key === "network_alpha") v = effectiveAlpha()
     if (f.key === "sample_every_n_epochs") {
         // the daemon turns previews off on a CPU, and drops an interval the run never reaches
         if (trainsOnCpu()) v = 0

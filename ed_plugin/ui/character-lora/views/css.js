@@ -2,10 +2,19 @@
 import { TAB_ID } from "../constants.js"
 
 export const CSS = `
+/* ED's #server-status sits position:absolute at the right of #top-nav and takes no room, so a tab strip that
+   grows (ours adds a tab) runs under it: keep the status's corner free and let the tabs take a second row. */
+#top-nav { padding-right: 240px; }
+#top-nav #tab-container { flex-wrap: wrap; row-gap: 4px; min-width: 0; }
+#top-nav #tab-container > .tab { white-space: nowrap; }
+@media screen and (max-width: 700px) { #top-nav { padding-right: 0; } }
+/* ED's .primaryButton is \`flex: 0 0 70px\`: in our flex rows "Start training" and "Use it" would wrap */
+.clora-root button { white-space: nowrap; }
+.clora-root .clora-start > button, .clora-root .clora-actions > button, .clora-header button { flex: none; }
 #${TAB_ID}.tab-content-inner { max-width: 1180px; text-align: left; }
 .clora-root { display: flex; flex-direction: column; gap: 12px; }
 .clora-header { display: flex; align-items: center; justify-content: space-between; gap: 8px; flex-wrap: wrap; }
-.clora-header h3 { margin: 0; font-weight: normal; }
+.clora-header h3 { margin: 0; font-weight: normal; min-width: 0; }
 .clora-conn { font-size: 9pt; color: var(--small-label-color, #999); }
 .clora-conn .clora-dot { display: inline-block; width: 8px; height: 8px; border-radius: 50%; margin-right: 5px; background: var(--status-orange, orange); }
 .clora-conn[data-status="live"] .clora-dot { background: var(--status-green, green); }
@@ -68,6 +77,7 @@ background: var(--background-color3); color: var(--small-label-color, #aaa); tra
 .clora-bar[data-state="done"] > div { background: #2e7d32; }
 .clora-stats { display: grid; grid-template-columns: repeat(auto-fill, minmax(95px, 1fr)); gap: 6px; margin: 8px 0; }
 .clora-stats div { background: var(--background-color3); border-radius: 5px; padding: 4px 6px; }
+.clora-stats b[data-phase="preview"] { color: var(--status-orange, orange); font-weight: normal; font-size: 9pt; }
 .clora-stats span { display: block; font-size: 8pt; color: var(--small-label-color, #999); }
 .clora-log { background: var(--background-color4); border-radius: 5px; padding: 6px 8px; height: 170px; overflow: auto; font-family: monospace; font-size: 8.5pt;
 white-space: pre-wrap; word-break: break-all; margin: 0; color: var(--text-color); }

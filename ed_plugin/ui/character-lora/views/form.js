@@ -107,10 +107,12 @@ export function renderForm() {
         ? "≈ " + (steps || "?") + " steps · " + (state.paramsDirty.has("epochs") ? readParam({ key: "epochs" }) : p.epochs) + " epochs · rank " + (state.paramsDirty.has("network_dim") ? readParam({ key: "network_dim" }) : p.network_dim)
         : ""
     if (ui.params.repeats && !state.paramsDirty.has("repeats")) ui.params.repeats.placeholder = "auto (" + autoRepeats(state.images.length || MIN_IMAGES) + ")"
-    const preview = PARAM_FIELDS.find((f) => f.key === "sample_every_n_epochs")
-    if (ui.params[preview.key] && !state.paramsDirty.has(preview.key)) {
-        const d = paramDefault(preview) // follows a changed epoch count, as the daemon does
-        if (ui.params[preview.key].value !== d) ui.params[preview.key].value = d
+    // unchanged fields show what the daemon will use: the preview interval follows a changed epoch count,
+    // alpha a changed rank, as resolve_params does
+    for (const f of PARAM_FIELDS) {
+        if (f.auto || !ui.params[f.key] || state.paramsDirty.has(f.key)) continue
+        const d = paramDefault(f)
+        if (ui.params[f.key].value !== d) ui.params[f.key].value = d
     }
     // Advanced values, checked as typed (the Start reason repeats the first problem)
     const issue = paramsIssue()

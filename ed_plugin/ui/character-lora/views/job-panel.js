@@ -121,7 +121,12 @@ export function updateJobPanel(job) {
     p.step.textContent = total ? step + " / " + total : step ? String(step) : "–"
     p.epoch.textContent = pr.epochs ? (pr.epoch || 0) + " / " + pr.epochs : pr.epoch ? String(pr.epoch) : "–"
     p.loss.textContent = typeof pr.loss === "number" ? pr.loss.toFixed(4) : "–"
-    p.rate.textContent = fmtRate(pr.rate)
+    // kohya makes no steps while it draws the previews: say so rather than show a rate that seems stuck.
+    // The rate itself is tqdm's, which leaves the preview time out (sd-scripts unpauses its bar after them).
+    const previewing = job.state === "training" && pr.phase === "preview"
+    p.rate.textContent = previewing ? "making preview…" : fmtRate(pr.rate)
+    p.rate.dataset.phase = previewing ? "preview" : "training"
+    p.rate.title = previewing ? "kohya is drawing the preview pictures; training goes on after them" : ""
     p.eta.textContent = isFinished(job) ? "–" : fmtDuration(pr.eta_s)
     updateSamples(job, p)
     const lines = job.logs || []
