@@ -29,6 +29,7 @@ daemon config is the daemon's and stays). Every failure is one sentence that say
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import subprocess
@@ -207,15 +208,19 @@ def check_daemon_python(python: Path) -> None:
         )
 
 
-def _daemon_config_module() -> Any:
+def _daemon_module(name: str) -> Any:
+    """A module of the daemon package, imported only when needed (the installer runs with any Python)."""
     try:
-        from daemon import config as daemon_config
+        return importlib.import_module(name)
     except ImportError as exc:
         raise InstallError(
             f"This Python cannot import the daemon ({exc}); run the installer with the daemon's venv python "
             "from the project folder, e.g. .venv/bin/python install_plugin.py."
         ) from exc
-    return daemon_config
+
+
+def _daemon_config_module() -> Any:
+    return _daemon_module("daemon.config")
 
 
 def resolve_kohya(given: Path | None, python: Path | None) -> dict[str, str]:
@@ -247,14 +252,7 @@ def resolve_kohya(given: Path | None, python: Path | None) -> dict[str, str]:
 
 
 def _clip_tokenizer_module() -> Any:
-    try:
-        from daemon.pipeline import clip_tokenizer
-    except ImportError as exc:
-        raise InstallError(
-            f"This Python cannot import the daemon ({exc}); run the installer with the daemon's venv python "
-            "from the project folder, e.g. .venv/bin/python install_plugin.py."
-        ) from exc
-    return clip_tokenizer
+    return _daemon_module("daemon.pipeline.clip_tokenizer")
 
 
 def resolve_tokenizer_cache(given: Path | None) -> str | None:
