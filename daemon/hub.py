@@ -20,6 +20,7 @@ import sqlite3
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from daemon.aio import within
 from daemon.events import Event, EventType
 from daemon.jobs.store import JobStore
 
@@ -63,23 +64,14 @@ class _Client:
         while True:
             frame = await self.queue.get()
             self.queued_bytes -= len(frame)
-            # Not asyncio.wait_for: before Python 3.12 it swallows a cancel that arrives as the send completes,
-            # and this loop would then wait for the next frame for ever (unsubscribe and shutdown would hang).
-            send = asyncio.ensure_future(self.socket.send_str(frame))
             try:
-                done, _ = await asyncio.wait({send}, timeout=SEND_TIMEOUT_S)
-            except asyncio.CancelledError:
-                send.cancel()
-                raise
-            if not done:
-                send.cancel()
+                await within(self.socket.send_str(frame), SEND_TIMEOUT_S)
+            except asyncio.TimeoutError:
                 self._on_stuck(self, f"a frame waited {SEND_TIMEOUT_S:g} s to be sent")
                 return
-            if isinstance(error := send.exception(), (ConnectionError, RuntimeError)):
-                log.info("a WebSocket subscriber went away: %s", error)
+            except (ConnectionError, RuntimeError) as exc:
+                log.info("a WebSocket subscriber went away: %s", exc)
                 return
-            if error is not None:
-                raise error
 
 
 class EventHub:

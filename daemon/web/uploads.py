@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import secrets
 import shutil
 import warnings
@@ -22,6 +23,7 @@ from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.multipart import BadContentDispositionHeader, BadContentDispositionParam
 from aiohttp.web_protocol import RequestPayloadError
 
+from daemon.aio import within
 from daemon.errors import BadInput, RequestTimeout, TooMany, UnsupportedMedia, disk_errors
 from daemon.pipeline.dataset import MAX_IMAGES, Upload, display_name
 
@@ -35,6 +37,7 @@ CHUNK = 256 * 1024
 warnings.filterwarnings("ignore", category=BadContentDispositionHeader)
 warnings.filterwarnings("ignore", category=BadContentDispositionParam)
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 TextCheck = Callable[[str, str], None]
 
@@ -89,8 +92,12 @@ async def read_train_form(request: web.Request, *, tmp_root: Path, limits: Uploa
         tmp_dir.mkdir()
     try:
         form = await _Reader(request, tmp_dir, limits, check_text).read()
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+        if isinstance(exc, asyncio.CancelledError):
+            # aiohttp cancels the handler of a client that hung up mid-upload (or all of them at shutdown):
+            # normal, so one quiet line, not an error
+            log.info("the client left during POST /train (or the daemon is stopping); its upload was removed")
         raise
     return form
 
@@ -182,7 +189,7 @@ class _Reader:
         remaining = self._deadline - asyncio.get_running_loop().time()
         idle = self._limits.idle_timeout_s
         try:
-            return await asyncio.wait_for(read, timeout=max(0.0, min(idle, remaining)))
+            return await within(read, max(0.0, min(idle, remaining)))
         except asyncio.TimeoutError as exc:
             if remaining <= idle:
                 raise RequestTimeout(f"The upload took longer than {self._limits.total_timeout_s:g} s.",
