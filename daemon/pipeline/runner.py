@@ -212,11 +212,10 @@ class JobReporter:
             self._skipped_logs += 1
 
     async def tick(self) -> None:
-        """Send what the throttles held back; called periodically while the trainer runs."""
+        """Send the log lines the throttle held back; called periodically while the trainer runs (held-back
+        progress has its own timer, see progress())."""
         if self._pending_logs and time.monotonic() - self._last_log_flush >= LOG_FLUSH_INTERVAL_S:
             await self.log_lines([], force=True)
-        if self._progress_dirty and time.monotonic() - self._last_progress >= PROGRESS_INTERVAL_S:
-            await self.progress(self.job.progress, force=True)
 
     async def sample(self, path: Path) -> None:
         self.job.samples.append(path.name)
