@@ -31,9 +31,9 @@ log = logging.getLogger(__name__)
 
 
 def create_app(config: Config, *, gpu_probe: Callable[[], GpuInfo] | None = None) -> web.Application:
+    live = LiveConfig(config)
     # Bodies are read as sent: a compressed body is refused with a sentence (uploads.py) instead of failing
     # inside aiohttp's decompressor, where no handler can answer.
-    live = LiveConfig(config)
     app = web.Application(middlewares=[error_middleware(), security_middleware(live)],
                           handler_args={"auto_decompress": False, "logger": protocol_logger()})
     app[CONFIG] = live
