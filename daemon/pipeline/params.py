@@ -52,6 +52,14 @@ class TrainParams:
     # 0 = none. A preview picture of the character every N epochs, so a user can see it learn (and stop
     # early); costs a few seconds per picture on a GPU, minutes on a CPU.
     sample_every_n_epochs: int = 0
+    # The base model's family ("sd1" | "sdxl"): picks the trainer script and its levers.
+    arch: str = "sd1"
+    # How the run fits the card (daemon/pipeline/fit.py): the memory tier chosen, and the levers it sets.
+    memory_tier: str = "cpu"
+    gradient_checkpointing: bool = False
+    # SDXL: the text encoders run once and are freed; requires text_encoder_lr == 0, forbids caption shuffling.
+    cache_text_encoder_outputs: bool = False
+    fp8_base: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,6 +88,11 @@ _COERCE: dict[str, Any] = {
     "save_every_n_epochs": int,
     "preset": str,
     "sample_every_n_epochs": int,
+    "arch": str,
+    "memory_tier": str,
+    "gradient_checkpointing": bool,
+    "cache_text_encoder_outputs": bool,
+    "fp8_base": bool,
 }
 
 # `repeats` here is only a placeholder: resolve_params derives it from the image count unless the client
