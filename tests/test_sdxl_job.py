@@ -122,7 +122,7 @@ async def test_a_broken_bigg_tokenizer_folder_is_refused_up_front(start_daemon, 
     (tmp_path / "tokenizers" / BIGG_TOKENIZER_FOLDER).mkdir()  # e.g. a copy that was interrupted
     client = await start_daemon(cfg)
     job = await wait_for_state(client, await submit(client, cfg, SDXL), {"done", "error"})
-    assert job["state"] == "error" and job["error"]["kind"] == "setup"
+    assert job["state"] == "error" and job["error"]["kind"] == "tokenizer_missing"
     assert job["error"]["message"].startswith("SDXL's tokenizers are not ready: ")
     assert f"{tmp_path / 'tokenizers' / BIGG_TOKENIZER_FOLDER} lacks vocab.json (missing)" in job["error"]["message"]
     assert job["error"]["hint"].startswith(f"Delete {tmp_path / 'tokenizers' / BIGG_TOKENIZER_FOLDER}")
@@ -150,7 +150,7 @@ async def test_a_model_of_the_other_family_is_refused_before_kohya_loads_it(
     client = await start_daemon(cfg)
     job = await wait_for_state(client, await submit(client, cfg, replace(SDXL, arch=arch), model=model),
                                {"done", "error"})
-    assert job["state"] == "error" and job["error"]["kind"] == "wrong_arch"
+    assert job["state"] == "error" and job["error"]["kind"] == "model_incompatible"
     assert job["error"]["message"] == f"{model} is an {found} model, but the job was set up for {wanted}."
     assert not job_paths(cfg, job["id"]).trainer_log.exists()
 
@@ -159,6 +159,6 @@ async def test_fp8_without_mixed_precision_is_refused_before_the_start_up(start_
     cfg = sdxl_config(tmp_path)
     client = await start_daemon(cfg)
     job = await wait_for_state(client, await submit(client, cfg, replace(SDXL, fp8_base=True)), {"done", "error"})
-    assert job["state"] == "error" and job["error"]["kind"] == "bad_params"
+    assert job["state"] == "error" and job["error"]["kind"] == "bad_arguments"
     assert "fp8_base needs mixed_precision fp16 or bf16, not no" in job["error"]["message"]
     assert not job_paths(cfg, job["id"]).trainer_log.exists()
