@@ -185,7 +185,7 @@ CASES: list[tuple[str, Run, str | None, tuple[str, ...]]] = [
             ),
         ),
         MODEL_INCOMPATIBLE,
-        ("model type",),
+        ("not the kind the trainer expected", "SD 1.x trainer", "inpainting"),
     ),
     (
         "tokenizer offline",
