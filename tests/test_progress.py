@@ -220,6 +220,8 @@ PARSE_CASES: list[tuple[str, str, ProgressEvent | None]] = [
     ),
     ("create lora for te is the same phase", "create LoRA for Text Encoder 1:", None),
     ("cache check", "checking cache validity...", None),
+    # bench/chatty_trainer.py floods these: they must stay on the fast path and announce nothing
+    ("other caching line", "caching latents: bucket 3 image 7 of the flood, size (512, 512) -> (64, 64)", None),
     ("move models", "move vae and unet to cpu to save memory", None),
     ("unet dtype", "unet dtype: torch.float32, device: cpu", None),
     # noise that must stay quiet

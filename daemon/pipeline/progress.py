@@ -253,8 +253,8 @@ _SAMPLES = re.compile(r"^generating sample images at step\b")
 _PREP_MESSAGES: Final[tuple[tuple[re.Pattern[str], str], ...]] = (
     (re.compile(r"^(?:loading model for process \d|load StableDiffusion checkpoint:|load Diffusers pretrained)"),
      PHASE_LOADING_MODEL),
-    (re.compile(r"^caching latents\b"), PHASE_CACHING_LATENTS),
-    (re.compile(r"^caching Text Encoder outputs\b"), PHASE_CACHING_TEXT),
+    (re.compile(r"^caching latents(?: with|\.\.\.$)"), PHASE_CACHING_LATENTS),
+    (re.compile(r"^caching Text Encoder outputs(?: with|\.\.\.$)"), PHASE_CACHING_TEXT),
     (re.compile(r"^(?:import network module:|create LoRA network\.)"), PHASE_CREATING_LORA),
 )
 # kohya logs `caching latents...` / `caching Text Encoder outputs...` right before the loop whose bar counts
@@ -393,8 +393,8 @@ def _parse_message(message: str) -> ProgressEvent | None:
 # Every message `_parse_known_message` recognises starts with one of these.
 _MESSAGE_STARTS: Final = (
     "total optimization steps", "epoch ", "saving checkpoint:", "model saved.", "generating ",
-    "loading model for process", "load StableDiffusion", "load Diffusers", "caching ", "import network module:",
-    "create LoRA network.", _CACHE_CHECK,
+    "loading model for process", "load StableDiffusion", "load Diffusers", "caching latents with", "caching latents...",
+    "caching Text Encoder outputs", "import network module:", "create LoRA network.", _CACHE_CHECK,
 )
 
 
