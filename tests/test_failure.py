@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -34,6 +35,8 @@ from daemon.pipeline.failure import (
     classify_failure,
 )
 from daemon.pipeline.progress import ERR_NAN_LOSS, ErrorLine, ProgressTracker
+from daemon.pipeline.runner import job_tail
+from tests.test_progress import LOGS_DIR, listed_loras, replay, run_facts
 
 KERNELS_WARNING = (
     "Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'. "
@@ -185,7 +188,7 @@ CASES: list[tuple[str, Run, str | None, tuple[str, ...]]] = [
             ),
         ),
         MODEL_INCOMPATIBLE,
-        ("model type",),
+        ("not the kind the trainer expected", "SD 1.x trainer", "inpainting"),
     ),
     (
         "tokenizer offline",
@@ -352,3 +355,131 @@ def test_tracker_errors_and_tail_agree() -> None:
         failure = Run(1, errors=errors, tail=tail).classify()
         assert failure is not None
         assert failure.kind == OUT_OF_MEMORY
+
+
+# --- the real SDXL failures (shared/kohya-logs/cpu-sdxl): what the user reads --------------------------------
+
+SDXL_LOGS = LOGS_DIR / "cpu-sdxl"
+
+# (run, kind, words of the message, words of the hint)
+SDXL_FAILURES: list[tuple[str, str, tuple[str, ...], tuple[str, ...]]] = [
+    (
+        "10_fail_sd15_checkpoint_to_sdxl_script",
+        MODEL_INCOMPATIBLE,
+        ("The base model is not the kind the trainer expected", "the SDXL trainer was given", "not SDXL"),
+        ("should not happen", "report"),
+    ),
+    (
+        "11_fail_sdxl_checkpoint_to_sd15_script",
+        MODEL_INCOMPATIBLE,
+        ("The base model is not the kind the trainer expected: the SD 1.x trainer was given an SDXL model.",),
+        ("should not happen", "report"),
+    ),
+    (
+        "12_fail_cache_te_outputs_with_te_training",
+        BAD_ARGUMENTS,
+        ("text encoders were to be trained while their outputs were cached",),
+        ("bug in the daemon", "text_encoder_lr to 0"),
+    ),
+    (
+        "13_fail_no_bigg_tokenizer_offline",
+        TOKENIZER_MISSING,
+        ("SDXL's second tokenizer",),
+        ("`kohya.tokenizer_cache_dir` (/home/user/lab/.harness/tokenizers-clip-l-only)",
+         "subfolder laion_CLIP-ViT-bigG-14-laion2B-39B-b160k", "next to openai_clip-vit-large-patch14"),
+    ),
+    (
+        "14_fail_fp8_base_without_mixed_precision",
+        BAD_ARGUMENTS,
+        ("fp8 (fp8_base) needs mixed precision fp16 or bf16",),
+        ("mixed_precision to fp16 or bf16", "bug in the daemon"),
+    ),
+    (
+        "30_oom_killed_unet_only_2ep",
+        KILLED,
+        ("killed by the operating system (SIGKILL)", "ran out of memory (RAM)"),
+        ("SDXL model on the CPU needs about 16 GB of free RAM", "11 GB with bf16"),
+    ),
+]
+
+
+def real_failure(run: Path, *, arch: str | None = "sdxl", on_gpu: bool | None = False) -> Failure | None:
+    """What the runner decides: the tracker's errors and the tail of trainer.log (both pipes, as they came)."""
+    exit_code, cancelled = run_facts(run)
+    tracker = replay(run, "streams").tracker
+    final = Path(tracker.checkpoints[-1]).name if tracker.checkpoints else None
+    return classify_failure(
+        exit_code=exit_code, cancelled=cancelled, model_saved=tracker.model_saved,
+        output_exists=final is not None and final in (listed_loras(run) or set()),
+        errors=tracker.errors, tail=job_tail(run / "combined.log"), arch=arch, on_gpu=on_gpu)
+
+
+@pytest.mark.skipif(not SDXL_LOGS.is_dir(), reason="real SDXL kohya logs not available")
+@pytest.mark.parametrize(("run", "kind", "message", "hint"), SDXL_FAILURES, ids=[f[0] for f in SDXL_FAILURES])
+def test_real_sdxl_failure_is_one_sentence_with_advice(
+        run: str, kind: str, message: tuple[str, ...], hint: tuple[str, ...]) -> None:
+    failure = real_failure(SDXL_LOGS / run)
+    assert failure is not None and failure.kind == kind, failure
+    for words in message:
+        assert words in failure.message
+    for words in hint:
+        assert words in failure.hint
+    # never the traceback, the key lists (88-133 KB in runs 10 and 11) or kohya's Japanese copy
+    text = failure.message + failure.hint
+    assert len(failure.message) <= 300 and len(failure.hint) <= 400
+    assert not any(word in text for word in ("Traceback", "state_dict", "Unexpected key", "AssertionError", "の"))
+
+
+@pytest.mark.skipif(not SDXL_LOGS.is_dir(), reason="real SDXL kohya logs not available")
+def test_real_sigkill_advice_follows_what_was_trained_where() -> None:
+    run = SDXL_LOGS / "30_oom_killed_unet_only_2ep"
+    hints = {(arch, on_gpu): real_failure(run, arch=arch, on_gpu=on_gpu) for arch in ("sdxl", "sd1", None)
+             for on_gpu in (True, False, None)}
+    assert {failure.kind for failure in hints.values() if failure} == {KILLED}
+    assert all(failure and "ran out of memory (RAM)" in failure.message for failure in hints.values())
+    cpu_sdxl = hints[("sdxl", False)]
+    assert cpu_sdxl is not None and "16 GB" in cpu_sdxl.hint
+    others = [failure.hint for key, failure in hints.items() if key != ("sdxl", False) and failure]
+    assert not any("16 GB" in hint for hint in others)
+    gpu_sdxl = hints[("sdxl", True)]
+    assert gpu_sdxl is not None and "SDXL" in gpu_sdxl.hint
+    sd1 = hints[("sd1", False)]
+    assert sd1 is not None and "batch size" in sd1.hint and "SDXL" not in sd1.hint
+
+
+def test_cpu_allocator_failure_is_ram_not_the_graphics_card() -> None:
+    oom = "RuntimeError: [enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried"
+    failure = classify_failure(exit_code=1, cancelled=False, model_saved=False, output_exists=False, errors=(),
+                               tail=crash_tail(oom), arch="sdxl", on_gpu=False)
+    assert failure is not None and failure.kind == OUT_OF_MEMORY
+    assert "RAM" in failure.message and "graphics card" not in failure.message
+    assert "16 GB" in failure.hint
+    cuda = Run(1, tail=crash_tail("torch.OutOfMemoryError: CUDA out of memory.")).classify()
+    assert cuda is not None and "graphics card" in cuda.message
+
+
+def test_tokenizer_hint_names_both_sdxl_folders_when_none_is_there() -> None:
+    # SDXL without any tokenizer cache: the first (CLIP-L) load fails, in strategy_sdxl
+    tail = [TRACEBACK,
+            '  File "/sd-scripts/library/strategy_sdxl.py", line 24, in __init__',
+            "    self.tokenizer1 = self._load_tokenizer(CLIPTokenizer, TOKENIZER1_PATH, tokenizer_cache_dir=None)",
+            '  File "/sd-scripts/library/strategy_base.py", line 65, in _load_tokenizer',
+            "TypeError: expected str, bytes or os.PathLike object, not NoneType"]
+    failure = Run(1, tail=tail).classify()
+    assert failure is not None and failure.kind == TOKENIZER_MISSING
+    assert "openai_clip-vit-large-patch14 and laion_CLIP-ViT-bigG-14-laion2B-39B-b160k" in failure.hint
+    sd1 = Run(1, tail=[line.replace("strategy_sdxl", "strategy_sd").replace("tokenizer1", "tokenizer")
+                       .replace("TOKENIZER1_PATH", "TOKENIZER_ID") for line in tail]).classify()
+    assert sd1 is not None and sd1.kind == TOKENIZER_MISSING and "bigG" not in sd1.hint
+
+
+@pytest.mark.parametrize(("assertion", "words"), [
+    ("when caching Text Encoder output, either caption_dropout_rate, shuffle_caption, token_warmup_step or "
+     "caption_tag_dropout_rate cannot be used / Text Encoderの出力を", "shuffled or dropped"),
+    ("bucket_reso_steps is 48. it must be divisible by 32.", "multiple of 32"),
+    ("v2 cannot be enabled in SDXL training / SDXL学習ではv2を有効にすることはできません", "SD 2.x options"),
+])
+def test_other_sdxl_settings_asserts_are_the_daemons_bug(assertion: str, words: str) -> None:
+    failure = Run(1, tail=crash_tail(f"AssertionError: {assertion}")).classify()
+    assert failure is not None and failure.kind == BAD_ARGUMENTS
+    assert words in failure.message and "bug in the daemon" in failure.hint

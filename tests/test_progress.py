@@ -35,14 +35,24 @@ from daemon.pipeline.progress import (
     ERR_NO_DATA,
     ERR_OUT_OF_MEMORY,
     ERR_SCRIPT_NOT_FOUND,
+    ERR_SETTINGS_CONFLICT,
     ERR_TOKENIZER,
     ERR_TRACEBACK,
+    PHASE_CACHING_LATENTS,
+    PHASE_CACHING_TEXT,
+    PHASE_CREATING_LORA,
+    PHASE_LOADING_MODEL,
+    PHASE_PREVIEW,
+    PHASE_TRAINING,
+    PREP_PHASES,
     CheckpointSaved,
     EpochStarted,
     ErrorLine,
     LineSplitter,
     ModelSaved,
     OutputParser,
+    PrepProgress,
+    PrepStarted,
     ProgressEvent,
     ProgressTracker,
     SampleImagesStarted,
@@ -52,6 +62,7 @@ from daemon.pipeline.progress import (
     _clean,
     _split_parts,
     parse_line,
+    prep_phase,
     split_glued_line,
 )
 from daemon.pipeline.runner import preview_phase
@@ -176,7 +187,51 @@ PARSE_CASES: list[tuple[str, str, ProgressEvent | None]] = [
         "                    INFO     generating sample images at step train_util.py:6394",
         SampleImagesStarted(None),
     ),
+    # the phases before the first step (shared/kohya-logs/cpu-sdxl/01 with --console_log_simple; cpu/01 Rich)
+    ("loading model", "loading model for process 0/1", PrepStarted(PHASE_LOADING_MODEL)),
+    (
+        "loading model, rich",
+        "                    INFO     loading model for process 0/1    train_util.py:5574",
+        PrepStarted(PHASE_LOADING_MODEL),
+    ),
+    (
+        "load checkpoint",
+        "load StableDiffusion checkpoint: /home/user/lab/.harness/models/sdxl-random.safetensors",
+        PrepStarted(PHASE_LOADING_MODEL),
+    ),
+    ("caching latents strategy", "caching latents with caching strategy.", PrepStarted(PHASE_CACHING_LATENTS)),
+    (
+        "caching latents, rich wrapped",
+        "                    INFO     caching latents with caching     train_util.py:1120",
+        PrepStarted(PHASE_CACHING_LATENTS),
+    ),
+    ("caching latents loop", "caching latents...", PrepStarted(PHASE_CACHING_LATENTS)),
+    (
+        "caching text encoder outputs",
+        "caching Text Encoder outputs with caching strategy.",
+        PrepStarted(PHASE_CACHING_TEXT),
+    ),
+    ("caching text encoder loop", "caching Text Encoder outputs...", PrepStarted(PHASE_CACHING_TEXT)),
+    ("import network", "import network module: networks.lora", PrepStarted(PHASE_CREATING_LORA)),
+    (
+        "create lora, rich",
+        "2026-11-26 15:13:30 INFO     create LoRA network. base dim (rank):   lora.py:935",
+        PrepStarted(PHASE_CREATING_LORA),
+    ),
+    ("create lora for te is the same phase", "create LoRA for Text Encoder 1:", None),
+    ("cache check", "checking cache validity...", None),
+    # bench/chatty_trainer.py floods these: they must stay on the fast path and announce nothing
+    ("other caching line", "caching latents: bucket 3 image 7 of the flood, size (512, 512) -> (64, 64)", None),
+    ("move models", "move vae and unet to cpu to save memory", None),
+    ("unet dtype", "unet dtype: torch.float32, device: cpu", None),
     # noise that must stay quiet
+    (
+        "torch checkpoint warning while sampling",
+        "/home/user/lab/.harness/venv/lib/python3.11/site-packages/torch/utils/checkpoint.py:238: UserWarning: "
+        "None of the inputs have requires_grad=True. Gradients will be None",
+        None,
+    ),
+    ("torch warning source line", "  check_backward_validity(args)", None),
     ("epoch incremented", "epoch is incremented. current_epoch: 0, epoch: 1", None),
     (
         "epoch incremented, rich",
@@ -299,6 +354,24 @@ PARSE_CASES: list[tuple[str, str, ProgressEvent | None]] = [
         ErrorLine(ERR_NETWORK, ""),
     ),
     ("disk full", "OSError: [Errno 28] No space left on device", ErrorLine(ERR_DISK_FULL, "")),
+    (
+        "te caching with te training",
+        "AssertionError: network for Text Encoder cannot be trained with caching Text Encoder outputs / Text "
+        "Encoderの出力をキャッシュしながらText Encoderのネットワークを学習することはできません",
+        ErrorLine(ERR_SETTINGS_CONFLICT, ""),
+    ),
+    (
+        "fp8 without mixed precision",
+        "AssertionError: fp8_base requires mixed precision='fp16' or 'bf16' / fp8を使う場合はmixed_precision="
+        "'fp16'または'bf16'が必要です。",
+        ErrorLine(ERR_SETTINGS_CONFLICT, ""),
+    ),
+    (
+        "sdxl bucket steps",
+        "AssertionError: bucket_reso_steps is 48. it must be divisible by 32.",
+        ErrorLine(ERR_SETTINGS_CONFLICT, ""),
+    ),
+    ("other assertion is no settings conflict", "AssertionError: unexpected shape", None),
     (
         "accelerate wrapper echoes argv",
         "subprocess.CalledProcessError: Command '['python3', 'train_network.py', "
@@ -581,6 +654,20 @@ EXPECTED: dict[str, Expected] = {
     "cpu/22_cancel_sigterm_accelerate_parent_only": Expected(
         32, (1, 2), 2, "lora_cancel.safetensors", True, CANCELLED, KILLED
     ),
+    "cpu-sdxl/01_ok_unet_only_2ep": ok(16, 2, "sdxl_lora.safetensors"),
+    "cpu-sdxl/02_ok_unet_only_2ep_samples": ok(16, 2, "sdxl_lora_samples.safetensors", samples=(16,)),
+    "cpu-sdxl/03_ok_text_encoders_too_2steps": ok(2, 1, "sdxl_lora_te.safetensors"),
+    "cpu-sdxl/04_ok_unet_only_2ep_full_bf16": ok(16, 2, "sdxl_lora_bf16.safetensors"),
+    "cpu-sdxl/10_fail_sd15_checkpoint_to_sdxl_script": failed("model_incompatible"),
+    "cpu-sdxl/11_fail_sdxl_checkpoint_to_sd15_script": failed("model_incompatible"),
+    # kohya's own asserts on options that cannot go together: the daemon started it wrong
+    "cpu-sdxl/12_fail_cache_te_outputs_with_te_training": failed("bad_arguments"),
+    "cpu-sdxl/13_fail_no_bigg_tokenizer_offline": failed("tokenizer_missing"),
+    "cpu-sdxl/14_fail_fp8_base_without_mixed_precision": failed("bad_arguments"),
+    # The kernel's OOM killer after epoch 1 had been saved: exit 137, no traceback, nothing on stderr.
+    "cpu-sdxl/30_oom_killed_unet_only_2ep": Expected(
+        16, (1, 2), 2, "sdxl_lora-000001.safetensors", False, KILLED, KILLED
+    ),
     "gpu-h100/A": ok(60, 1, "lora_A.safetensors"),
     "gpu-h100/B": ok(40, 3, "lora_B.safetensors"),
     "gpu-h100/C": ok(60, 1, "lora_C.safetensors"),
@@ -813,14 +900,15 @@ def test_output_parser_matches_line_by_line_and_is_never_later(run: Path, mode: 
     """Same events (each bar once) and log lines as feeding whole lines, but every bar as soon as it is drawn."""
     fast, log = parser_replay(run, mode)
     slow = line_replay_with_index(run, mode)
-    assert [e for _, e in fast if not isinstance(e, StepProgress)] == [
-        e for _, e in slow if not isinstance(e, StepProgress)]
-    assert [e for _, e in fast if isinstance(e, StepProgress)] == [e for _, e in slow if isinstance(e, StepProgress)]
-    fast_at = [i for i, e in fast if isinstance(e, StepProgress)]
-    slow_at = [i for i, e in slow if isinstance(e, StepProgress)]
-    assert all(f <= s for f, s in zip(fast_at, slow_at, strict=True))
-    if mode == "streams" and slow_at:
-        assert sum(f < s for f, s in zip(fast_at, slow_at, strict=True)) >= len(slow_at) // 2  # most come earlier
+    bars = (StepProgress, PrepProgress)
+    assert [e for _, e in fast if not isinstance(e, bars)] == [e for _, e in slow if not isinstance(e, bars)]
+    for bar in bars:
+        assert [e for _, e in fast if isinstance(e, bar)] == [e for _, e in slow if isinstance(e, bar)]
+        fast_at = [i for i, e in fast if isinstance(e, bar)]
+        slow_at = [i for i, e in slow if isinstance(e, bar)]
+        assert all(f <= s for f, s in zip(fast_at, slow_at, strict=True))
+        if mode == "streams" and slow_at:
+            assert sum(f < s for f, s in zip(fast_at, slow_at, strict=True)) >= len(slow_at) // 2  # most earlier
     lines = replay(run, mode).lines
     assert log == [p.rstrip() for line in lines for p, bar in _split_parts(line)
                    if not bar and p.strip() and "%|" not in p]
@@ -922,3 +1010,162 @@ async def test_daemon_sends_the_preview_phase_while_kohya_draws_previews(
                        ("preview", total), ("training", total)]
     job = await (await client.get(f"/jobs/{job_id}/status")).json()
     assert job["state"] == "done" and job["progress"]["phase"] == "training"
+
+
+# --- SDXL: the phases before the first step, the bars, the previews (shared/kohya-logs/cpu-sdxl) -----------
+
+SDXL_LOGS = LOGS_DIR / "cpu-sdxl"
+BEFORE_TRAINING = [PHASE_LOADING_MODEL, PHASE_CACHING_LATENTS, PHASE_CACHING_TEXT, PHASE_CREATING_LORA]
+WITHOUT_TEXT_CACHE = [PHASE_LOADING_MODEL, PHASE_CACHING_LATENTS, PHASE_CREATING_LORA, PHASE_TRAINING]
+PREVIEWS = [PHASE_PREVIEW, PHASE_TRAINING]
+
+# The job's phase as the runner follows it (prep_phase, then preview_phase), collapsed to its changes.
+JOB_PHASES: dict[str, list[str]] = {
+    "cpu-sdxl/01_ok_unet_only_2ep": [*BEFORE_TRAINING, PHASE_TRAINING],
+    "cpu-sdxl/02_ok_unet_only_2ep_samples": [*BEFORE_TRAINING, PHASE_TRAINING, *PREVIEWS],
+    # the text encoders are trained, so their outputs are not cached
+    "cpu-sdxl/03_ok_text_encoders_too_2steps": WITHOUT_TEXT_CACHE,
+    "cpu-sdxl/04_ok_unet_only_2ep_full_bf16": [*BEFORE_TRAINING, PHASE_TRAINING],
+    "cpu-sdxl/10_fail_sd15_checkpoint_to_sdxl_script": [PHASE_LOADING_MODEL],
+    "cpu-sdxl/11_fail_sdxl_checkpoint_to_sd15_script": [PHASE_LOADING_MODEL],
+    "cpu-sdxl/12_fail_cache_te_outputs_with_te_training": [],
+    "cpu-sdxl/13_fail_no_bigg_tokenizer_offline": [],
+    # fp8_base is refused only after the whole start-up
+    "cpu-sdxl/14_fail_fp8_base_without_mixed_precision": BEFORE_TRAINING,
+    "cpu-sdxl/30_oom_killed_unet_only_2ep": [*BEFORE_TRAINING, PHASE_TRAINING],
+    # SD 1.x: the same phases from Rich records on stderr, and from plain stdout
+    "cpu/01_ok_folder_python_2ep_samples": [*WITHOUT_TEXT_CACHE, *PREVIEWS * 3],
+    "cpu/04_ok_console_log_simple": WITHOUT_TEXT_CACHE,
+    "gpu-h100/A": WITHOUT_TEXT_CACHE,
+}
+IMAGES = {"cpu-sdxl": 8, "cpu": 8, "gpu-h100": 16}  # what each caching bar counts: the pictures, once each
+
+
+def job_phases(events: list[ProgressEvent]) -> list[str]:
+    phase, preview_step, step, seen = PHASE_TRAINING, None, 0, []
+    for event in events:
+        phase = preview_phase(prep_phase(phase, event), event, preview_step)
+        if isinstance(event, SampleImagesStarted):
+            preview_step = event.step if event.step is not None else step
+        if isinstance(event, StepProgress):
+            step = event.step
+        if phase != (seen[-1] if seen else PHASE_TRAINING):
+            seen.append(phase)
+    return seen
+
+
+def phase_runs() -> list[object]:
+    return [pytest.param(LOGS_DIR / key, id=key) for key in JOB_PHASES]
+
+
+@pytest.mark.skipif(not SDXL_LOGS.is_dir(), reason="real SDXL kohya logs not available")
+@pytest.mark.parametrize("mode", ["streams", "combined"])
+@pytest.mark.parametrize("run", phase_runs())
+def test_real_phases_before_training(run: Path, mode: str) -> None:
+    key = f"{run.parent.name}/{run.name}"
+    events = replay(run, mode).events
+    assert job_phases(events) == JOB_PHASES[key]
+    # each caching phase counts the pictures with its own bar, up to the end, never backwards: the quick
+    # `checking cache validity...` bar before the text-encoder loop (8/8 at once) is not one of them
+    for phase in (PHASE_CACHING_LATENTS, PHASE_CACHING_TEXT):
+        bars = [e for e in events if isinstance(e, PrepProgress) and e.phase == phase]
+        if phase not in JOB_PHASES[key]:
+            assert bars == []
+            continue
+        assert {bar.total for bar in bars} == {IMAGES[run.parent.name]}
+        done = [bar.done for bar in bars]
+        assert done == sorted(done) and done[0] <= 1 and done[-1] == bars[-1].total
+        # each bar comes after its phase started and before the next one did
+        started = events.index(PrepStarted(phase))
+        assert all(started < events.index(bar) for bar in bars)
+    # no bar counts for a phase once training started: the sampler's bars (run 02) are not caching
+    first_step = next((i for i, e in enumerate(events) if isinstance(e, StepProgress)), len(events))
+    assert not any(isinstance(e, (PrepProgress, PrepStarted)) for e in events[first_step:])
+
+
+def test_prep_phase_follows_kohya_into_training() -> None:
+    assert prep_phase(PHASE_TRAINING, PrepStarted(PHASE_LOADING_MODEL)) == PHASE_LOADING_MODEL
+    assert prep_phase(PHASE_CACHING_LATENTS, PrepProgress(PHASE_CACHING_LATENTS, 3, 8, 12)) == PHASE_CACHING_LATENTS
+    assert prep_phase(PHASE_CACHING_TEXT, PrepStarted(PHASE_CREATING_LORA)) == PHASE_CREATING_LORA
+    for start in (TotalSteps(16), EpochStarted(1, 2), steps(0, 16, None, 0, None)):
+        assert prep_phase(PHASE_CREATING_LORA, start) == PHASE_TRAINING
+    # the previews are the runner's: prep_phase leaves them alone
+    assert prep_phase(PHASE_PREVIEW, steps(17, 32, 1.1, 15, 14)) == PHASE_PREVIEW
+    assert set(PREP_PHASES) == set(BEFORE_TRAINING)
+
+
+def test_tracker_counts_only_the_caching_loop_bar() -> None:
+    # The real order of run 14's stdout and stderr: kohya's validity check draws a bar of its own first.
+    tracker = ProgressTracker()
+    lines = [
+        "caching Text Encoder outputs with caching strategy.",
+        "checking cache validity...",
+        "  0%|          | 0/8 [00:00<?, ?it/s]",
+        "100%|██████████| 8/8 [00:00<00:00, 152520.15it/s]",
+        "caching Text Encoder outputs...",
+        "  0%|          | 0/8 [00:00<?, ?it/s]",
+        " 12%|█▎        | 1/8 [00:01<00:09,  1.31s/it]",
+        "100%|██████████| 8/8 [00:11<00:00,  1.46s/it]",
+        "100%|██████████| 8/8 [00:11<00:00,  1.46s/it]",
+        "move vae and unet back to original device",
+        "import network module: networks.lora",
+        " 50%|█████     | 2/4 [00:08<00:08,  4.25s/it]",
+    ]
+    assert feed_all(tracker, lines) == [
+        PrepStarted(PHASE_CACHING_TEXT),
+        PrepProgress(PHASE_CACHING_TEXT, 0, 8, None),
+        PrepProgress(PHASE_CACHING_TEXT, 1, 8, 9),
+        PrepProgress(PHASE_CACHING_TEXT, 8, 8, 0),
+        PrepStarted(PHASE_CREATING_LORA),
+    ]
+    assert tracker.prep_phase == PHASE_CREATING_LORA
+
+
+def test_output_parser_reports_the_caching_bar_it_is_still_drawing() -> None:
+    parser = OutputParser()
+    assert parser.feed("stdout", "caching latents...\n").events == [PrepStarted(PHASE_CACHING_LATENTS)]
+    bar = "\r 25%|██▌       | 2/8 [00:11<00:31,  5.32s/it]"
+    assert parser.feed("stderr", bar[:-1]).events == []  # not whole yet
+    assert parser.feed("stderr", bar[-1]).events == [PrepProgress(PHASE_CACHING_LATENTS, 2, 8, 31)]
+    assert parser.feed("stderr", "\r").events == []  # the same redraw, now a line: not again
+
+
+SDXL_OK = SDXL_LOGS / "01_ok_unet_only_2ep"
+SDXL_SAMPLES = SDXL_LOGS / "02_ok_unet_only_2ep_samples"
+
+
+@pytest.mark.skipif(not SDXL_OK.is_dir(), reason="real SDXL kohya logs not available")
+@pytest.mark.parametrize("mode", ["streams", "combined"])
+def test_real_sdxl_steps_epochs_and_checkpoints(mode: str) -> None:
+    result = replay(SDXL_OK, mode)
+    bars = {e.step: e for e in step_events(result.events)}  # the last draw of each step
+    # `1/16 [00:16<04:11, 16.79s/it, avr_loss=1.06]`: s/it turned into steps per second
+    assert bars[1] == steps(1, 16, pytest.approx(1 / 16.79), 16, 4 * 60 + 11, 1.06)
+    assert bars[8] == steps(8, 16, pytest.approx(1 / 12.12), 96, 96, 1.09)
+    assert bars[16] == steps(16, 16, pytest.approx(1 / 15.13), 4 * 60 + 2, 0, 1.08)
+    assert sorted(bars) == list(range(17))
+    tracker = result.tracker
+    assert (tracker.total_steps, tracker.epoch, tracker.epochs, tracker.step) == (16, 2, 2, 16)
+    # the epoch-1 checkpoint comes after step 8 and before epoch 2, as for SD 1.x
+    order = [e for e in result.events if isinstance(e, (CheckpointSaved, EpochStarted, ModelSaved))]
+    assert [Path(e.path).name if isinstance(e, CheckpointSaved) else e for e in order] == [
+        EpochStarted(1, 2), "sdxl_lora-000001.safetensors", EpochStarted(2, 2), "sdxl_lora.safetensors", ModelSaved()]
+    saved_at = result.events.index(order[1])
+    assert max(e.step for e in step_events(result.events[:saved_at])) == 8
+
+
+@pytest.mark.skipif(not SDXL_SAMPLES.is_dir(), reason="real SDXL kohya logs not available")
+@pytest.mark.parametrize("mode", ["streams", "combined"])
+def test_real_sdxl_sample_bars_leave_the_steps_alone(mode: str) -> None:
+    # The sampler's nested bars (`\n\r<bar>\x1b[A`, 4 steps per picture) and torch's UserWarning come after
+    # the last step: no step, total, error or caching progress may come out of them.
+    result = replay(SDXL_SAMPLES, mode)
+    events = result.events
+    started = events.index(SampleImagesStarted(16))
+    after = events[started:]
+    assert {(e.step, e.total) for e in step_events(after)} <= {(16, 16)}
+    assert {e.total for e in step_events(events)} == {16}
+    assert not any(isinstance(e, (PrepProgress, ErrorLine)) for e in after)
+    assert result.tracker.errors == ()
+    assert any("UserWarning: None of the inputs have requires_grad=True" in line for line in result.lines)
+    assert job_phases(events)[-2:] == [PHASE_PREVIEW, PHASE_TRAINING]

@@ -31,6 +31,7 @@ from daemon.pipeline.progress import (
     ERR_NO_DATA,
     ERR_OUT_OF_MEMORY,
     ERR_SCRIPT_NOT_FOUND,
+    ERR_SETTINGS_CONFLICT,
     ERR_TOKENIZER,
     ErrorLine,
     parse_line,
@@ -92,11 +93,15 @@ def classify_failure(
     output_exists: bool,
     errors: Sequence[ErrorLine],
     tail: Sequence[str],
+    arch: str | None = None,
+    on_gpu: bool | None = None,
 ) -> Failure | None:
     """None only for a clean run: exit 0, the LoRA file exists and `model saved.` was printed.
 
     `errors` are ProgressTracker.errors; `tail` the last lines of output (both streams). Error lines are
-    also re-read from `tail`, so either one alone is enough to classify.
+    also re-read from `tail`, so either one alone is enough to classify. `arch` (the job's base model family,
+    "sd1" / "sdxl") and `on_gpu` (False: trained on the CPU) only sharpen the advice on memory: a run killed
+    without a word is most likely out of RAM, and how much SDXL needs is worth saying.
     """
     lines = _error_lines(errors, tail)
     kinds = {line.kind for line in lines}
@@ -108,8 +113,8 @@ def classify_failure(
         return _cancelled(saved_anyway=model_saved and output_exists)
     signum = _signal_number(exit_code, lines)
     if signum is not None and signum not in _CRASH_SIGNALS:
-        return _killed(signum)
-    cause = _failure_from_lines(lines)
+        return _killed(signum, _Machine(arch, on_gpu))
+    cause = _failure_from_lines(_Evidence(lines, tail, _Machine(arch, on_gpu)))
     if cause is not None:
         return cause
     if exit_code == 0:
@@ -175,15 +180,43 @@ def _signal_name(signum: int) -> str:
         return f"signal {signum}"
 
 
-def _killed(signum: int) -> Failure:
+@dataclass(frozen=True)
+class _Machine:
+    """What the runner knows about the run beyond its output (None: not told)."""
+
+    arch: str | None
+    on_gpu: bool | None
+
+
+# shared/harness/README.md, "Timings and RAM": SDXL in fp32 on a CPU keeps the U-Net (10.3 GB), both text
+# encoders (3.3 GB) and the VAE in RAM: about 16 GB free; 11 GB with bf16 (run 04, 9.6 GiB anonymous RSS).
+_SDXL_CPU_RAM_HINT: Final = (
+    "Training an SDXL model on the CPU needs about 16 GB of free RAM (about 11 GB with bf16 mixed precision): "
+    "close other programs, Easy Diffusion included if it holds a model, or add swap space, then start the job "
+    "again."
+)
+
+
+def _ram_hint(machine: _Machine) -> str:
+    if machine.arch == "sdxl" and machine.on_gpu is False:
+        return _SDXL_CPU_RAM_HINT
+    if machine.arch == "sdxl":
+        return ("SDXL needs far more RAM than SD 1.x while it loads the model (the checkpoint alone is about 7 GB): "
+                "close other programs or add swap space, then start the job again.")
+    return ("Close other programs, lower the batch size or resolution, or add swap space, then start the job "
+            "again.")
+
+
+def _killed(signum: int, machine: _Machine) -> Failure:
     name = _signal_name(signum)
     if name == "SIGKILL":
-        # Nothing in the daemon sends SIGKILL without a cancel; the kernel's OOM killer does.
+        # Nothing in the daemon sends SIGKILL without a cancel; the kernel's OOM killer does, and leaves no
+        # traceback and nothing on stderr (shared/kohya-logs/cpu-sdxl/30: exit 137 after 11 silent minutes).
         return Failure(
             KILLED,
-            f"The trainer was killed by the operating system ({name}).",
-            "This usually means the computer ran out of memory (RAM): close other programs, "
-            "lower the batch size or resolution, or add swap space.",
+            f"The trainer was killed by the operating system ({name}), most likely because the computer ran "
+            "out of memory (RAM).",
+            _ram_hint(machine),
         )
     return Failure(
         KILLED,
@@ -192,16 +225,26 @@ def _killed(signum: int) -> Failure:
     )
 
 
-def _failure_from_lines(lines: Sequence[ErrorLine]) -> Failure | None:
+@dataclass(frozen=True)
+class _Evidence:
+    lines: Sequence[ErrorLine]  # the tracker's error lines and those re-read from the tail
+    tail: Sequence[str]
+    machine: _Machine
+
+
+def _failure_from_lines(evidence: _Evidence) -> Failure | None:
     # Most specific cause first: e.g. a tokenizer download failure also shows network errors.
     for kind, explain in _EXPLAINERS:
-        line = _first(lines, kind)
+        line = _first(evidence.lines, kind)
         if line is not None:
-            return explain(line, lines)
+            return explain(line, evidence)
     return None
 
 
-def _out_of_memory(line: ErrorLine, lines: Sequence[ErrorLine]) -> Failure:
+def _out_of_memory(line: ErrorLine, evidence: _Evidence) -> Failure:
+    if "DefaultCPUAllocator" in line.message:  # torch's CPU allocator: RAM, not the graphics card
+        return Failure(OUT_OF_MEMORY, "The computer ran out of memory (RAM) during training.",
+                       _ram_hint(evidence.machine))
     return Failure(
         OUT_OF_MEMORY,
         "The graphics card ran out of memory.",
@@ -210,7 +253,7 @@ def _out_of_memory(line: ErrorLine, lines: Sequence[ErrorLine]) -> Failure:
     )
 
 
-def _disk_full(line: ErrorLine, lines: Sequence[ErrorLine]) -> Failure:
+def _disk_full(line: ErrorLine, evidence: _Evidence) -> Failure:
     return Failure(
         DISK_FULL,
         "The disk ran out of space during training.",
@@ -221,7 +264,7 @@ def _disk_full(line: ErrorLine, lines: Sequence[ErrorLine]) -> Failure:
 _MISSING_MODULE = re.compile(r"No (?P<pkg>bitsandbytes|xformers)|No module named '(?P<mod>[^']+)'")
 
 
-def _missing_dependency(line: ErrorLine, lines: Sequence[ErrorLine]) -> Failure:
+def _missing_dependency(line: ErrorLine, evidence: _Evidence) -> Failure:
     found = _MISSING_MODULE.search(line.message)
     package = (found.group("pkg") or found.group("mod")) if found else None
     what = f" ({package})" if package else ""
@@ -236,7 +279,7 @@ def _missing_dependency(line: ErrorLine, lines: Sequence[ErrorLine]) -> Failure:
 _MODEL_PATH = re.compile(r'pretrained_model_name_or_path "(?P<path>[^"]+)"')
 
 
-def _model_not_found(line: ErrorLine, lines: Sequence[ErrorLine]) -> Failure:
+def _model_not_found(line: ErrorLine, evidence: _Evidence) -> Failure:
     found = _MODEL_PATH.search(line.message)
     what = f" ({found.group('path')})" if found else ""
     return Failure(
@@ -246,26 +289,70 @@ def _model_not_found(line: ErrorLine, lines: Sequence[ErrorLine]) -> Failure:
     )
 
 
-def _model_incompatible(line: ErrorLine, lines: Sequence[ErrorLine]) -> Failure:
+# `Error(s) in loading state_dict for <class>:` names the model kohya built from the script's family.
+_STATE_DICT_CLASS = re.compile(r"Error\(s\) in loading state_dict for (?P<cls>\w+)")
+# A size mismatch on a cross-attention key gives the checkpoint's text width: 2048 SDXL, 1024 SD 2.x, 768 SD 1.x.
+_CROSS_ATTENTION = re.compile(
+    r"attn2\.to_[kv]\.weight: copying a param with shape torch\.Size\(\[\d+, (?P<dim>\d+)\]\)")
+_FAMILY_BY_WIDTH: Final = {"2048": "an SDXL model", "1024": "an SD 2.x model", "768": "an SD 1.x model"}
+
+
+def _model_incompatible(line: ErrorLine, evidence: _Evidence) -> Failure:
+    # kohya follows this with every key of the model (88–133 KB, shared/kohya-logs/cpu-sdxl runs 10 and 11):
+    # the user gets one sentence, the log keeps the rest.
+    messages = [other.message for other in evidence.lines]
+    built = next((m.group("cls") for t in messages if (m := _STATE_DICT_CLASS.search(t))), None)
+    width = next((m.group("dim") for t in messages if (m := _CROSS_ATTENTION.search(t))), None)
+    given = _FAMILY_BY_WIDTH.get(width or "")
+    if built == "SdxlUNet2DConditionModel":
+        what = f"the SDXL trainer was given {given or 'a model that is not SDXL (most likely SD 1.x or 2.x)'}"
+    elif built is not None:
+        what = f"the SD 1.x trainer was given {given or 'a model of another kind (SDXL, SD 2.x or inpainting)'}"
+    else:
+        what = "its weights do not fit the trainer's model"
     return Failure(
         MODEL_INCOMPATIBLE,
-        "The base model does not match the selected model type "
-        "(for example an SDXL or SD 2 model trained as SD 1.5).",
-        "Pick an SD 1.x base model (SDXL and SD 2 cannot be trained yet).",
+        f"The base model is not the kind the trainer expected: {what}.",
+        "The daemon picks the trainer from the model file's contents, so this should not happen: check that "
+        "the file is a complete SD 1.x or SDXL checkpoint (not a LoRA, VAE or inpainting model), pick it again, "
+        "and report the log if it happens again.",
     )
 
 
-def _tokenizer_missing(line: ErrorLine, lines: Sequence[ErrorLine]) -> Failure:
+# sd-scripts' tokenizer ids and the folder it looks for in --tokenizer_cache_dir (`/` becomes `_`).
+_CLIP_L_FOLDER: Final = "openai_clip-vit-large-patch14"
+_BIGG_FOLDER: Final = "laion_CLIP-ViT-bigG-14-laion2B-39B-b160k"
+# strategy_sdxl loads `self.tokenizer2 = self._load_tokenizer(CLIPTokenizer, TOKENIZER2_PATH, ...)`; offline,
+# the download of laion/CLIP-ViT-bigG-14-laion2B-39B-b160k fails (shared/kohya-logs/cpu-sdxl/13).
+_BIGG_FAILED = re.compile(r"tokenizer2|TOKENIZER2_PATH|CLIP-ViT-bigG")
+_SDXL_TRACE = re.compile(r"sdxl_train_network\.py|strategy_sdxl\.py")
+_CACHE_DIR = re.compile(r"load tokenizer from cache: (?P<dir>.+)[\\/]" + re.escape(_CLIP_L_FOLDER) + r"\s*$")
+
+
+def _tokenizer_missing(line: ErrorLine, evidence: _Evidence) -> Failure:
+    text = [other.message for other in evidence.lines] + list(evidence.tail)
+    cache = next((m.group("dir") for t in text if (m := _CACHE_DIR.search(t))), None)
+    where = f"the folder set as `kohya.tokenizer_cache_dir` ({cache})" if cache else (
+        "a folder set as `kohya.tokenizer_cache_dir` in the daemon config")
+    if any(_BIGG_FAILED.search(t) for t in text):
+        return Failure(
+            TOKENIZER_MISSING,
+            "The trainer could not load SDXL's second tokenizer (OpenCLIP bigG): it is not stored on this "
+            "computer and could not be downloaded.",
+            f"Put the tokenizer of laion/CLIP-ViT-bigG-14-laion2B-39B-b160k into {where}, as the subfolder "
+            f"{_BIGG_FOLDER}, next to {_CLIP_L_FOLDER}; one SDXL run with internet access fills it.",
+        )
+    folders = f"{_CLIP_L_FOLDER} and {_BIGG_FOLDER}" if any(_SDXL_TRACE.search(t) for t in text) else _CLIP_L_FOLDER
     return Failure(
         TOKENIZER_MISSING,
         "The trainer could not load the CLIP tokenizer: "
         "it is not stored on this computer and could not be downloaded.",
-        "Set `kohya.tokenizer_cache_dir` in the daemon config to a folder holding the tokenizer "
-        "(openai_clip-vit-large-patch14); one run with internet access and that setting fills it.",
+        f"Set `kohya.tokenizer_cache_dir` in the daemon config to a folder holding the tokenizer "
+        f"({folders}); one run with internet access and that setting fills it.",
     )
 
 
-def _network_error(line: ErrorLine, lines: Sequence[ErrorLine]) -> Failure:
+def _network_error(line: ErrorLine, evidence: _Evidence) -> Failure:
     return Failure(
         NETWORK_ERROR,
         "The trainer tried to download files from Hugging Face and could not connect.",
@@ -274,9 +361,9 @@ def _network_error(line: ErrorLine, lines: Sequence[ErrorLine]) -> Failure:
     )
 
 
-def _bad_dataset_config(line: ErrorLine, lines: Sequence[ErrorLine]) -> Failure:
+def _bad_dataset_config(line: ErrorLine, evidence: _Evidence) -> Failure:
     # "Invalid user config" says nothing; voluptuous names the offending key.
-    specific = [other.message for other in lines if other.message.startswith("voluptuous.error.")]
+    specific = [other.message for other in evidence.lines if other.message.startswith("voluptuous.error.")]
     detail = specific[0].split(": ", 1)[-1] if specific else line.message
     return Failure(
         BAD_DATASET_CONFIG,
@@ -286,7 +373,7 @@ def _bad_dataset_config(line: ErrorLine, lines: Sequence[ErrorLine]) -> Failure:
     )
 
 
-def _bad_dataset(line: ErrorLine, lines: Sequence[ErrorLine]) -> Failure:
+def _bad_dataset(line: ErrorLine, evidence: _Evidence) -> Failure:
     return Failure(
         BAD_DATASET,
         "One of the caption files is empty.",
@@ -294,7 +381,7 @@ def _bad_dataset(line: ErrorLine, lines: Sequence[ErrorLine]) -> Failure:
     )
 
 
-def _no_data(line: ErrorLine, lines: Sequence[ErrorLine]) -> Failure:
+def _no_data(line: ErrorLine, evidence: _Evidence) -> Failure:
     return Failure(
         NO_DATA,
         "The trainer found no training images.",
@@ -305,7 +392,7 @@ def _no_data(line: ErrorLine, lines: Sequence[ErrorLine]) -> Failure:
 _SCRIPT_PATH = re.compile(r"can't open file '(?P<path>[^']+)'")
 
 
-def _script_not_found(line: ErrorLine, lines: Sequence[ErrorLine]) -> Failure:
+def _script_not_found(line: ErrorLine, evidence: _Evidence) -> Failure:
     # Treated as bad arguments: the launcher was handed a script path that does not exist (run 14).
     found = _SCRIPT_PATH.search(line.message)
     what = f" ({found.group('path')})" if found else ""
@@ -317,7 +404,7 @@ def _script_not_found(line: ErrorLine, lines: Sequence[ErrorLine]) -> Failure:
     )
 
 
-def _bad_arguments(line: ErrorLine, lines: Sequence[ErrorLine]) -> Failure:
+def _bad_arguments(line: ErrorLine, evidence: _Evidence) -> Failure:
     detail = line.message.split(": error: ", 1)[-1]
     return Failure(
         BAD_ARGUMENTS,
@@ -327,7 +414,51 @@ def _bad_arguments(line: ErrorLine, lines: Sequence[ErrorLine]) -> Failure:
     )
 
 
-def _nan_loss(line: ErrorLine, lines: Sequence[ErrorLine]) -> Failure:
+_DAEMON_BUG: Final = "This is a bug in the daemon; please report it with the log."
+# (what kohya's assert says, what the user is told, what to do) for ERR_SETTINGS_CONFLICT.
+_CONFLICTS: Final[tuple[tuple[str, str, str], ...]] = (
+    (
+        "network for Text Encoder cannot be trained with caching",
+        "The trainer refused its settings: the text encoders were to be trained while their outputs were "
+        "cached, which cannot go together.",
+        f"{_DAEMON_BUG} To train now, set text_encoder_lr to 0 under Advanced (the U-Net alone is trained).",
+    ),
+    (
+        "when caching Text Encoder output, either",
+        "The trainer refused its settings: captions cannot be shuffled or dropped while the text encoders' "
+        "outputs are cached.",
+        _DAEMON_BUG,
+    ),
+    (
+        "fp8_base requires mixed precision",
+        "The trainer refused its settings: loading the base model in fp8 (fp8_base) needs mixed precision "
+        "fp16 or bf16.",
+        "Set mixed_precision to fp16 or bf16 under Advanced, or pick a memory tier without fp8. If you changed "
+        "neither, this is a bug in the daemon; please report it with the log.",
+    ),
+    (
+        "bucket_reso_steps is",
+        "The trainer refused its settings: SDXL needs a bucket step that is a multiple of 32.",
+        _DAEMON_BUG,
+    ),
+    (
+        "v2 cannot be enabled in SDXL training",
+        "The trainer refused its settings: the SDXL trainer was started with SD 2.x options.",
+        _DAEMON_BUG,
+    ),
+)
+
+
+def _settings_conflict(line: ErrorLine, evidence: _Evidence) -> Failure:
+    # The daemon chooses these options itself, so each of these is its mistake (or an Advanced override).
+    for words, message, hint in _CONFLICTS:
+        if words in line.message:
+            return Failure(BAD_ARGUMENTS, message, hint)
+    detail = line.message.split(": ", 1)[-1].split(" / ", 1)[0]  # kohya adds a Japanese copy after ` / `
+    return Failure(BAD_ARGUMENTS, f"The trainer refused its settings ({_detail(detail)}).", _DAEMON_BUG)
+
+
+def _nan_loss(line: ErrorLine, evidence: _Evidence) -> Failure:
     return Failure(
         NAN_LOSS,
         "Training went wrong: the loss became NaN, so the LoRA would be broken.",
@@ -335,7 +466,7 @@ def _nan_loss(line: ErrorLine, lines: Sequence[ErrorLine]) -> Failure:
     )
 
 
-_Explainer: TypeAlias = Callable[[ErrorLine, Sequence[ErrorLine]], Failure]
+_Explainer: TypeAlias = Callable[[ErrorLine, _Evidence], Failure]
 
 _EXPLAINERS: Final[tuple[tuple[str, _Explainer], ...]] = (
     (ERR_OUT_OF_MEMORY, _out_of_memory),
@@ -345,6 +476,7 @@ _EXPLAINERS: Final[tuple[tuple[str, _Explainer], ...]] = (
     (ERR_MODEL_MISMATCH, _model_incompatible),
     (ERR_TOKENIZER, _tokenizer_missing),
     (ERR_NETWORK, _network_error),
+    (ERR_SETTINGS_CONFLICT, _settings_conflict),
     (ERR_BAD_DATASET_CONFIG, _bad_dataset_config),
     (ERR_BAD_DATASET, _bad_dataset),
     (ERR_NO_DATA, _no_data),

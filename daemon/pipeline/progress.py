@@ -79,6 +79,23 @@ class SampleImagesStarted:
 
 
 @dataclass(frozen=True)
+class PrepStarted:
+    """kohya moved on to one of the phases before the first step (one of PREP_PHASES)."""
+
+    phase: str
+
+
+@dataclass(frozen=True)
+class PrepProgress:
+    """One redraw of the unnamed tqdm bar of a caching phase: `done` of `total` images (or captions)."""
+
+    phase: str
+    done: int
+    total: int
+    eta_s: float | None
+
+
+@dataclass(frozen=True)
 class ErrorLine:
     """A line that signals a known failure; `kind` is one of the ERR_* constants below."""
 
@@ -87,8 +104,30 @@ class ErrorLine:
 
 
 ProgressEvent: TypeAlias = (
-    TotalSteps | EpochStarted | StepProgress | CheckpointSaved | ModelSaved | SampleImagesStarted | ErrorLine
+    TotalSteps
+    | EpochStarted
+    | StepProgress
+    | CheckpointSaved
+    | ModelSaved
+    | SampleImagesStarted
+    | PrepStarted
+    | PrepProgress
+    | ErrorLine
 )
+
+# Job phases (jobs.models.Progress.phase). Before its first step kohya loads the model, caches latents (with
+# --cache_latents), caches the text encoders' outputs (SDXL with --cache_text_encoder_outputs) and creates the
+# LoRA: on SDXL that takes minutes on a slow machine (95 s on the CPU of shared/kohya-logs/cpu-sdxl/01), so the
+# tab shows what is going on instead of a step count stuck at 0. "training" and "preview" follow.
+PHASE_LOADING_MODEL: Final = "loading_model"
+PHASE_CACHING_LATENTS: Final = "caching_latents"
+PHASE_CACHING_TEXT: Final = "caching_text_encoder_outputs"
+PHASE_CREATING_LORA: Final = "creating_lora"
+PHASE_TRAINING: Final = "training"
+PHASE_PREVIEW: Final = "preview"
+PREP_PHASES: Final[tuple[str, ...]] = (
+    PHASE_LOADING_MODEL, PHASE_CACHING_LATENTS, PHASE_CACHING_TEXT, PHASE_CREATING_LORA)
+_CACHING_PHASES: Final = frozenset({PHASE_CACHING_LATENTS, PHASE_CACHING_TEXT})
 
 # ErrorLine kinds. failure.classify_failure maps them onto user-facing Failure kinds.
 ERR_OUT_OF_MEMORY: Final = "out_of_memory"
@@ -107,6 +146,7 @@ ERR_TOKENIZER: Final = "tokenizer"
 ERR_NETWORK: Final = "network"
 ERR_DISK_FULL: Final = "disk_full"
 ERR_NAN_LOSS: Final = "nan_loss"
+ERR_SETTINGS_CONFLICT: Final = "settings_conflict"  # kohya's own assert on options that cannot go together
 
 # Checked in order, first match wins, against the message with any Rich decoration removed.
 # The launcher rule comes first because its line echoes the whole argv, and user paths or trigger
@@ -143,6 +183,18 @@ _ERROR_RULES: Final[tuple[tuple[str, re.Pattern[str]], ...]] = (
         ),
     ),
     (ERR_MODEL_MISMATCH, re.compile(r"Error\(s\) in loading state_dict|^size mismatch for ")),
+    # sd-scripts checks these option pairs with `assert` (sdxl_train_network.assert_extra_args,
+    # sdxl_train_util.verify_sdxl_training_args, train_network.train): shared/kohya-logs/cpu-sdxl runs 12 and 14.
+    (
+        ERR_SETTINGS_CONFLICT,
+        re.compile(
+            r"^AssertionError: (?:network for Text Encoder cannot be trained with caching"
+            r"|when caching Text Encoder output, either"
+            r"|fp8_base requires mixed precision"
+            r"|bucket_reso_steps is \d+\. it must be divisible by"
+            r"|v2 cannot be enabled in SDXL training)"
+        ),
+    ),
     # The traceback frame names the tokenizer loader: the exception itself is a bare TypeError when
     # offline (run 13) or a ConnectionError when the network is down (run 15).
     (ERR_TOKENIZER, re.compile(r"\bin (?:_load_tokenizer|get_tokenize_strategy)$|Can't load tokenizer")),
@@ -171,12 +223,15 @@ _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 # Any tqdm bar up to its closing bracket: `desc: 50%|█████     | 8/16 [...]` or the no-total `0it [...]`.
 _ANY_BAR = re.compile(r"^[^\[\]|]*?(?:\d+%\|[^|]*\|\s*\d+/\d+|\d+it)\s*\[[^\]]*\]")
 
-# Only the bar with desc exactly `steps` is training; `validation steps:` and friends are not.
-_STEPS_BAR = re.compile(
-    r"^steps:\s+\d+%\|[^|]*\|\s*(?P<n>\d+)/(?P<total>\d+)\s*"
+_BAR_BODY = (
+    r"\d+%\|[^|]*\|\s*(?P<n>\d+)/(?P<total>\d+)\s*"
     r"\[(?P<elapsed>[\d:]+)<(?P<eta>[\d:]+|\?),\s*(?P<rate>[\d.]+(?:e[+-]?\d+)?|\?)(?P<unit>it/s|s/it)"
     r"(?:,\s*(?P<postfix>[^\]]*))?\]"
 )
+# Only the bar with desc exactly `steps` is training; `validation steps:` and friends are not.
+_STEPS_BAR = re.compile(r"^steps:\s+" + _BAR_BODY)
+# kohya's caching loops draw tqdm bars without a description; so do the sampler and the dataset scan.
+_UNNAMED_BAR = re.compile(r"^\s*" + _BAR_BODY)
 _AVR_LOSS = re.compile(r"\bavr_loss=(?P<loss>[^,\]\s]+)")
 
 # Rich's record: [timestamp or blank] LEVEL message file.py:NN, padded to the console width.
@@ -193,6 +248,19 @@ _EPOCH = re.compile(r"^epoch (?P<e>\d+)/(?P<n>\d+)$")
 _CHECKPOINT = re.compile(r"^saving checkpoint:\s*(?P<path>.*)$")
 _MODEL_SAVED = re.compile(r"^model saved\.$")
 _SAMPLES = re.compile(r"^generating sample images at step\b")
+# What kohya prints as it enters each phase before training (same words in SD 1.x and SDXL, plain with
+# --console_log_simple or as a Rich record): train_util.load_target_model, the caching strategies, networks/lora.py.
+_PREP_MESSAGES: Final[tuple[tuple[re.Pattern[str], str], ...]] = (
+    (re.compile(r"^(?:loading model for process \d|load StableDiffusion checkpoint:|load Diffusers pretrained)"),
+     PHASE_LOADING_MODEL),
+    (re.compile(r"^caching latents(?: with|\.\.\.$)"), PHASE_CACHING_LATENTS),
+    (re.compile(r"^caching Text Encoder outputs(?: with|\.\.\.$)"), PHASE_CACHING_TEXT),
+    (re.compile(r"^(?:import network module:|create LoRA network\.)"), PHASE_CREATING_LORA),
+)
+# kohya logs `caching latents...` / `caching Text Encoder outputs...` right before the loop whose bar counts
+# the phase; `checking cache validity...` comes before a quick bar of its own that must not count.
+_CACHE_LOOP = re.compile(r"^caching (?:latents|Text Encoder outputs)\.\.\.$")
+_CACHE_CHECK: Final = "checking cache validity"
 _TRAILING_INT = re.compile(r"(\d+)\s*$")
 
 
@@ -284,6 +352,13 @@ def _parse_loss(postfix: str | None) -> float | None:
         return None
 
 
+def _parse_unnamed_bar(text: str, phase: str) -> PrepProgress | None:
+    bar = _UNNAMED_BAR.match(text)
+    if bar is None:
+        return None
+    return PrepProgress(phase, int(bar.group("n")), int(bar.group("total")), _parse_clock(bar.group("eta")))
+
+
 def _parse_steps_bar(text: str) -> StepProgress | None:
     bar = _STEPS_BAR.match(text)
     if bar is None:
@@ -316,7 +391,11 @@ def _parse_message(message: str) -> ProgressEvent | None:
 
 
 # Every message `_parse_known_message` recognises starts with one of these.
-_MESSAGE_STARTS: Final = ("total optimization steps", "epoch ", "saving checkpoint:", "model saved.", "generating ")
+_MESSAGE_STARTS: Final = (
+    "total optimization steps", "epoch ", "saving checkpoint:", "model saved.", "generating ",
+    "loading model for process", "load StableDiffusion", "load Diffusers", "caching latents with", "caching latents...",
+    "caching Text Encoder outputs", "import network module:", "create LoRA network.", _CACHE_CHECK,
+)
 
 
 def _parse_known_message(message: str) -> ProgressEvent | None:
@@ -332,6 +411,9 @@ def _parse_known_message(message: str) -> ProgressEvent | None:
         # At 80 columns the step number sits on the record's continuation line, absent here.
         step = _TRAILING_INT.search(message)
         return SampleImagesStarted(int(step.group(1)) if step else None)
+    for pattern, phase in _PREP_MESSAGES:
+        if pattern.match(message):
+            return PrepStarted(phase)
     return None
 
 
@@ -396,6 +478,19 @@ class LineSplitter:
         return [tail] if tail.strip() else []
 
 
+def prep_phase(phase: str, event: ProgressEvent) -> str:
+    """The job's phase after `event`, for the phases before training (runner.preview_phase does the previews).
+
+    Each phase starts with the line kohya prints as it enters it; training starts with the step total printed
+    just before the loop, its first epoch or its first bar, whichever comes first.
+    """
+    if isinstance(event, PrepStarted):
+        return event.phase
+    if phase in PREP_PHASES and isinstance(event, (TotalSteps, EpochStarted, StepProgress)):
+        return PHASE_TRAINING
+    return phase
+
+
 def _could_be_exception(event: ProgressEvent | None, rich: str | None) -> bool:
     # The other pipe keeps writing while a traceback arrives: its bars, prints and log records are not it.
     return (event is None or isinstance(event, ErrorLine)) and rich is None
@@ -436,6 +531,9 @@ class ProgressTracker:
         self._nan_reported = False
         self._in_traceback = False
         self._pending: _PendingRecord | None = None
+        self._prep_phase: str | None = None
+        self._bar_phase: str | None = None  # the caching phase an unnamed bar counts for, right now
+        self._last_prep: PrepProgress | None = None
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -459,6 +557,11 @@ class ProgressTracker:
     @property
     def last_progress(self) -> StepProgress | None:
         return self._last_progress
+
+    @property
+    def prep_phase(self) -> str | None:
+        """The latest phase kohya announced before training (one of PREP_PHASES), None before the first."""
+        return self._prep_phase
 
     @property
     def model_saved(self) -> bool:
@@ -507,10 +610,13 @@ class ProgressTracker:
         same redraw later arrives as a line it repeats this event and is dropped as a repeat.
         """
         text = _strip_ansi(text)
-        if not text.startswith("steps:"):
-            return []
-        event = _parse_steps_bar(text)
-        return self._apply_progress(event) if event is not None else []
+        if text.startswith("steps:"):
+            event = _parse_steps_bar(text)
+            return self._apply_progress(event) if event is not None else []
+        if self._bar_phase is not None:
+            prep = _parse_unnamed_bar(text, self._bar_phase)
+            return self._apply(prep) if prep is not None else []
+        return []
 
     def finish(self) -> list[ProgressEvent]:
         """Call once both pipes are closed: emits a record still waiting for continuation lines."""
@@ -538,12 +644,25 @@ class ProgressTracker:
             events.extend(self._flush_pending())
 
         event, rich = _parse_part(text, is_bar)
+        if is_bar:
+            if event is None and self._bar_phase is not None:
+                event = _parse_unnamed_bar(text, self._bar_phase)
+        else:
+            self._follow_cache_loop((rich if rich is not None else text).strip(), event)
         if rich is not None and self._starts_pending(rich, event):
             return events
         events.extend(self._exception_line(text, event, rich))
         if event is not None:
             events.extend(self._apply(event))
         return events
+
+    def _follow_cache_loop(self, message: str, event: ProgressEvent | None) -> None:
+        """Which phase the next unnamed bar counts for: only the caching loop's own bar does, not the quick
+        `checking cache validity...` bar before it, the dataset scan's bars or the sampler's."""
+        if isinstance(event, PrepStarted):
+            self._bar_phase = event.phase if event.phase in _CACHING_PHASES and _CACHE_LOOP.match(message) else None
+        elif message.startswith(_CACHE_CHECK):
+            self._bar_phase = None
 
     def _starts_pending(self, head: str, event: ProgressEvent | None) -> bool:
         # A Rich record may continue on the next lines; hold the events that need its full text.
@@ -583,10 +702,20 @@ class ProgressTracker:
     def _apply(self, event: ProgressEvent) -> list[ProgressEvent]:
         if isinstance(event, StepProgress):
             return self._apply_progress(event)
-        if isinstance(event, TotalSteps):
+        if isinstance(event, PrepStarted):
+            if event.phase == self._prep_phase:
+                return []  # several lines announce the same phase (`loading model ...`, `load ... checkpoint`)
+            self._prep_phase = event.phase
+        elif isinstance(event, PrepProgress):
+            if event == self._last_prep:
+                return []  # tqdm draws its last state twice, and a peeked bar arrives again as a line
+            self._last_prep = event
+        elif isinstance(event, TotalSteps):
             self._total_steps = event.total
+            self._bar_phase = None
         elif isinstance(event, EpochStarted):
             self._epoch, self._epochs = event.epoch, event.epochs
+            self._bar_phase = None
         elif isinstance(event, CheckpointSaved):
             if not event.path:
                 return []
@@ -600,6 +729,7 @@ class ProgressTracker:
     def _apply_progress(self, event: StepProgress) -> list[ProgressEvent]:
         # Each step is drawn twice (before and after the new avr_loss) and the second draw often
         # repeats the first exactly; pass on changes only.
+        self._bar_phase = None  # no caching loop runs once training has started
         if event == self._last_progress:
             return []
         self._last_progress = event

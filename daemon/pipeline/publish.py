@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from daemon.errors import DaemonError
+from daemon.pipeline.model_arch import ARCH_LABELS, Arch
 from daemon.safetensors_header import read_header
 
 
@@ -31,10 +32,50 @@ class LoraSummary:
     te_modules: int
     alphas: int
     metadata: dict[str, str]
+    arch: Arch = "unknown"  # the base model family the LoRA is for (lora_arch)
+
+    @property
+    def arch_label(self) -> str:
+        return ARCH_LABELS[self.arch]
+
+    @property
+    def unet_only(self) -> bool:
+        # kohya writes no ss_network_train_unet_only key: a U-Net-only LoRA is told by its keys alone
+        return self.te_modules == 0
 
 
-def verify_lora(path: Path) -> LoraSummary:
-    """Kohya layout: `lora_unet_*` / `lora_te*` modules, each with lora_down, lora_up and .alpha."""
+# kohya's header names the base: `modelspec.architecture` (stable-diffusion-xl-v1-base/lora, stable-diffusion-v1/lora,
+# stable-diffusion-v2-768-v/lora, ...) and `ss_base_model_version` (sdxl_base_v1-0, sd_v1, sd_v2, ...).
+_ARCH_BY_MODELSPEC: tuple[tuple[str, Arch], ...] = (
+    ("stable-diffusion-xl-", "sdxl"), ("stable-diffusion-v2", "sd2"), ("stable-diffusion-v1", "sd1"))
+_ARCH_BY_VERSION: tuple[tuple[str, Arch], ...] = (("sdxl_", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1"))
+# Only SDXL LoRAs have two text encoders (lora_te1_/lora_te2_) and SGM U-Net names (input_blocks, middle_block,
+# output_blocks); SD 1.x and 2.x share the diffusers names (down_blocks, ...), so their keys cannot tell them apart.
+_SDXL_MODULES = ("lora_te1_", "lora_te2_", "lora_unet_input_blocks_", "lora_unet_middle_block_",
+                 "lora_unet_output_blocks_")
+
+
+def lora_arch(modules: list[str] | set[str], metadata: dict[str, str]) -> Arch:
+    """The family of base model a kohya LoRA was trained on: its keys when they are SDXL's, else its header."""
+    if any(module.startswith(_SDXL_MODULES) for module in modules):
+        return "sdxl"
+    spec = metadata.get("modelspec.architecture", "")
+    version = metadata.get("ss_base_model_version", "")
+    for value, table in ((spec, _ARCH_BY_MODELSPEC), (version, _ARCH_BY_VERSION)):
+        for prefix, arch in table:
+            if value.startswith(prefix):
+                return arch
+    return "unknown"
+
+
+def verify_lora(path: Path, *, expected_arch: str | None = None) -> LoraSummary:
+    """Kohya layout: `lora_unet_*` / `lora_te*` modules, each with lora_down, lora_up and .alpha.
+
+    SD 1.x LoRAs have `lora_te_`, SDXL ones `lora_te1_`/`lora_te2_` or, trained on the U-Net alone, no text
+    encoder modules at all (2166 tensors: 722 modules; shared/kohya-logs/cpu-sdxl). With `expected_arch` (the
+    job's base model family) a LoRA whose keys or header name another family is refused: ED would load it and
+    silently change nothing on the picture.
+    """
     try:
         keys, metadata = read_header(path)
     except (OSError, ValueError) as exc:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -63,12 +104,20 @@ def verify_lora(path: Path) -> LoraSummary:
     incomplete = [m for m in unet + te if not {"lora_down.weight", "lora_up.weight"} <= modules[m]]
     if incomplete:
         raise PublishError(f"{path.name} has incomplete LoRA modules (e.g. {incomplete[0]}).")
+    arch = lora_arch(unet + te, metadata)
+    if expected_arch is not None and arch != "unknown" and arch != expected_arch:
+        raise PublishError(
+            f"{path.name} is a LoRA for {ARCH_LABELS[arch]} models, but the job trained on an "
+            f"{ARCH_LABELS.get(expected_arch, expected_arch)} model.",
+            hint="The trainer script does not match the base model; please report this with the job's log.",
+        )
     return LoraSummary(
         tensors=len(keys),
         unet_modules=len(unet),
         te_modules=len(te),
         alphas=sum(1 for m in unet + te if "alpha" in modules[m]),
         metadata=metadata,
+        arch=arch,
     )
 
 
