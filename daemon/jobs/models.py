@@ -42,6 +42,9 @@ class Progress:
     # "preview" while kohya draws the preview pictures: no steps are made then, so the tab says so instead
     # of showing a stalled rate and a frozen time left.
     phase: str = "training"
+    # The caching phases before the first step (SDXL: minutes on a small card) have their own n of N.
+    prep_done: int | None = None
+    prep_total: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         # JSON has no inf/nan: a diverging loss or a zero rate must not break every job listing.

@@ -38,10 +38,12 @@ from daemon.pipeline.progress import (
     ModelSaved,
     OutputParser,
     Parsed,
+    PrepProgress,
     ProgressEvent,
     SampleImagesStarted,
     StepProgress,
     TotalSteps,
+    prep_phase,
 )
 from daemon.pipeline.samples import SampleWatcher
 
@@ -476,6 +478,8 @@ class JobRunner:
             output_exists=final.is_file(),
             errors=tracker.errors,
             tail=job_tail(paths.trainer_log),
+            arch=params.arch,
+            on_gpu=not cpu,
         )
         if cancel.is_set():
             return final
@@ -494,10 +498,13 @@ class JobRunner:
         changed = False
         phase = progress.phase
         for event in events:
-            progress.phase = preview_phase(progress.phase, event, reporter.preview_step)
+            progress.phase = preview_phase(prep_phase(progress.phase, event), event, reporter.preview_step)
             if isinstance(event, SampleImagesStarted):
                 reporter.preview_step = event.step if event.step is not None else progress.step
-            if isinstance(event, TotalSteps):
+            if isinstance(event, PrepProgress):
+                progress.prep_done, progress.prep_total = event.done, event.total
+                changed = True
+            elif isinstance(event, TotalSteps):
                 progress.total = event.total
                 changed = True
             elif isinstance(event, EpochStarted):
@@ -550,7 +557,7 @@ class JobRunner:
 
     def _publish(self, job: Job, result: Path) -> Path:
         try:
-            publish.verify_lora(result)
+            publish.verify_lora(result, expected_arch=TrainParams.from_json(job.params).arch)
             return publish.publish(result, self._config.ed_lora_dir, output_name(job))
         except publish.PublishError as exc:
             raise JobFailed(JobError("publish_failed", exc.message, exc.hint or "")) from exc
