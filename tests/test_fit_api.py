@@ -125,6 +125,11 @@ async def test_an_sd2_or_unreadable_model_is_not_trainable_and_says_why(client: 
     assert "tier" not in body and "params" not in body and len(body["tiers"]) == 7
     ckpt = await get_json(client, "/fit?base_model=old")
     assert (ckpt["arch"], ckpt["trainable"]) == ("unknown", False) and ".ckpt" in ckpt["why"]
+    odd_file = models_dir(config) / "odd.safetensors"
+    save_file({"model.diffusion_model.x": np.zeros((2,), dtype=np.float16)}, str(odd_file))
+    odd = await get_json(client, "/fit?base_model=odd")
+    assert (odd["arch"], odd["trainable"]) == ("unknown", False)
+    assert "from its contents" in odd["why"] and ".ckpt" not in odd["why"]
     models = {m["id"]: m for m in (await get_json(client, "/models"))["models"]}
     assert models["v2-768"]["trainable"] is False and models["v2-768"]["why"] == body["why"]
     assert models["sd-test"] == {"id": "sd-test", "file": "sd-test.safetensors", "arch": "sd1", "trainable": True}
