@@ -38,6 +38,9 @@ info = {"torch": torch.__version__, "cuda": bool(torch.cuda.is_available())}
 if info["cuda"]:
     p = torch.cuda.get_device_properties(0)
     info.update(name=p.name, vram_gb=round(p.total_memory / 1024**3, 1))
+    # Native bf16 is Ampere (compute capability 8) and newer; torch's is_bf16_supported() also says yes
+    # for the much slower emulation on older cards.
+    info["bf16"] = p.major >= 8
 print(json.dumps(info))
 """
 
@@ -62,6 +65,7 @@ class GpuInfo:
     error: str | None = None
     probed_at: float = 0.0
     ran: bool = True  # False when the kohya python could not be started at all
+    bf16: bool | None = None  # the GPU computes in bf16 natively; None when unknown or no GPU
 
 
 def kohya_python(config: Config) -> str | None:
@@ -100,6 +104,7 @@ def probe_gpu(python: str | None) -> GpuInfo:
         torch=info.get("torch"),
         error=info.get("error"),
         probed_at=time.time(),
+        bf16=info["bf16"] if isinstance(info.get("bf16"), bool) else None,
     )
 
 
