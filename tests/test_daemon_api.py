@@ -368,8 +368,10 @@ async def test_config_test_is_ready_without_a_default_when_ed_has_sd1_models(sta
     client = await start_daemon(cfg)
     body = await (await client.post("/config/test")).json()
     check = next(c for c in body["checks"] if c["name"] == "base_model")
-    assert check["ok"] and "1 SD 1.x model" in check["detail"]
+    assert check["ok"] and "1 SD 1.x" in check["detail"]
     assert body["ready"] is True
+    # each family's tokenizers are answered on their own, outside the blocking checks
+    assert set(body["tokenizers"]) == {"sd1", "sdxl"} and body["tokenizers"]["sd1"]["ok"] is True
     models = await (await client.get("/models")).json()
     assert models["supported_archs"] == ["sd1", "sdxl"] and models["default"] is None
     (cfg.ed_models_dir / "stable-diffusion" / "sd-test.safetensors").unlink()  # type: ignore[operator]

@@ -150,20 +150,22 @@ def check_launcher(config: Config, gpu: GpuInfo) -> Check:
 
 
 def check_base_model(path: Path | None, models_dir: Path | None = None) -> Check:
-    fix = "Set base_model in the daemon config, or put an SD 1.x model into Easy Diffusion's models/stable-diffusion."
+    fix = ("Set base_model in the daemon config, or put an SD 1.x or SDXL model into Easy Diffusion's "
+           "models/stable-diffusion.")
     if path is None:
-        trainable = [p for p in list_models(models_dir).values() if detect_arch(p) in TRAINABLE_ARCHS]
-        if trainable:
+        archs = [a for a in map(detect_arch, list_models(models_dir).values()) if a in TRAINABLE_ARCHS]
+        if archs:
             # The ED tab always sends the model selected in ED; a default is only for other clients.
-            return Check("base_model", True, f"no default; {len(trainable)} SD 1.x model(s) in {models_dir}")
+            counts = ", ".join(f"{archs.count(a)} {ARCH_LABELS[a]}" for a in TRAINABLE_ARCHS if a in archs)
+            return Check("base_model", True, f"no default; trainable models in {models_dir}: {counts}")
         return Check("base_model", False, "no default base model is configured and none was found in ED's folder", fix)
     if not path.exists():
         return Check("base_model", False, f"{path} does not exist", fix)
     arch = detect_arch(path)
     label = ARCH_LABELS[arch]
     if arch not in TRAINABLE_ARCHS and arch != "unknown":
-        return Check("base_model", False, f"{path.name} is {label}; only SD 1.x models can be trained for now",
-                     "Choose an SD 1.x checkpoint (e.g. sd-v1-5) as the base model.")
+        return Check("base_model", False, f"{path.name} is {label}; only SD 1.x and SDXL models can be trained",
+                     "Choose an SD 1.x or SDXL checkpoint (e.g. sd-v1-5, sd_xl_base_1.0) as the base model.")
     note = " (architecture could not be read; assuming SD 1.x)" if arch == "unknown" else ""
     return Check("base_model", True, f"{path} — {label}{note}")
 

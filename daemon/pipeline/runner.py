@@ -426,7 +426,8 @@ class JobRunner:
         env = kohya.build_env(os.environ, tokenizer_cache_dir=launch.tokenizer_cache_dir, cpu=cpu)
         plan = training_plan(params, Path(launch.script_path).name, cpu=cpu)
         log.info("job %s: %s", job.id, plan)
-        await reporter.log_lines([plan, f"$ {' '.join(argv)}"], force=True)
+        why = [f"settings: {params.fit_reason}"] if params.fit_reason else []
+        await reporter.log_lines([plan, *why, f"$ {' '.join(argv)}"], force=True)
         samples = SampleWatcher(paths.samples, reporter.sample)
         parser = OutputParser()
         meter = _OutputMeter()

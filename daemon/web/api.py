@@ -22,7 +22,7 @@ from daemon.jobs import fields
 from daemon.jobs.models import Job
 from daemon.jobs.store import LOG_RING
 from daemon.pipeline import base_models, dataset, trainer_log
-from daemon.pipeline.env_check import run_checks
+from daemon.pipeline.env_check import run_checks, tokenizer_readiness
 from daemon.pipeline.fit import AUTO, choose_fit, tiers_json
 from daemon.pipeline.model_arch import ARCH_LABELS, TRAINABLE_ARCHS, Arch, detect_arch, untrainable_reason
 from daemon.pipeline.params import DEFAULT_PRESET, presets_for, resolve_params
@@ -82,6 +82,8 @@ async def config_test(request: web.Request) -> web.Response:
     config = request.app[CONFIG].current
     gpu = await request.app[GPU].get(refresh=True)
     checks = await asyncio.to_thread(run_checks, config, gpu)
+    # Per family and never blocking: SDXL's second tokenizer missing must not stop SD 1.x jobs.
+    tokenizers = await asyncio.to_thread(tokenizer_readiness, config)
     return web.json_response({
         "ready": all(c.ok for c in checks),
         "lora_dir": str(config.ed_lora_dir),
@@ -89,6 +91,7 @@ async def config_test(request: web.Request) -> web.Response:
         "device": "cuda" if gpu.cuda else ("cpu" if config.allow_cpu else None),
         "gpu": {"name": gpu.name, "vram_gb": gpu.vram_gb} if gpu.cuda else None,
         "checks": [c.to_json() for c in checks],
+        "tokenizers": {arch: check.to_json() for arch, check in tokenizers.items()},
     })
 
 
