@@ -202,7 +202,7 @@ async def test_real_kohya_sdxl_trains_through_the_daemon(start_daemon, tmp_path:
     form.add_field("trigger", "sksxl")
     form.add_field("base_model", "sdxl-random.safetensors")
     form.add_field("params", json.dumps(params))
-    for i in range(4):
+    for i in range(8):
         form.add_field("images", picture_bytes(i, size=(256, 256)), filename=f"pic{i}.png")
     resp = await client.post("/train", data=form)
     assert resp.status == 202, await resp.text()
