@@ -434,3 +434,14 @@ def test_a_stored_job_from_before_tiers_still_loads() -> None:
 def test_presets_for_knows_the_trainable_families() -> None:
     assert presets_for("sd1") is PRESETS and presets_for("sdxl") is SDXL_PRESETS
     assert set(SDXL_PRESETS) == set(PRESETS)
+
+
+def test_the_reason_names_the_levers_the_client_set_by_hand() -> None:
+    from daemon.pipeline.fit import Machine
+
+    cpu = Machine(cuda=False)
+    auto = resolve_params({}, image_count=20, arch="sdxl", gpu=cpu)
+    assert "set by hand" not in auto.fit_reason
+    mine = resolve_params({"batch_size": 2, "gradient_checkpointing": False}, image_count=20, arch="sdxl", gpu=cpu)
+    assert mine.batch_size == 2 and mine.fit_reason.startswith(auto.fit_reason)
+    assert mine.fit_reason.endswith("; set by hand: batch_size 2, gradient_checkpointing off")
