@@ -59,14 +59,17 @@ class _LoraWatch:
         self.folder = folder
         self.seen: dict[str, float] = {}
 
+    def scan(self) -> None:
+        if self.folder.is_dir():
+            now = time.monotonic()
+            for path in self.folder.glob("*.safetensors"):
+                if not path.name.startswith("."):
+                    self.seen.setdefault(path.name, now)
+
     async def run(self) -> None:
         while True:
-            if self.folder.is_dir():
-                now = time.monotonic()
-                for path in self.folder.glob("*.safetensors"):
-                    if not path.name.startswith("."):
-                        self.seen.setdefault(path.name, now)
-            await asyncio.sleep(0.1)
+            self.scan()
+            await asyncio.sleep(0.05)
 
 
 async def _wait_healthy(session: aiohttp.ClientSession, url: str, proc: subprocess.Popen[bytes]) -> None:
@@ -163,9 +166,13 @@ async def _train(session: aiohttp.ClientSession, url: str, job: AutoJob, report:
                 await asyncio.sleep(2)
     finally:
         watcher.cancel()
+        # The result frame can beat the next poll: a file published since is stamped now (<= 50 ms late).
+        watch.scan()
     async with session.get(f"{url}/jobs/{job_id}/status", headers=auth) as resp:
         status_body = await resp.json()
     report.update(_summary(status_body, samples, timeline, watch.seen, t0))
+    if "memory_tier_refused" in report:
+        report["memory_tier"] = None  # the stored value is TrainParams' default, not a choice this daemon made
     return job_id
 
 

@@ -35,7 +35,7 @@ def table(report: dict[str, Any]) -> str:
     lines: list[str] = []
     for key, model in report.get("models", {}).items():
         auto = model.get("auto", {})
-        tier = auto.get("memory_tier") or "preset (no tier)"
+        tier = auto.get("memory_tier") or "none: the daemon's preset"
         outcome = auto.get("state") or "—"
         if auto.get("error"):
             outcome += f": {auto['error']}"
