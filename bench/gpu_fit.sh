@@ -8,7 +8,8 @@
 # What must already be on the GPU machine (it has no internet, so nothing is installed here):
 #   - this repository, and a Python 3.10+ that has the daemon's runtime dependencies (`pip install -e .`:
 #     aiohttp, pillow, pyyaml, watchdog, safetensors, psutil, platformdirs, tomli-w). BENCH_PYTHON, default
-#     the checkout's .venv/bin/python (carry .venv along with the device tool), else python3;
+#     the checkout's .venv/bin/python, else python3. (A venv with only these is ~69 MB, ~43 MB without its pip
+#     and setuptools; the sd-scripts venv lacks aiohttp, watchdog, platformdirs and tomli-w.);
 #   - kohya-ss sd-scripts (KOHYA_SD, or the harness's KH_SD) and its venv's python (KOHYA_PYTHON or KH_PY) with
 #     a CUDA build of torch and sd-scripts' requirements.txt installed, bitsandbytes included (the daemon's
 #     presets use AdamW8bit; without it pass GPU_FIT_PARAMS='{"optimizer": "AdamW"}');
@@ -61,7 +62,7 @@ esac
 if [ -n "${GPU_FIT_PARAMS:-}" ]; then args+=(--params "$GPU_FIT_PARAMS"); fi
 
 mkdir -p "$OUT"
-nvidia-smi || echo "gpu_fit.sh: no nvidia-smi (peak memory will not be measured)" >&2
+if command -v nvidia-smi >/dev/null; then nvidia-smi; else echo "gpu_fit.sh: no nvidia-smi (peak memory will not be measured)" >&2; fi
 # The budget is the script's own; this is the backstop. The JSON is rewritten after every run, so what was
 # measured before a kill is kept.
 exec timeout -k 10 "$((BUDGET + 45))" "$PY" "${args[@]}"

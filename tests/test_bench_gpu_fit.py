@@ -139,7 +139,7 @@ def test_table_marks_the_best_hand_run_and_says_why_the_sweep_stopped() -> None:
                              {"images_per_s": 55.0}, gpu_name="NVIDIA H100", smoke=False),
     }}}
     text = table(report)
-    assert "| sd15 | daemon, auto tier (40gb, bf16) | 16 | 2.90 | 46.4 | 30.1 s | 80.2 s | 21000 | done |" in text
+    assert "| sd15 | daemon, automatic (tier 40gb, bf16) | 16 | 2.90 | 46.4 | 30.1 s | 80.2 s | 21000 | done |" in text
     assert "| sd15 | kohya by hand (best) | 32 | 1.72 | 55.0 |" in text
     assert "| sd15 | kohya by hand | 48 | — | — | — | — | — | oom: CUDA out of memory |" in text
     assert "= 0.844 (goal >= 0.95: missed); sweep stopped: out of memory at batch 48" in text

@@ -110,8 +110,8 @@ def sweep_stop_reason(points: Sequence[SweepPoint], *, stop_when_slower: bool) -
         return f"batch {last.batch} ended with {last.outcome}"
     best = best_point(points)
     if stop_when_slower and best is not None and best is not last and last.images_per_s is not None:
-        return f"batch {last.batch} was slower than batch {best.batch} ({last.images_per_s:.1f} < " \
-               f"{best.images_per_s:.1f} images/s)"
+        return f"batch {last.batch} was slower than batch {best.batch} ({last.images_per_s:.3g} < " \
+               f"{best.images_per_s:.3g} images/s)"
     return None
 
 

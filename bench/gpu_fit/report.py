@@ -27,6 +27,13 @@ def _num(value: float | None, fmt: str, suffix: str = "") -> str:
     return "—" if value is None else f"{value:{fmt}}{suffix}"
 
 
+def _rate(value: float | None) -> str:
+    """Three significant figures or so: CPU smoke rates are hundredths, GPU images/s are tens."""
+    if value is None:
+        return "—"
+    return f"{value:.1f}" if value >= 10 else f"{value:.2f}" if value >= 1 else f"{value:.3g}"
+
+
 def table(report: dict[str, Any]) -> str:
     """Markdown table of every run, then the ratios and goals, as pasted into bench/RESULTS.md."""
     head = ("| model | run | batch | steps/s | images/s | first step | click → LoRA | peak GPU MiB (device) "
@@ -35,13 +42,14 @@ def table(report: dict[str, Any]) -> str:
     lines: list[str] = []
     for key, model in report.get("models", {}).items():
         auto = model.get("auto", {})
-        tier = auto.get("memory_tier") or "none: the daemon's preset"
+        tier = f"tier {auto['memory_tier']}" if auto.get("memory_tier") else "no tier: the preset"
+        precision = {"no": "fp32", None: "?"}.get(auto.get("mixed_precision"), auto.get("mixed_precision"))
         outcome = auto.get("state") or "—"
         if auto.get("error"):
             outcome += f": {auto['error']}"
-        rows.append(f"| {key} | daemon, auto tier ({tier}, {auto.get('mixed_precision') or '?'}) | "
-                    f"{auto.get('batch_size') or '—'} | {_num(auto.get('steady_steps_per_s'), '.2f')} | "
-                    f"{_num(auto.get('steady_images_per_s'), '.1f')} | {_num(auto.get('first_step_s'), '.1f', ' s')} | "
+        rows.append(f"| {key} | daemon, automatic ({tier}, {precision}) | "
+                    f"{auto.get('batch_size') or '—'} | {_rate(auto.get('steady_steps_per_s'))} | "
+                    f"{_rate(auto.get('steady_images_per_s'))} | {_num(auto.get('first_step_s'), '.1f', ' s')} | "
                     f"{_num(auto.get('click_to_lora_s'), '.1f', ' s')} | {_num(auto.get('peak_mib'), 'd')} | "
                     f"{outcome} |")
         hand = model.get("hand", {})
@@ -49,8 +57,8 @@ def table(report: dict[str, Any]) -> str:
         for run in hand.get("runs", []):
             mark = " (best)" if best and run["batch"] == best.get("batch") else ""
             note = f": {run['note']}" if run.get("note") else ""
-            rows.append(f"| {key} | kohya by hand{mark} | {run['batch']} | {_num(run.get('steps_per_s'), '.2f')} | "
-                        f"{_num(run.get('images_per_s'), '.1f')} | {_num(run.get('first_step_s'), '.1f', ' s')} | — | "
+            rows.append(f"| {key} | kohya by hand{mark} | {run['batch']} | {_rate(run.get('steps_per_s'))} | "
+                        f"{_rate(run.get('images_per_s'))} | {_num(run.get('first_step_s'), '.1f', ' s')} | — | "
                         f"{_num(run.get('peak_mib'), 'd')} | {run['outcome']}{note} |")
         v = model.get("verdicts", {})
         lines.append(f"- {key}: auto ÷ best hand-tuned images/s = {_num(v.get('auto_over_hand'), '.3f')} "
