@@ -3,12 +3,14 @@ and one hand run end to end against the kohya test double. The numbers themselve
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 from pathlib import Path
 
 import pytest
 
+from bench.gpu_fit.auto import AutoJob, run_auto
 from bench.gpu_fit.cli import check_prerequisites, main, parse_args
 from bench.gpu_fit.hand import HandJob, OutputWatch, dataset_document, hand_argv, hand_params, run_hand
 from bench.gpu_fit.measure import (
@@ -26,7 +28,7 @@ from bench.gpu_fit.measure import (
     warmup_steps,
 )
 from bench.gpu_fit.report import table, verdicts
-from tests.helpers import write_sd1_checkpoint
+from tests.helpers import picture_bytes, write_sd1_checkpoint
 from tests.tokenizer_files import write_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -193,7 +195,6 @@ def test_the_dataset_leaves_the_batch_to_the_command_line() -> None:
 
 def _prepared(tmp_path: Path) -> None:
     from daemon.pipeline import kohya
-    from tests.helpers import picture_bytes
 
     img = tmp_path / "img"
     img.mkdir()
@@ -249,6 +250,34 @@ def test_real_h100_output_gives_the_harness_rate() -> None:
     assert watch.model_saved and not watch.out_of_memory
 
 
+# --- the daemon job -----------------------------------------------------------------------------------
+
+
+def test_the_daemon_job_is_measured_from_202_to_the_published_lora(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real daemon (`python -m daemon`) training with the kohya double: every number the table needs."""
+    monkeypatch.setenv("KOHYA_DOUBLE_STEP_SECONDS", "0.3")
+    write_tokenizer(tmp_path / "tok" / "openai_clip-vit-large-patch14")
+    params = {"resolution": 256, "epochs": 1, "repeats": 2, "batch_size": 2, "network_dim": 4, "network_alpha": 2,
+              "save_every_n_epochs": 0, "sample_every_n_epochs": 0}
+    job = AutoJob(sd_scripts=str(DOUBLE), python=sys.executable,
+                  model=str(write_sd1_checkpoint(tmp_path / "model.safetensors")),
+                  tokenizer_cache=str(tmp_path / "tok"),
+                  pictures=[picture_bytes(i, size=(320, 320), fmt="JPEG") for i in range(8)], params=params, cpu=True,
+                  work=tmp_path / "work", log_dir=tmp_path / "logs", timeout_s=120)
+    report = asyncio.run(run_auto(job, lambda a, b: None))
+    assert report["state"] == "done", report
+    assert report["batch_size"] == 2 and report["total_steps"] == 8
+    # 8 steps 0.3 s apart: the steady rate is the double's, not the start-up's.
+    assert report["steady_steps_per_s"] == pytest.approx(1 / 0.3, rel=0.3)
+    assert report["steady_images_per_s"] == pytest.approx(2 * report["steady_steps_per_s"])
+    assert 0 < report["first_step_s"] < report["click_to_lora_s"] <= report["result_s"] + 0.1
+    assert report["lora"]["tensors"] > 0 and Path(report["artifact"]).parent == tmp_path / "work" / "lora"
+    # A daemon from before the memory tiers refuses the key and the job is sent without it; one with them keeps it.
+    assert ("memory_tier_refused" in report) != (report["memory_tier"] is not None)
+    assert (tmp_path / "logs" / "trainer.log").is_file() and (tmp_path / "logs" / "daemon.log").is_file()
+
+
 # --- prerequisites ------------------------------------------------------------------------------------
 
 
@@ -271,5 +300,8 @@ def test_prerequisites_pass_with_everything_there(tmp_path: Path) -> None:
     assert check_prerequisites(args) == []
     assert args.sdxl_model is None and args.images == 8 and args.steps == 2 and args.sd15_batches == "1,2"
     args.only, args.sdxl_model = "sdxl", str(tmp_path / "m.safetensors")
+    assert check_prerequisites(args) == [
+        "the CPU smoke mode trains SD1.5 only (SDXL on a CPU needs about 20 GB of RAM and hours)"]
+    args.cpu_smoke = False
     assert check_prerequisites(args) == [
         "the tokenizer cache has no laion_CLIP-ViT-bigG-14-laion2B-39B-b160k/ (kohya would try to download it)"]

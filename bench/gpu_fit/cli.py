@@ -95,6 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def check_prerequisites(args: argparse.Namespace) -> list[str]:
     """Sentences naming each missing input; empty when the run can start."""
     problems: list[str] = []
+    if args.cpu_smoke and args.only == "sdxl":
+        return ["the CPU smoke mode trains SD1.5 only (SDXL on a CPU needs about 20 GB of RAM and hours)"]
     keys = [args.only] if args.only else ["sd15", "sdxl"]
     wanted = [k for k in keys if (args.sd15_model if k == "sd15" else args.sdxl_model) or k == args.only]
     if not wanted:
