@@ -258,7 +258,7 @@ def test_the_daemon_job_is_measured_from_202_to_the_published_lora(tmp_path: Pat
     """The real daemon (`python -m daemon`) training with the kohya double: every number the table needs."""
     monkeypatch.setenv("KOHYA_DOUBLE_STEP_SECONDS", "0.3")
     write_tokenizer(tmp_path / "tok" / "openai_clip-vit-large-patch14")
-    params = {"resolution": 256, "epochs": 1, "repeats": 2, "batch_size": 2, "network_dim": 4, "network_alpha": 2,
+    params = {"resolution": 256, "epochs": 1, "repeats": 3, "batch_size": 2, "network_dim": 4, "network_alpha": 2,
               "save_every_n_epochs": 0, "sample_every_n_epochs": 0}
     job = AutoJob(sd_scripts=str(DOUBLE), python=sys.executable,
                   model=str(write_sd1_checkpoint(tmp_path / "model.safetensors")),
@@ -267,8 +267,8 @@ def test_the_daemon_job_is_measured_from_202_to_the_published_lora(tmp_path: Pat
                   work=tmp_path / "work", log_dir=tmp_path / "logs", timeout_s=120)
     report = asyncio.run(run_auto(job, lambda a, b: None))
     assert report["state"] == "done", report
-    assert report["batch_size"] == 2 and report["total_steps"] == 8
-    # 8 steps 0.3 s apart: the steady rate is the double's, not the start-up's.
+    assert report["batch_size"] == 2 and report["total_steps"] == 12
+    # 12 steps 0.3 s apart: the steady rate is the double's, not the start-up's.
     assert report["steady_steps_per_s"] == pytest.approx(1 / 0.3, rel=0.3)
     assert report["steady_images_per_s"] == pytest.approx(2 * report["steady_steps_per_s"])
     assert 0 < report["first_step_s"] < report["click_to_lora_s"] <= report["result_s"] + 0.1
@@ -276,6 +276,28 @@ def test_the_daemon_job_is_measured_from_202_to_the_published_lora(tmp_path: Pat
     # A daemon from before the memory tiers refuses the key and the job is sent without it; one with them keeps it.
     assert ("memory_tier_refused" in report) != (report["memory_tier"] is not None)
     assert (tmp_path / "logs" / "trainer.log").is_file() and (tmp_path / "logs" / "daemon.log").is_file()
+
+
+def test_a_whole_smoke_run_against_the_double(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """The command line end to end (daemon job, prep, sweep, verdicts, JSON, table), the double as kohya."""
+    monkeypatch.setenv("KOHYA_DOUBLE_STEP_SECONDS", "0.1")
+    write_tokenizer(tmp_path / "tok" / "openai_clip-vit-large-patch14")
+    out = tmp_path / "out" / "r.json"
+    assert main(["--cpu-smoke", "--kohya-sd", str(DOUBLE), "--kohya-python", sys.executable,
+                 "--sd15-model", str(write_sd1_checkpoint(tmp_path / "m.safetensors")),
+                 "--tokenizer-cache", str(tmp_path / "tok"), "--out", str(out), "--steps", "4"]) == 0
+    report = json.loads(out.read_text(encoding="utf-8"))
+    sd15 = report["models"]["sd15"]
+    assert report["mode"] == "cpu-smoke" and "sdxl" not in report["models"]
+    assert sd15["auto"]["state"] == "done" and sd15["auto"]["click_to_lora_s"] > 0
+    assert [(r["batch"], r["outcome"]) for r in sd15["hand"]["runs"]] == [(1, OK), (2, OK)]
+    assert sd15["hand"]["job"]["resolution"] == 256 and sd15["hand"]["best"]["images_per_s"] > 0
+    assert sd15["verdicts"]["ratio_verdict"] == "not judged"
+    assert sorted(p.name for p in (out.parent / "r-logs" / "sd15").iterdir()) == ["daemon", "hand-b1.log",
+                                                                                  "hand-b2.log"]
+    printed = capsys.readouterr().out
+    assert "CPU SMOKE" in printed and "| sd15 | kohya by hand" in printed
 
 
 # --- prerequisites ------------------------------------------------------------------------------------

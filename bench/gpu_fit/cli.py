@@ -8,6 +8,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -144,12 +145,12 @@ def probe_cuda(python: str) -> dict[str, Any]:
 class Run:
     """One benchmark run: the clock, the memory sampler and the report, saved after every measurement."""
 
-    def __init__(self, args: argparse.Namespace, work: Path) -> None:
+    def __init__(self, args: argparse.Namespace, work: Path, started: float) -> None:
         self.args = args
         self.work = work
         self.out = Path(args.out).resolve()
         self.logs = self.out.parent / (self.out.stem + "-logs")
-        self.deadline = time.monotonic() + args.budget_s if args.budget_s else None
+        self.deadline = started + args.budget_s if args.budget_s else None
         self.sampler = MemorySampler(enabled=not args.cpu_smoke)
         self.report: dict[str, Any] = {"mode": "cpu-smoke" if args.cpu_smoke else "gpu", "models": {}}
 
@@ -270,6 +271,7 @@ class Run:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.monotonic()  # the budget counts the CUDA probe too: gpu_fit.sh's backstop does
     args = parse_args(argv)
     problems = check_prerequisites(args)
     if problems:
@@ -287,7 +289,10 @@ def main(argv: list[str] | None = None) -> int:
                   "run it on a GPU machine, or prove the script with --cpu-smoke", file=sys.stderr)
             return 2
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="gpu-fit-"))
-    run = Run(args, work)
+    run = Run(args, work, started)
+    # `timeout` (gpu_fit.sh's backstop) sends SIGTERM: unwind, so the finally blocks stop the trainers and the
+    # daemon and the report is saved.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     run.report["kohya_torch"] = torch_facts
     run.start()
     t0 = time.monotonic()

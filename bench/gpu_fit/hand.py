@@ -10,6 +10,7 @@ shared/reference/kohya.md §9), for a fixed number of steps.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import os
 import selectors
 import signal
@@ -18,7 +19,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from bench.gpu_fit.measure import (
     ERROR,
@@ -151,6 +152,24 @@ class OutputWatch:
         return self._tracker.model_saved
 
 
+def _pump(proc: subprocess.Popen[bytes], log: BinaryIO, watch: OutputWatch, t0: float,
+          timeout_s: float | None) -> bool:
+    """Read the trainer's output until it closes; True when `timeout_s` ran out first."""
+    assert proc.stdout is not None
+    with proc.stdout, selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        while True:
+            if timeout_s is not None and time.monotonic() - t0 > timeout_s:
+                return True
+            if not sel.select(timeout=0.5):
+                continue
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if not chunk:
+                return False
+            log.write(chunk)
+            watch.feed(chunk, time.monotonic() - t0)
+
+
 def run_hand(job: HandJob, *, batch: int, work: Path, log_path: Path, timeout_s: float | None,
              peak_mib: Callable[[float, float], int | None]) -> SweepPoint:
     """Train `job.steps` steps at `batch`; the process group is killed when `timeout_s` runs out."""
@@ -159,30 +178,22 @@ def run_hand(job: HandJob, *, batch: int, work: Path, log_path: Path, timeout_s:
     argv = hand_argv(job, batch=batch, output_dir=str(out_dir), output_name=f"hand_b{batch}")
     env = kohya.build_env(os.environ, tokenizer_cache_dir=job.tokenizer_cache, cpu=job.cpu)
     watch = OutputWatch()
-    timed_out = False
     with log_path.open("wb") as log:
         log.write(("# " + " ".join(argv) + "\n").encode())
         t0 = time.monotonic()
         proc = subprocess.Popen(argv, cwd=job.sd_scripts, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-        assert proc.stdout is not None
-        with selectors.DefaultSelector() as sel:
-            sel.register(proc.stdout, selectors.EVENT_READ)
-            while True:
-                if timeout_s is not None and time.monotonic() - t0 > timeout_s:
-                    timed_out = True
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    break
-                if not sel.select(timeout=0.5):
-                    continue
-                chunk = os.read(proc.stdout.fileno(), 65536)
-                if not chunk:
-                    break
-                now = time.monotonic() - t0
-                log.write(chunk)
-                watch.feed(chunk, now)
-        proc.stdout.close()
-        rc = proc.wait()
+        try:
+            timed_out = _pump(proc, log, watch, t0, timeout_s)
+            if not timed_out:
+                # The pipe closes as the process ends; CUDA's teardown may still take a moment.
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=60)
+        finally:
+            # Also on SIGTERM/Ctrl-C of the bench: a trainer left behind would hold the GPU for the next run.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            rc = proc.wait()
         wall = time.monotonic() - t0
     watch.finish()
     rate = steady_rate(watch.samples, warmup_steps(job.steps))
