@@ -36,6 +36,13 @@ DOUBLE = REPO / "tests" / "kohya_double"
 LOGS_DIR = REPO.parent / "shared" / "kohya-logs"
 
 
+@pytest.fixture(autouse=True)
+def no_kohya_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bench reads its inputs from these too; a machine set up for the opt-in real-kohya test has them."""
+    for name in ("KOHYA_SD", "KOHYA_PYTHON", "KOHYA_MODEL", "KOHYA_SDXL_MODEL", "KOHYA_TOKENIZER_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+
+
 # --- rates ------------------------------------------------------------------------------------------
 
 
@@ -308,6 +315,14 @@ def test_missing_inputs_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[
     err = capsys.readouterr().err
     assert "train_network.py does not exist" in err
     assert "no kohya python" in err and "no SD1.5 model" in err and "no tokenizer cache" in err
+
+
+def test_bad_params_and_batches_are_named(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--params", "{oops", "--sd15-batches", "4,2"]) == 2
+    err = capsys.readouterr().err
+    assert "--params is not JSON" in err and "ascending" in err
+    assert main(["--params", "[1]"]) == 2
+    assert "--params must be a JSON object" in capsys.readouterr().err
 
 
 def test_prerequisites_pass_with_everything_there(tmp_path: Path) -> None:

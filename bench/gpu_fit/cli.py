@@ -93,6 +93,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def job_params(args: argparse.Namespace) -> dict[str, Any]:
+    """The daemon job's overrides: --params, else none (the standard job), or the smoke mode's tiny job."""
+    if args.params:
+        value = json.loads(args.params)
+        if not isinstance(value, dict):
+            raise ValueError("--params must be a JSON object such as '{\"optimizer\": \"AdamW\"}'")
+        return value
+    return dict(SMOKE_PARAMS) if args.cpu_smoke else {}
+
+
 def check_prerequisites(args: argparse.Namespace) -> list[str]:
     """Sentences naming each missing input; empty when the run can start."""
     problems: list[str] = []
@@ -122,11 +132,12 @@ def check_prerequisites(args: argparse.Namespace) -> list[str]:
         for name in sorted({n for k in wanted for n in TOKENIZERS[MODELS[k][0]]}):
             if not (Path(args.tokenizer_cache) / name).is_dir():
                 problems.append(f"the tokenizer cache has no {name}/ (kohya would try to download it)")
-    try:
-        parse_batches(args.sd15_batches)
-        parse_batches(args.sdxl_batches)
-    except ValueError as exc:
-        problems.append(str(exc))
+    for check in (lambda: parse_batches(args.sd15_batches), lambda: parse_batches(args.sdxl_batches),
+                  lambda: job_params(args)):
+        try:
+            check()
+        except ValueError as exc:  # json.JSONDecodeError is one
+            problems.append(f"--params is not JSON: {exc}" if isinstance(exc, json.JSONDecodeError) else str(exc))
     if not dataset.MIN_IMAGES <= args.images <= dataset.MAX_IMAGES:
         problems.append(f"--images must be from {dataset.MIN_IMAGES} to {dataset.MAX_IMAGES} (the daemon's limits)")
     return problems
@@ -175,10 +186,10 @@ class Run:
         args = self.args
         entry: dict[str, Any] = {"label": label, "model": model, "arch": arch}
         self.report["models"][key] = entry
-        resolution = SMOKE_RESOLUTION if args.cpu_smoke else RESOLUTION[arch]
+        params = job_params(args)
+        resolution = int(params.get("resolution", SMOKE_RESOLUTION if args.cpu_smoke else RESOLUTION[arch]))
         # Larger than the training resolution on the short side, so no bucket is smaller than a user's would be.
         pictures = [picture(i, size=math.ceil(resolution * 1.4)) for i in range(args.images)]
-        params = json.loads(args.params) if args.params else (dict(SMOKE_PARAMS) if args.cpu_smoke else {})
         print(f"== {label}: {model}", flush=True)
         left = self.remaining()
         if left is not None and left < AUTO_GUESS_S[arch]:
