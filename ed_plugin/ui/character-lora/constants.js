@@ -28,6 +28,9 @@ export const STATE_LABELS = {
     interrupted: "Interrupted",
 }
 export const ARCH_LABELS = { sd1: "SD 1.x", sd2: "SD 2.x", sdxl: "SDXL", unknown: "unknown architecture" }
+// The daemon's memory tiers (daemon/pipeline/fit.py); /fit's `tiers` has the labels, these are for old job records
+export const TIER_LABELS = { cpu: "CPU", "6gb": "6 GB", "8gb": "8 GB", "12gb": "12 GB", "16gb": "16 GB", "24gb": "24 GB", "40gb": "40+ GB" }
+export const FIT_DEBOUNCE_MS = 250
 // Advanced fields: the daemon's `params` keys. Only the ones the user changes are sent.
 export const PARAM_FIELDS = [
     { key: "resolution", label: "Resolution (px)", type: "int", step: 64, min: 256, max: 1024 },

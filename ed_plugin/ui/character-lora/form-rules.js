@@ -5,7 +5,7 @@ import { ed } from "./ed.js"
 import { archFromTags } from "./format.js"
 import { state } from "./store.js"
 import { ui } from "./views/ui.js"
-import { field } from "./views/tab.js"
+import { currentFit, shownFit } from "./fit.js"
 
 export function validateName(v) {
     v = v.trim()
@@ -60,18 +60,40 @@ export function baseModelArch(id) {
     }
     return arch || "unknown"
 }
+export const archLabel = (arch) => ARCH_LABELS[arch] || String(arch).replace(/^other:/, "")
 export function archProblem(arch) {
     if (!arch || arch === "unknown") return null
     if (state.supportedArchs.includes(arch)) return null
-    const label = ARCH_LABELS[arch] || arch.replace(/^other:/, "")
-    return label + " models cannot be trained yet; pick an SD 1.x model."
+    return archLabel(arch) + " models cannot be trained yet; pick an " + state.supportedArchs.map(archLabel).join(" or ") + " model."
+}
+/** The daemon's entry ({id, file, arch, trainable}) of a model in ED's folder, or null. */
+export function daemonModel(id) {
+    return (state.daemonModels && state.daemonModels.find((m) => m.id === id)) || null
+}
+/** False when the daemon says it cannot train the model (SD 2.x, unknown), else true. */
+export function isTrainable(id) {
+    const m = daemonModel(id)
+    if (m && m.trainable === false) return false
+    return !archProblem(baseModelArch(id))
+}
+/** Why the chosen model cannot be trained, in the daemon's words (/fit's `why`) once it said so. */
+export function baseModelProblem() {
+    const id = selectedBaseModel()
+    if (!id) return null
+    const fit = shownFit()
+    if (fit && fit.data && fit.data.trainable === false) return fit.data.why || archLabel(fit.data.arch || "unknown") + " models cannot be trained."
+    const problem = archProblem(baseModelArch(id))
+    if (problem) return problem
+    const m = daemonModel(id)
+    if (m && m.trainable === false) return archLabel(m.arch || "unknown") + " models cannot be trained; pick an " + state.supportedArchs.map(archLabel).join(" or ") + " model."
+    return null
 }
 export function formErrors() {
     return {
         name: validateName(ui.name.value),
         trigger: validateTrigger(ui.trigger.value),
         class_token: validateClass(ui.classWord.value),
-        base_model: archProblem(baseModelArch(selectedBaseModel())),
+        base_model: baseModelProblem(),
     }
 }
 export function startBlocker() {
@@ -93,8 +115,28 @@ export function startBlocker() {
     if (p) return p
     return null
 }
+/** The chosen preset's values for the chosen model's family (GET /presets?arch=; SD 1.x's until they came). */
 export function presetValues() {
-    return state.presets[ui.preset && ui.preset.value] || {}
+    const name = ui.preset && ui.preset.value
+    const family = state.presetsByArch[baseModelArch(selectedBaseModel())]
+    const presets = family && typeof family === "object" ? family : state.presets
+    return presets[name] || state.presets[name] || {}
+}
+/** What the daemon trains with for the fields left unchanged: the preset, with /fit's params (the memory
+ * tier's batch size, the family's resolution, repeats and learning rates as the batch size scales them) once
+ * /fit answered for the form as it is. The preview interval stays the preset's: paramDefault applies the
+ * daemon's CPU rule to it. */
+export function baseValues() {
+    const preset = presetValues()
+    const fit = currentFit()
+    if (!fit || !fit.params || typeof fit.params !== "object") return preset
+    return Object.assign({}, preset, fit.params, { sample_every_n_epochs: preset.sample_every_n_epochs })
+}
+/** Repeats when the field is empty: /fit's for this many pictures, else the daemon's rule (≈200 views). */
+export function defaultRepeats(n) {
+    const fit = currentFit()
+    const r = fit && fit.params && fit.params.repeats
+    return Number.isInteger(r) && r >= 1 ? r : autoRepeats(n)
 }
 export function readParam(f) {
     const input = ui.params[f.key]
@@ -142,14 +184,14 @@ function changedNumber(key) {
 /** The rank the daemon trains with: a valid changed value, else the preset's. */
 export function effectiveDim() {
     const v = changedNumber("network_dim")
-    return v !== undefined && Number.isInteger(v) && v >= 1 && v <= 256 ? v : presetValues().network_dim
+    return v !== undefined && Number.isInteger(v) && v >= 1 && v <= 256 ? v : baseValues().network_dim
 }
 /** The alpha the daemon trains with. A changed rank without a changed alpha keeps the preset's alpha/rank
  *  ratio (resolve_params), so rank 8 on a 32/16 preset trains with alpha 4, not 16. */
 export function effectiveAlpha() {
     const changed = changedNumber("network_alpha")
     if (changed !== undefined) return changed
-    const p = presetValues()
+    const p = baseValues()
     if (typeof p.network_alpha !== "number" || !p.network_dim) return p.network_alpha
     const dim = effectiveDim()
     return dim === p.network_dim ? p.network_alpha : (dim * p.network_alpha) / p.network_dim
@@ -161,7 +203,7 @@ function relationsIssue() {
     if (typeof alpha === "number" && dim && !(alpha > 0 && alpha <= dim)) {
         return { key: state.paramsDirty.has("network_alpha") ? "network_alpha" : "network_dim", text: "Network alpha must be above 0 and at most the rank (" + dim + ")." }
     }
-    const maxLr = ADAPTIVE_OPTIMIZERS.includes(presetValues().optimizer) ? MAX_ADAPTIVE_LR : MAX_LR
+    const maxLr = ADAPTIVE_OPTIMIZERS.includes(baseValues().optimizer) ? MAX_ADAPTIVE_LR : MAX_LR
     const unet = changedNumber("unet_lr")
     if (unet !== undefined && !(unet > 0 && unet <= maxLr)) return { key: "unet_lr", text: "U-Net learning rate must be above 0 and at most " + maxLr + "." }
     const te = changedNumber("text_encoder_lr")
@@ -170,7 +212,7 @@ function relationsIssue() {
 }
 export function effectiveEpochs() {
     const v = state.paramsDirty.has("epochs") ? readParam({ key: "epochs" }) : undefined
-    return v !== undefined && Number.isInteger(v) && v >= 1 ? v : presetValues().epochs
+    return v !== undefined && Number.isInteger(v) && v >= 1 ? v : baseValues().epochs
 }
 /** The daemon trains on the CPU (no CUDA GPU, allow_cpu): /config/test says so in `device`. */
 export function trainsOnCpu() {
@@ -178,7 +220,7 @@ export function trainsOnCpu() {
 }
 /** What an unchanged Advanced field shows: what the daemon will use when the key is not sent. */
 export function paramDefault(f) {
-    const p = presetValues()
+    const p = baseValues()
     let v = p[f.key]
     if (f.key === "network_alpha") v = effectiveAlpha()
     if (f.key === "sample_every_n_epochs") {
@@ -196,6 +238,8 @@ export function collectParams() {
         const v = readParam(f)
         if (v !== undefined) params[f.key] = v
     }
+    // Automatic is the daemon's default: only a chosen tier is sent (a daemon without /fit knows no tiers)
+    if (state.memoryTier !== "auto" && !state.fitUnsupported) params.memory_tier = state.memoryTier
     return params
 }
 export function autoRepeats(n) {
@@ -224,11 +268,12 @@ export function bucketOf(width, height, resolution) {
     }
     return (w - (w % BUCKET_STEP)) + "x" + (h - (h % BUCKET_STEP))
 }
+/** Steps of the run: the fitted batch size, resolution and repeats (/fit) with the user's Advanced changes. */
 export function estimateSteps() {
-    const p = presetValues()
+    const p = baseValues()
     const val = (k) => (state.paramsDirty.has(k) && readParam({ key: k }) !== undefined ? readParam({ key: k }) : p[k])
     const n = state.images.length || MIN_IMAGES
-    const repeats = state.paramsDirty.has("repeats") && readParam({ key: "repeats" }) ? readParam({ key: "repeats" }) : autoRepeats(n)
+    const repeats = state.paramsDirty.has("repeats") && readParam({ key: "repeats" }) ? readParam({ key: "repeats" }) : defaultRepeats(n)
     const epochs = val("epochs")
     const batch = val("batch_size") || 1
     const resolution = val("resolution")

@@ -14,6 +14,12 @@ export const state = {
     defaultPreset: "balanced",
     daemonModels: null, // [{id, file, arch}]
     supportedArchs: ["sd1"],
+    presetsByArch: {}, // arch -> presets (GET /presets?arch=), besides `presets` (sd1, from connect)
+    memoryTier: "auto", // Advanced's "Memory tier": auto or a tier id, sent as params.memory_tier
+    fit: null, // {key, base, data, error}: the daemon's GET /fit answer for the form (see fit.js)
+    fitUnsupported: false, // the daemon has no /fit (older than the memory tiers)
+    tiers: [], // [{id, label}] from /fit
+    autoTier: null, // {arch, label}: the tier the daemon picks by itself, for the Automatic option's label
     jobs: new Map(),
     selectedId: null,
     userSelected: false,
