@@ -994,3 +994,36 @@ def test_speed_tile_shows_previews_and_the_layout_fits_ed(env: Env, page: Any) -
             assert not _overlap(tab, got["status"]), f"tab {tab['id']} runs into ED's status at {width}px: {got}"
         assert not _overlap(got["header"], got["status"]), f"the tab header runs into ED's status at {width}px"
         page.screenshot(path=str(artifacts_dir() / f"layout-{width}.png"), full_page=False)
+
+
+# ---- how the run fits the card (GET /fit), SDXL
+
+def test_a_daemon_without_fit_shows_no_tier_line_and_sends_no_tier(env: Env, page: Any) -> None:
+    """A daemon older than the memory tiers answers /fit with aiohttp's 404: the form works as before."""
+    asked: list[str] = []
+
+    def old_daemon(route: Any) -> None:
+        asked.append(route.request.url)
+        route.fulfill(status=404, content_type="text/plain", body="404: Not Found")
+
+    page.route("**/fit?*", old_daemon)
+    open_tab(page, env.ed_url)
+    page.wait_for_selector("[data-clora=root][data-ready=true]", timeout=30000)
+    page.wait_for_function("window.CharacterLoRA.state.fitUnsupported === true", timeout=10000)
+    assert len(asked) == 1 and "base_model=tiny-sd15" in asked[0]
+    assert page.locator("[data-clora=fit]").is_hidden()
+    page.locator("[data-clora=advanced] summary").click()
+    assert page.locator("#clora-memory-tier").is_hidden()
+    # the fields show the preset's values, and nothing about tiers is sent with the job
+    balanced = daemon_json(env, "GET", "/presets")["presets"]["balanced"]
+    assert page.input_value("#clora-p-batch_size") == str(balanced["batch_size"])
+    sent = page.evaluate("""async () => {
+        const { collectParams } = await import("/character-lora/ui/form-rules.js")
+        window.CharacterLoRA.state.memoryTier = "24gb"  // even a tier left chosen from another daemon
+        return collectParams()
+    }""")
+    assert sent == {"preset": "balanced"}
+    # other models are not asked about again
+    page.select_option("#clora-base-model", "tiny-sdxl")
+    page.wait_for_timeout(600)
+    assert len(asked) == 1
