@@ -36,7 +36,7 @@ export const PARAM_FIELDS = [
     { key: "resolution", label: "Resolution (px)", type: "int", step: 64, min: 256, max: 1024 },
     { key: "epochs", label: "Epochs", type: "int", step: 1, min: 1, max: 100 },
     { key: "repeats", label: "Repeats per image", type: "int", step: 1, min: 1, max: 100, auto: true },
-    { key: "batch_size", label: "Batch size", type: "int", step: 1, min: 1, max: 16 },
+    { key: "batch_size", label: "Batch size", type: "int", step: 1, min: 1, max: 32 }, // 32: the 80 GB tier's SD 1.x batch
     { key: "network_dim", label: "Network dim (rank)", type: "int", step: 1, min: 1, max: 256 },
     { key: "network_alpha", label: "Network alpha", type: "float", step: "any", min: 0 },
     { key: "unet_lr", label: "U-Net learning rate", type: "float", step: "any", min: 0 },

@@ -20,6 +20,11 @@ export function fitQuery() {
 
 const keyOf = (q) => (q ? JSON.stringify(q) : null)
 
+/** The key of the form's current /fit question (null when there is none to ask). */
+export function fitKey() {
+    return keyOf(fitQuery())
+}
+
 /** The daemon's /fit answer for exactly the form's current choices, else null (not asked yet, or outdated). */
 export function currentFit() {
     const key = keyOf(fitQuery())
@@ -53,6 +58,7 @@ async function fetchFit(q, key) {
         state.fit = { key, base: q.base_model, data, error: null }
         if (data && data.auto && data.tier_label) state.autoTier = { arch: data.arch, label: data.tier_label }
         if (data && Array.isArray(data.tiers)) state.tiers = data.tiers
+        if (data && data.gpu) state.fitGpu = data.gpu
     } catch (e) {
         if (mine !== seq || gen !== state.connectGen) return
         if (e.status === 404 || e.status === 405) {
@@ -77,6 +83,7 @@ export function resetFit() {
     pendingKey = null
     state.fit = null
     state.fitUnsupported = false
+    state.fitGpu = null
     state.presetsByArch = {}
 }
 

@@ -5,7 +5,7 @@ import { ed } from "./ed.js"
 import { archFromTags } from "./format.js"
 import { state } from "./store.js"
 import { ui } from "./views/ui.js"
-import { currentFit, shownFit } from "./fit.js"
+import { currentFit, shownFit, fitKey } from "./fit.js"
 
 export function validateName(v) {
     v = v.trim()
@@ -85,8 +85,13 @@ export function baseModelProblem() {
     const problem = archProblem(baseModelArch(id))
     if (problem) return problem
     const m = daemonModel(id)
-    if (m && m.trainable === false) return archLabel(m.arch || "unknown") + " models cannot be trained; pick an " + state.supportedArchs.map(archLabel).join(" or ") + " model."
+    if (m && m.trainable === false) return m.why || archLabel(m.arch || "unknown") + " models cannot be trained; pick an " + state.supportedArchs.map(archLabel).join(" or ") + " model."
     return null
+}
+/** The daemon's refusal of the form's /fit question (e.g. a GPU memory tier on a machine without a GPU). */
+export function fitProblem() {
+    const fit = shownFit()
+    return fit && fit.error && fit.key === fitKey() ? fit.error : null
 }
 export function formErrors() {
     return {
@@ -111,6 +116,8 @@ export function startBlocker() {
     }
     const img = imagesProblem()
     if (img) return img
+    const fit = fitProblem()
+    if (fit) return fit
     const p = paramsProblem()
     if (p) return p
     return null
@@ -181,6 +188,31 @@ function changedNumber(key) {
     const v = readParam({ key })
     return v !== undefined && isFinite(v) ? v : undefined
 }
+// sd-scripts' LoRA learning-rate range tops out at 1e-3; the daemon's square-root rule never scales past it
+// (daemon/pipeline/params.py SQRT_SCALED_OPTIMIZERS, MAX_SCALED_LR, scaled_lr)
+const SQRT_SCALED_OPTIMIZERS = ["AdamW", "AdamW8bit", "Adafactor"]
+const MAX_SCALED_LR = 1e-3
+/** The preset's learning rate (tuned for its reference batch) carried over to `batch` as the daemon does:
+ * lr × √(batch / reference), 3 significant digits. */
+export function scaledLr(lr, batch, reference, optimizer) {
+    if (!SQRT_SCALED_OPTIMIZERS.includes(optimizer) || !batch || !reference || batch === reference || !lr) return lr
+    const scaled = Number((lr * Math.sqrt(batch / reference)).toPrecision(3))
+    return Math.min(scaled, Math.max(lr, MAX_SCALED_LR))
+}
+/** The batch size the daemon trains with: a valid changed value; else the tier's, smaller for a changed
+ * resolution above the one the tier is sized for (activations grow with the pixels: fit._apply_fit). */
+export function effectiveBatch() {
+    const typed = changedNumber("batch_size")
+    if (typed !== undefined && Number.isInteger(typed) && typed >= 1) return typed
+    const base = baseValues()
+    const fit = currentFit()
+    const res = changedNumber("resolution")
+    const fitted = fit && fit.params
+    if (fitted && Number.isInteger(res) && res > fitted.resolution && fitted.batch_size) {
+        return Math.max(1, Math.floor(fitted.batch_size * Math.min(1, (fitted.resolution / res) ** 2)))
+    }
+    return base.batch_size
+}
 /** The rank the daemon trains with: a valid changed value, else the preset's. */
 export function effectiveDim() {
     const v = changedNumber("network_dim")
@@ -223,6 +255,13 @@ export function paramDefault(f) {
     const p = baseValues()
     let v = p[f.key]
     if (f.key === "network_alpha") v = effectiveAlpha()
+    if (f.key === "batch_size") v = effectiveBatch()
+    if ((f.key === "unet_lr" || f.key === "text_encoder_lr") && currentFit()) {
+        // /fit scaled the preset's rate to the tier's batch; a changed batch size scales it again, from the
+        // preset's reference batch (the presets of the model's family, once they came)
+        const preset = presetValues()
+        if (preset.arch === p.arch && typeof preset[f.key] === "number") v = scaledLr(preset[f.key], effectiveBatch(), preset.batch_size, p.optimizer)
+    }
     if (f.key === "sample_every_n_epochs") {
         // the daemon turns previews off on a CPU, and drops an interval the run never reaches
         if (trainsOnCpu()) v = 0
@@ -275,7 +314,7 @@ export function estimateSteps() {
     const n = state.images.length || MIN_IMAGES
     const repeats = state.paramsDirty.has("repeats") && readParam({ key: "repeats" }) ? readParam({ key: "repeats" }) : defaultRepeats(n)
     const epochs = val("epochs")
-    const batch = val("batch_size") || 1
+    const batch = effectiveBatch() || 1
     const resolution = val("resolution")
     if (!epochs) return null
     const sized = state.images.length && resolution && state.images.every((i) => i.width && i.height)

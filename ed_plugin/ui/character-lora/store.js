@@ -19,6 +19,7 @@ export const state = {
     fit: null, // {key, base, data, error}: the daemon's GET /fit answer for the form (see fit.js)
     fitUnsupported: false, // the daemon has no /fit (older than the memory tiers)
     tiers: [], // [{id, label}] from /fit
+    fitGpu: null, // /fit's `gpu`: {cuda, name, vram_gb, bf16}
     autoTier: null, // {arch, label}: the tier the daemon picks by itself, for the Automatic option's label
     jobs: new Map(),
     selectedId: null,

@@ -78,8 +78,19 @@ export function renderTiers() {
     ui.memoryTierField.hidden = state.fitUnsupported
     const auto = state.autoTier && state.autoTier.arch === baseModelArch(selectedBaseModel()) ? state.autoTier.label : ""
     const opts = [{ id: "auto", label: auto ? "Automatic (" + auto + ")" : "Automatic" }].concat(state.tiers.map((t) => ({ id: t.id, label: t.label || t.id })))
-    const same = ui.memoryTier.options.length === opts.length && opts.every((o, i) => ui.memoryTier.options[i].value === o.id && ui.memoryTier.options[i].textContent === o.label)
-    if (!same) ui.memoryTier.replaceChildren(...opts.map((o) => el("option", { text: o.label, attrs: { value: o.id } })))
+    // the daemon refuses a GPU tier without a CUDA GPU, and the CPU tier with one
+    const gpu = state.fitGpu
+    for (const o of opts) {
+        if (!gpu || o.id === "auto") o.why = ""
+        else if (gpu.cuda && o.id === "cpu") o.why = "for machines without a CUDA GPU"
+        else if (!gpu.cuda && o.id !== "cpu") o.why = "needs a CUDA GPU; this machine has none"
+        else o.why = ""
+    }
+    const same = ui.memoryTier.options.length === opts.length && opts.every((o, i) => {
+        const node = ui.memoryTier.options[i]
+        return node.value === o.id && node.textContent === o.label && node.disabled === !!o.why
+    })
+    if (!same) ui.memoryTier.replaceChildren(...opts.map((o) => el("option", { text: o.label, attrs: { value: o.id, disabled: !!o.why, title: o.why || undefined } })))
     if (!opts.some((o) => o.id === state.memoryTier)) state.memoryTier = "auto"
     ui.memoryTier.value = state.memoryTier
     ui.memoryTier.classList.toggle("clora-dirty", state.memoryTier !== "auto")
