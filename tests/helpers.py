@@ -16,6 +16,7 @@ from daemon.config import Config, parse_config
 
 REPO = Path(__file__).resolve().parent.parent
 KOHYA_DOUBLE = REPO / "tests" / "kohya_double" / "train_network.py"
+KOHYA_SDXL_DOUBLE = KOHYA_DOUBLE.parent / "sdxl_train_network.py"
 TOKEN = "test-token-0123456789abcdef"
 
 
@@ -41,8 +42,16 @@ def write_sd1_checkpoint(path: Path) -> Path:
 
 
 def write_sdxl_checkpoint(path: Path) -> Path:
+    """Not a model: the key layout of an SDXL single file (CLIP-L, OpenCLIP bigG, the U-Net's size embedding)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"conditioner.embedders.0.transformer.x": np.zeros((2,), dtype=np.float16)}, str(path))
+    save_file(
+        {
+            "conditioner.embedders.0.transformer.text_model.embeddings.position_ids": np.zeros((1, 4), dtype=np.int64),
+            "conditioner.embedders.1.model.text_projection": np.zeros((2, 2), dtype=np.float16),
+            "model.diffusion_model.label_emb.0.0.weight": np.zeros((2, 2), dtype=np.float16),
+        },
+        str(path),
+    )
     return path
 
 

@@ -72,7 +72,7 @@ BAD_VALUES: list[tuple[str, object]] = [
     ("repeats", 101),
     ("repeats", False),
     ("batch_size", 0),
-    ("batch_size", 17),
+    ("batch_size", 33),  # 32 is the 80 GB tier's SD 1.x batch
     ("batch_size", "2"),
     ("network_dim", 0),
     ("network_dim", 257),
@@ -139,10 +139,15 @@ def test_overrides_accept_the_exact_client_keys() -> None:
         "seed": 7,
         "save_every_n_epochs": 2,
         "sample_every_n_epochs": 1,
+        "memory_tier": "12gb",
+        "gradient_checkpointing": True,
+        "cache_text_encoder_outputs": False,
+        "fp8_base": False,
     }
     assert set(overrides) == set(OVERRIDE_KEYS)
     p = resolve(overrides)
-    assert p == TrainParams(
+    assert p.fit_reason.startswith("CUDA GPU, memory unknown; 12 GB settings chosen by hand → ")
+    assert dataclasses.replace(p, fit_reason="") == TrainParams(
         resolution=768,
         epochs=4,
         repeats=5,
@@ -157,6 +162,8 @@ def test_overrides_accept_the_exact_client_keys() -> None:
         save_every_n_epochs=2,
         preset="quality",
         sample_every_n_epochs=1,
+        memory_tier="12gb",
+        gradient_checkpointing=True,
     )
     # JSON integers for float fields come out as floats (kohya prints them into argv and metadata).
     assert type(p.network_alpha) is float and type(p.text_encoder_lr) is float

@@ -1,15 +1,19 @@
-"""Where kohya finds the CLIP tokenizer of SD 1.x, and whether it will find it on this machine.
+"""Where kohya finds the CLIP tokenizers of SD 1.x and SDXL, and whether it will find them on this machine.
 
-sd-scripts (library/strategy_base.py, _load_tokenizer) loads `openai/clip-vit-large-patch14`: from
-`<tokenizer_cache_dir>/openai_clip-vit-large-patch14` when that folder exists, else through transformers from
-the Hugging Face cache or, failing that, from huggingface.co. Nothing here downloads anything.
+sd-scripts (library/strategy_base.py, _load_tokenizer) loads each tokenizer id from
+`<tokenizer_cache_dir>/<id with / replaced by _>` when that folder exists, else through transformers from the
+Hugging Face cache or, failing that, from huggingface.co. SD 1.x loads `openai/clip-vit-large-patch14`; SDXL
+(library/strategy_sdxl.py) loads that one and `laion/CLIP-ViT-bigG-14-laion2B-39B-b160k`. Nothing here
+downloads anything.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -18,10 +22,33 @@ from urllib.parse import urlsplit
 
 TOKENIZER_ID = "openai/clip-vit-large-patch14"
 TOKENIZER_FOLDER = TOKENIZER_ID.replace("/", "_")
+# SDXL's second text encoder (OpenCLIP bigG). Its hub repo holds the same vocabulary, merges and special tokens
+# as CLIP-L's (OpenCLIP uses OpenAI's BPE; laion's vocab.json is only written without spaces); the one
+# difference, padding with "!" (id 0), sd-scripts sets in code: strategy_sdxl.py `tokenizer2.pad_token_id = 0`.
+# So CLIP-L's four files serve as bigG's (../shared/harness/make_clip_tokenizer.py checks this against open_clip).
+BIGG_TOKENIZER_ID = "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"
+BIGG_TOKENIZER_FOLDER = BIGG_TOKENIZER_ID.replace("/", "_")
+# The tokenizers each family's trainer script loads, in the order it loads them.
+TOKENIZERS_BY_ARCH: dict[str, tuple[str, ...]] = {
+    "sd1": (TOKENIZER_ID,),
+    "sdxl": (TOKENIZER_ID, BIGG_TOKENIZER_ID),
+}
 # What CLIPTokenizer.from_pretrained reads; tokenizer_config.json carries model_max_length 77, without which
 # kohya would build prompts of the library's huge default length.
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
-HUB_REPO_FOLDER = "models--" + TOKENIZER_ID.replace("/", "--")
+
+
+def folder_name(tokenizer_id: str) -> str:
+    """The folder kohya looks for in --tokenizer_cache_dir."""
+    return tokenizer_id.replace("/", "_")
+
+
+def hub_repo_folder(tokenizer_id: str) -> str:
+    """The Hugging Face hub cache's folder for a repo id."""
+    return "models--" + tokenizer_id.replace("/", "--")
+
+
+HUB_REPO_FOLDER = hub_repo_folder(TOKENIZER_ID)
 DEFAULT_ENDPOINT = "https://huggingface.co"
 REACH_TIMEOUT_S = 2.0
 _TRUE = {"1", "on", "yes", "true"}
@@ -75,13 +102,13 @@ def _expand(value: str) -> Path:
     return Path(os.path.expanduser(os.path.expandvars(value)))
 
 
-def cached_snapshot(environ: Mapping[str, str]) -> Path | None:
+def cached_snapshot(environ: Mapping[str, str], tokenizer_id: str = TOKENIZER_ID) -> Path | None:
     """The HF-cache snapshot of the tokenizer that an offline from_pretrained would load, if it is complete.
 
     Without a connection transformers resolves the revision `main` through refs/main, so a snapshot only
     counts when refs/main points at it.
     """
-    repo = hub_cache_dir(environ) / HUB_REPO_FOLDER
+    repo = hub_cache_dir(environ) / hub_repo_folder(tokenizer_id)
     try:
         commit = (repo / "refs" / "main").read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError):
@@ -90,6 +117,29 @@ def cached_snapshot(environ: Mapping[str, str]) -> Path | None:
         return None
     snapshot = repo / "snapshots" / commit
     return snapshot if not missing_files(snapshot) else None
+
+
+def derive_bigg(cache_dir: Path) -> Path | None:
+    """Make `<cache_dir>/<bigG folder>` from the CLIP-L folder beside it, when it is missing and CLIP-L's is complete.
+
+    Returns the folder made, or None when there was nothing to do (bigG's folder exists, or CLIP-L's is not
+    usable). The copy is made in a temporary folder and renamed into place, so kohya never finds half of it.
+    Raises OSError when the cache dir cannot be written.
+    """
+    source, target = cache_dir / TOKENIZER_FOLDER, cache_dir / BIGG_TOKENIZER_FOLDER
+    if target.exists() or missing_files(source):
+        return None
+    staging = Path(tempfile.mkdtemp(prefix=f".{BIGG_TOKENIZER_FOLDER}.", dir=cache_dir))
+    try:
+        for name in TOKENIZER_FILES:
+            shutil.copyfile(source / name, staging / name)
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if target.exists() and not missing_files(target):
+            return None  # another job made it at the same moment
+        raise
+    return target
 
 
 def offline_forced(environ: Mapping[str, str]) -> str | None:

@@ -38,6 +38,9 @@ info = {"torch": torch.__version__, "cuda": bool(torch.cuda.is_available())}
 if info["cuda"]:
     p = torch.cuda.get_device_properties(0)
     info.update(name=p.name, vram_gb=round(p.total_memory / 1024**3, 1))
+    # Native bf16 is Ampere (compute capability 8) and newer; torch's is_bf16_supported() also says yes
+    # for the much slower emulation on older cards.
+    info["bf16"] = p.major >= 8
 print(json.dumps(info))
 """
 
@@ -62,6 +65,7 @@ class GpuInfo:
     error: str | None = None
     probed_at: float = 0.0
     ran: bool = True  # False when the kohya python could not be started at all
+    bf16: bool | None = None  # the GPU computes in bf16 natively; None when unknown or no GPU
 
 
 def kohya_python(config: Config) -> str | None:
@@ -100,6 +104,7 @@ def probe_gpu(python: str | None) -> GpuInfo:
         torch=info.get("torch"),
         error=info.get("error"),
         probed_at=time.time(),
+        bf16=info["bf16"] if isinstance(info.get("bf16"), bool) else None,
     )
 
 
@@ -186,46 +191,126 @@ def check_disk(data_dir: Path) -> Check:
     return Check("disk", True, f"{gb:.1f} GB free in {data_dir}")
 
 
-def check_tokenizer(config: Config, *, environ: Mapping[str, str] | None = None,
+def check_tokenizer(config: Config, *, arch: str = "sd1", environ: Mapping[str, str] | None = None,
                     reach: clip_tokenizer.Reach | None = None) -> Check:
-    """Will kohya load the CLIP tokenizer? The cache dir, else the HF cache, else can it download it now.
+    """Will kohya load the tokenizers of this family? The cache dir, else the HF cache, else can it download them.
 
-    `environ` is the trainer's environment (the daemon passes its own on); `reach` opens the test connection
-    (tests pass their own, so no test touches the network).
+    SD 1.x needs CLIP-L's; SDXL needs CLIP-L's and OpenCLIP bigG's. `environ` is the trainer's environment (the
+    daemon passes its own on); `reach` opens the test connection (tests pass their own, so no test touches the
+    network).
     """
     env = os.environ if environ is None else environ
+    ids = clip_tokenizer.TOKENIZERS_BY_ARCH.get(arch, clip_tokenizer.TOKENIZERS_BY_ARCH["sd1"])
+    name = "tokenizer" if len(ids) == 1 else f"tokenizer_{arch}"
     cache = config.kohya.tokenizer_cache_dir
-    files = ", ".join(clip_tokenizer.TOKENIZER_FILES)
     if cache is not None:
-        # The daemon runs kohya offline when a cache dir is set, so the folder must be complete.
-        folder = cache / TOKENIZER_FOLDER
-        missing = clip_tokenizer.missing_files(folder)
-        if not missing:
-            return Check("tokenizer", True, str(folder))
+        return _cache_dir_check(name, cache, ids, env)
+    snapshots = {tid: clip_tokenizer.cached_snapshot(env, tid) for tid in ids}
+    absent = [tid for tid, snap in snapshots.items() if snap is None]
+    if not absent:
+        where = ", ".join(str(s) for s in snapshots.values())
+        return Check(name, True, f"kohya.tokenizer_cache_dir is not set; kohya loads {_what(ids, arch)} "
+                     f"from the Hugging Face cache ({where})")
+    what = _what(absent, arch)
+    hub_cache = clip_tokenizer.hub_cache_dir(env)
+    files = ", ".join(clip_tokenizer.TOKENIZER_FILES)
+    fix = (f"Copy the tokenizer files ({files}) into DIR/{TOKENIZER_FOLDER} and set kohya.tokenizer_cache_dir "
+           "to DIR (install_plugin.py --tokenizer-cache DIR; see the README, 'offline'), or connect this computer "
+           "to the internet.")
+    if len(ids) > 1:
+        fix = (f"Copy CLIP-L's tokenizer files ({files}) into DIR/{TOKENIZER_FOLDER} and set "
+               "kohya.tokenizer_cache_dir to DIR with install_plugin.py --tokenizer-cache DIR, which also makes "
+               f"DIR/{clip_tokenizer.BIGG_TOKENIZER_FOLDER} from them (see the README, 'SDXL'), or connect this "
+               "computer to the internet.")
+    offline = clip_tokenizer.offline_forced(env)
+    if offline:
+        return Check(name, False, f"kohya.tokenizer_cache_dir is not set, {what} {_is(absent)} not in the "
+                     f"Hugging Face cache ({hub_cache}), and {offline} forbids downloading {_it(absent)}", fix)
+    host, port, label = clip_tokenizer.hub_address(env)
+    why = (reach or clip_tokenizer.reach)(host, port, clip_tokenizer.REACH_TIMEOUT_S)
+    if why is None:
+        return Check(name, True, f"kohya.tokenizer_cache_dir is not set and {what} {_is(absent)} not in the "
+                     f"Hugging Face cache; {label} can be reached, so {_it(absent)} will be downloaded on the "
+                     "first job")
+    return Check(name, False, f"kohya.tokenizer_cache_dir is not set, {what} {_is(absent)} not in the "
+                 f"Hugging Face cache ({hub_cache}), and {label} cannot be reached ({why})", fix)
+
+
+def _what(ids: list[str] | tuple[str, ...], arch: str) -> str:
+    if list(ids) == [clip_tokenizer.TOKENIZER_ID]:
+        return "the CLIP tokenizer"
+    if list(ids) == [clip_tokenizer.BIGG_TOKENIZER_ID]:
+        return f"SDXL's second tokenizer ({clip_tokenizer.BIGG_TOKENIZER_ID})"
+    return f"{ARCH_LABELS.get(arch, arch)}'s tokenizers ({', '.join(ids)})"
+
+
+def _is(ids: list[str]) -> str:
+    return "is" if len(ids) == 1 else "are"
+
+
+def _it(ids: list[str]) -> str:
+    return "it" if len(ids) == 1 else "them"
+
+
+def _cache_dir_check(name: str, cache: Path, ids: tuple[str, ...], env: Mapping[str, str]) -> Check:
+    """The daemon runs kohya offline when a cache dir is set, so every folder must be complete (bigG's may
+    still be made from CLIP-L's: clip_tokenizer.derive_bigg)."""
+    files = ", ".join(clip_tokenizer.TOKENIZER_FILES)
+    folder = cache / TOKENIZER_FOLDER
+    missing = clip_tokenizer.missing_files(folder)
+    if missing:
         detail = f"{folder} is missing" if not folder.is_dir() else f"{folder} lacks {', '.join(missing)}"
         source = clip_tokenizer.cached_snapshot(env)
         where = (f"from {source}" if source else
                  f"of {clip_tokenizer.TOKENIZER_ID} from a computer with internet (see the README, 'offline')")
-        return Check("tokenizer", False, detail, f"Copy the tokenizer files ({files}) {where} into {folder}.")
-    snapshot = clip_tokenizer.cached_snapshot(env)
-    if snapshot is not None:
-        return Check("tokenizer", True, f"kohya.tokenizer_cache_dir is not set; kohya loads the CLIP tokenizer "
-                     f"from the Hugging Face cache ({snapshot})")
-    hub_cache = clip_tokenizer.hub_cache_dir(env)
-    fix = (f"Copy the tokenizer files ({files}) into DIR/{TOKENIZER_FOLDER} and set kohya.tokenizer_cache_dir "
-           "to DIR (install_plugin.py --tokenizer-cache DIR; see the README, 'offline'), or connect this computer "
-           "to the internet.")
-    offline = clip_tokenizer.offline_forced(env)
-    if offline:
-        return Check("tokenizer", False, f"kohya.tokenizer_cache_dir is not set, the CLIP tokenizer is not in the "
-                     f"Hugging Face cache ({hub_cache}), and {offline} forbids downloading it", fix)
-    host, port, label = clip_tokenizer.hub_address(env)
-    why = (reach or clip_tokenizer.reach)(host, port, clip_tokenizer.REACH_TIMEOUT_S)
-    if why is None:
-        return Check("tokenizer", True, f"kohya.tokenizer_cache_dir is not set and the CLIP tokenizer is not in the "
-                     f"Hugging Face cache; {label} can be reached, so it will be downloaded on the first job")
-    return Check("tokenizer", False, f"kohya.tokenizer_cache_dir is not set, the CLIP tokenizer is not in the "
-                 f"Hugging Face cache ({hub_cache}), and {label} cannot be reached ({why})", fix)
+        return Check(name, False, detail, f"Copy the tokenizer files ({files}) {where} into {folder}.")
+    found = [str(folder)]
+    if clip_tokenizer.BIGG_TOKENIZER_ID in ids:
+        bigg = cache / clip_tokenizer.BIGG_TOKENIZER_FOLDER
+        if not bigg.exists():
+            if not os.access(cache, os.W_OK):
+                return Check(name, False, f"{bigg} is missing and {cache} cannot be written to",
+                             f"Copy the files of {folder} ({files}) into {bigg}: SDXL's second tokenizer uses "
+                             "the same files.")
+            found.append(f"{bigg} (made from {folder.name} on the first SDXL job: the same files)")
+        elif broken := clip_tokenizer.missing_files(bigg):
+            return Check(name, False, f"{bigg} lacks {', '.join(broken)}",
+                         f"Delete {bigg}: the daemon makes it again from {folder} on the next SDXL job.")
+        else:
+            found.append(str(bigg))
+    return Check(name, True, ", ".join(found))
+
+
+def tokenizer_readiness(config: Config, *, environ: Mapping[str, str] | None = None,
+                        reach: clip_tokenizer.Reach | None = None) -> dict[str, Check]:
+    """Per trainable family: will kohya find its tokenizers? SD 1.x ready and SDXL not must not stop SD 1.x jobs,
+    so this is its own answer rather than one of run_checks' (each of which blocks training)."""
+    probe = reach or clip_tokenizer.reach
+    answers: dict[tuple[str, int], str | None] = {}
+
+    def once(host: str, port: int, timeout_s: float) -> str | None:
+        if (host, port) not in answers:  # one connection test serves every family
+            answers[(host, port)] = probe(host, port, timeout_s)
+        return answers[(host, port)]
+
+    return {arch: check_tokenizer(config, arch=arch, environ=environ, reach=once)
+            for arch in clip_tokenizer.TOKENIZERS_BY_ARCH}
+
+
+def prepare_tokenizers(config: Config, arch: str, *, environ: Mapping[str, str] | None = None,
+                       reach: clip_tokenizer.Reach | None = None) -> tuple[Check, Path | None]:
+    """Before an SDXL job: make bigG's folder from CLIP-L's when it can (returned), then the family's check."""
+    cache = config.kohya.tokenizer_cache_dir
+    made = None
+    if arch == "sdxl" and cache is not None:
+        try:
+            made = clip_tokenizer.derive_bigg(cache)
+        except OSError as exc:
+            bigg = cache / clip_tokenizer.BIGG_TOKENIZER_FOLDER
+            return Check("tokenizer_sdxl", False, f"{bigg} could not be made ({exc.strerror or exc})",
+                         f"Copy the files of {cache / TOKENIZER_FOLDER} into {bigg}: SDXL's second tokenizer uses "
+                         "the same files."), None
+    return check_tokenizer(config, arch=arch, environ=environ, reach=reach), made
 
 
 def check_gpu(gpu: GpuInfo, allow_cpu: bool) -> Check:

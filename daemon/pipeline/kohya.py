@@ -1,8 +1,10 @@
-"""The contract with kohya-ss sd-scripts `train_network.py`: argv, environment and dataset config.
+"""The contract with kohya-ss sd-scripts `train_network.py` / `sdxl_train_network.py`: argv, environment and
+dataset config.
 
 Pure apart from write_dataset_config. Flag names, the dataset schema's strict types and the environment
 follow sd-scripts 48d368fa (v0.10.x) and were run end to end against the real trainer
-(tests/fixtures/real_kohya_proof.md).
+(tests/fixtures/real_kohya_proof.md; SDXL: ../shared/kohya-logs/cpu-sdxl). Every SDXL flag below is one that
+sdxl_train_network.setup_parser() knows at that commit and that does something for a LoRA.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ ACCELERATE_CPU_THREADS = "2"
 SAMPLE_SAMPLER = "euler_a"
 SAMPLE_STEPS_GPU = 24
 SAMPLE_STEPS_CPU = 12
+# The SDXL trainer lives beside train_network.py in the same sd-scripts folder.
+SDXL_SCRIPT = "sdxl_train_network.py"
+# Precisions with autocast; kohya asserts one of them for --fp8_base (train_network.py L829-833).
+FP8_PRECISIONS = ("fp16", "bf16")
 
 
 @dataclass(frozen=True)
@@ -56,9 +62,33 @@ class KohyaLaunch:
     sample_prompts: str | None = None  # kohya prompt file; previews are made only when this is set
 
 
+def script_for(arch: str, train_network: Path) -> Path:
+    """The trainer script for a base model's family; `train_network` is the configured train_network.py."""
+    return train_network.parent / SDXL_SCRIPT if arch == "sdxl" else train_network
+
+
+def lever_problem(params: TrainParams) -> str | None:
+    """Why kohya would refuse this combination of levers (its own asserts), or None when it is fine.
+
+    Checked before a run: kohya asserts this only after loading the whole model (76 s on a CPU, run 14 of
+    ../shared/kohya-logs/cpu-sdxl). The text-encoder-caching assert (run 12) cannot happen: build_command
+    always pairs --cache_text_encoder_outputs with --network_train_unet_only and an unshuffled dataset.
+    """
+    if params.fp8_base and params.mixed_precision not in FP8_PRECISIONS:
+        return (f"fp8_base needs mixed_precision fp16 or bf16, not {params.mixed_precision} "
+                "(kohya: fp8_base requires mixed precision='fp16' or 'bf16').")
+    return None
+
+
 def build_command(params: TrainParams, launch: KohyaLaunch) -> list[str]:
     """The argv to exec (never through a shell)."""
     return [*_launcher(params, launch), launch.script_path, *_script_args(params, launch)]
+
+
+def unet_only(params: TrainParams) -> bool:
+    """Whether the text encoders get no LoRA: lr 0, or SDXL's cached text-encoder outputs (kohya asserts
+    --network_train_unet_only with --cache_text_encoder_outputs: the encoders are freed after caching)."""
+    return params.text_encoder_lr <= 0 or (params.arch == "sdxl" and params.cache_text_encoder_outputs)
 
 
 def _launcher(params: TrainParams, launch: KohyaLaunch) -> list[str]:
@@ -115,7 +145,9 @@ def _script_args(params: TrainParams, launch: KohyaLaunch) -> list[str]:
         "--unet_lr",
         _num(params.unet_lr),
     ]
-    if params.text_encoder_lr > 0:
+    if not unet_only(params):
+        # For SDXL one value serves both text encoders (networks.lora applies the first to both);
+        # --text_encoder_lr1/2 from kohya's docs do not exist.
         args += ["--text_encoder_lr", _num(params.text_encoder_lr)]
     else:
         # Skips creating the text-encoder LoRA modules altogether (smaller file, less VRAM) instead of
@@ -150,8 +182,16 @@ def _script_args(params: TrainParams, launch: KohyaLaunch) -> list[str]:
     if not launch.cpu:
         # Memory-efficient attention on CUDA; on a CPU it is ~4x slower than kohya's own attention.
         args.append("--sdpa")
-    # No --gradient_checkpointing: it halves the speed, and SD1.5 at 512 px / batch <= 4 with fp16 and
-    # sdpa fits in ~4-9 GB without it.
+    if params.gradient_checkpointing:
+        # Recomputes activations in the backward pass: ~30-50% slower, far less memory. Chosen by the memory
+        # tier (fit.py): SD1.5 at 512 px fits most cards without it, SDXL at 1024 px few do.
+        args.append("--gradient_checkpointing")
+    if params.arch == "sdxl":
+        args += _sdxl_args(params)
+    if params.fp8_base:
+        # The frozen base model as float8_e4m3fn: about half its VRAM, for the smallest cards (generic in
+        # train_network, so SDXL and SD 1.x alike).
+        args.append("--fp8_base")
     # Plain log lines on stdout instead of rich's 80-column wrapped layout on stderr: parseable.
     args.append("--console_log_simple")
     if launch.tokenizer_cache_dir:
@@ -165,6 +205,21 @@ def _script_args(params: TrainParams, launch: KohyaLaunch) -> list[str]:
         f"--metadata_title={launch.output_name}",
     ]
     return [*args, *launch.extra_args]
+
+
+def _sdxl_args(params: TrainParams) -> list[str]:
+    """The SDXL-only levers (train_network.py has no --cache_text_encoder_outputs: an SD 1.x run ignores the
+    field). Left out on purpose: --fused_backward_pass (parsed, but only the full fine-tune uses it),
+    --blocks_to_swap and --cpu_offload_checkpointing (DiT scripts only), --text_encoder_lr1/2 (no such flags)."""
+    args: list[str] = []
+    if params.cache_text_encoder_outputs:
+        # Both text encoders run once over the captions and their outputs are kept: no text-encoder
+        # forward pass per step and ~1.6 GB less VRAM. --network_train_unet_only is already in the argv.
+        args.append("--cache_text_encoder_outputs")
+    if params.mixed_precision == "fp16":
+        # SDXL's VAE overflows in fp16 (NaN latents); it runs in fp32 once, while the latents are cached.
+        args.append("--no_half_vae")
+    return args
 
 
 def _optimizer_args(optimizer: str) -> list[str]:
@@ -226,12 +281,15 @@ def dataset_config(*, image_dir: str, class_tokens: str, params: TrainParams) ->
     kohya validates it with a strict voluptuous schema: no unknown keys, ints must be ints and floats must
     be floats (an int where a float is expected fails the run).
     """
+    # Cached text-encoder outputs are one encoding per caption: kohya asserts no shuffling (nor caption
+    # dropout or token warmup, which we never set) with them (SdxlNetworkTrainer.assert_extra_args).
+    shuffle = not (params.arch == "sdxl" and params.cache_text_encoder_outputs)
     return {
         "general": {
             "caption_extension": CAPTION_EXTENSION,
             # Keep the trigger word (first comma-separated token) in front; shuffle the rest so no tag
             # order is learned as part of the character.
-            "shuffle_caption": True,
+            "shuffle_caption": shuffle,
             "keep_tokens": 1,
             "resolution": int(params.resolution),
             "batch_size": int(params.batch_size),

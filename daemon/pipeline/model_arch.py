@@ -11,9 +11,23 @@ from daemon.safetensors_header import read_header
 Arch = Literal["sd1", "sd2", "sdxl", "unknown"]
 
 MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".sft")
-# What train_network.py can train today; SDXL (sdxl_train_network.py) is a later step.
-TRAINABLE_ARCHS: tuple[Arch, ...] = ("sd1",)
+# sd-scripts trains SD 1.x with train_network.py and SDXL (Pony, Illustrious, NoobAI...) with sdxl_train_network.py.
+TRAINABLE_ARCHS: tuple[Arch, ...] = ("sd1", "sdxl")
 ARCH_LABELS: dict[str, str] = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "unknown": "unknown"}
+PICK_INSTEAD = "Choose an SD 1.x model (such as sd-v1-5) or an SDXL one (SDXL 1.0, Pony, Illustrious, NoobAI)."
+
+
+def untrainable_reason(arch: Arch, file_name: str) -> str | None:
+    """Why a model of this family is not trained, or None when it is."""
+    if arch in TRAINABLE_ARCHS:
+        return None
+    if arch == "sd2":
+        # kohya needs --v2, plus --v_parameterization for the 768-v models, and few character LoRAs or ED
+        # users are on SD 2.x: not worth a family of its own.
+        return (f"{file_name} is an SD 2.x model; SD 2.x is not trained here (it needs its own v2/v-prediction "
+                f"settings, and few character LoRAs use it). {PICK_INSTEAD}")
+    return (f"Which family {file_name} belongs to cannot be read (a .ckpt file is never opened: loading one runs "
+            f"code inside it). Use a .safetensors copy of it, or another model. {PICK_INSTEAD}")
 
 
 def arch_from_keys(keys: list[str] | set[str]) -> Arch:

@@ -27,8 +27,9 @@ from daemon.hub import EventHub
 from daemon.jobs.models import Job, JobError, JobState, Progress, interrupted_error
 from daemon.jobs.store import LOG_RING, JobStore
 from daemon.pipeline import buckets, dataset, kohya, publish
-from daemon.pipeline.env_check import GpuInfo, check_script, check_workspace
+from daemon.pipeline.env_check import GpuInfo, check_script, check_workspace, prepare_tokenizers
 from daemon.pipeline.failure import classify_failure
+from daemon.pipeline.model_arch import ARCH_LABELS, detect_arch
 from daemon.pipeline.params import TrainParams, total_steps
 from daemon.pipeline.process import OutputChunk, TrainerProcess, start_trainer
 from daemon.pipeline.progress import (
@@ -101,6 +102,22 @@ class JobPaths:
     @property
     def samples(self) -> Path:
         return self.output / "sample"  # where kohya writes preview pictures
+
+
+def training_plan(params: TrainParams, script: str, *, cpu: bool) -> str:
+    """One line saying which script runs and how the run fits the card (the levers fit.py chose)."""
+    levers = [
+        f"tier {params.memory_tier}",
+        f"batch {params.batch_size}",
+        "fp32" if params.mixed_precision == "no" else params.mixed_precision,
+        "gradient checkpointing" if params.gradient_checkpointing else "no gradient checkpointing",
+    ]
+    if params.arch == "sdxl":
+        levers.append("text encoders cached" if params.cache_text_encoder_outputs else "text encoders not cached")
+    levers.append("fp8 base" if params.fp8_base else "no fp8")
+    device = "CPU" if cpu else "GPU"
+    label = ARCH_LABELS.get(params.arch, params.arch)
+    return f"training {label} with {script} on the {device}: {', '.join(levers)}"
 
 
 def job_paths(config: Config, job_id: str) -> JobPaths:
@@ -325,6 +342,7 @@ class JobRunner:
         if not Path(job.base_model).exists():
             raise JobFailed(JobError("model_not_found", f"The base model {job.base_model} no longer exists.",
                                      "Pick another base model and start again."))
+        self._check_family(job, params)
         uploads = dataset.read_uploads(paths.uploads)
         if paths.images.exists():
             shutil.rmtree(paths.images)
@@ -348,11 +366,39 @@ class JobRunner:
         paths.output.mkdir(parents=True)
         paths.logs.mkdir(parents=True, exist_ok=True)
 
-    def _launch(self, job: Job, paths: JobPaths, cpu: bool) -> kohya.KohyaLaunch:
+    def _check_family(self, job: Job, params: TrainParams) -> None:
+        """What must hold before this family's script may start; each failure is a sentence and a fix, found
+        before kohya spends seconds to minutes of start-up on it."""
+        assert self._config.kohya.script_path is not None  # checked just before
+        label = ARCH_LABELS.get(params.arch, params.arch)
+        found = detect_arch(Path(job.base_model))
+        if found in ("sd1", "sdxl") and found != params.arch:
+            # The wrong script would fail only at the model load, with 88-133 KB of state_dict keys.
+            raise JobFailed(JobError(
+                "wrong_arch", f"{Path(job.base_model).name} is an {ARCH_LABELS[found]} model, but the job was set "
+                f"up for {label}.", "Start the job again: the settings follow the base model you pick."))
+        script = kohya.script_for(params.arch, self._config.kohya.script_path)
+        if not script.is_file():
+            raise JobFailed(JobError(
+                "setup", f"kohya is not set up for {label}: {script} does not exist.",
+                f"Use an sd-scripts folder that has {script.name} beside train_network.py (update sd-scripts, or "
+                "point kohya.script_path at a newer checkout)."))
+        problem = kohya.lever_problem(params)
+        if problem:
+            raise JobFailed(JobError("bad_params", f"These training settings cannot run: {problem}",
+                                     "Choose another memory tier or precision in Advanced and start again."))
+        if params.arch == "sdxl":
+            check, made = prepare_tokenizers(self._config, params.arch)
+            if made is not None:
+                log.info("job %s: made SDXL's second tokenizer %s from the CLIP-L files", job.id, made)
+            if not check.ok:
+                raise JobFailed(JobError("setup", f"SDXL's tokenizers are not ready: {check.detail}.", check.fix))
+
+    def _launch(self, job: Job, params: TrainParams, paths: JobPaths, cpu: bool) -> kohya.KohyaLaunch:
         k = self._config.kohya
         assert k.script_path is not None and k.workspace is not None  # checked in _prepare
         return kohya.KohyaLaunch(
-            script_path=str(k.script_path),
+            script_path=str(kohya.script_for(params.arch, k.script_path)),
             workspace=str(k.workspace),
             accelerate_bin=k.accelerate_bin,
             python=str(k.python) if k.python else None,
@@ -371,10 +417,12 @@ class JobRunner:
 
     async def _train(self, job: Job, params: TrainParams, paths: JobPaths, cpu: bool,
                      reporter: JobReporter, cancel: asyncio.Event) -> Path:
-        launch = self._launch(job, paths, cpu)
+        launch = self._launch(job, params, paths, cpu)
         argv = kohya.build_command(params, launch)
         env = kohya.build_env(os.environ, tokenizer_cache_dir=launch.tokenizer_cache_dir, cpu=cpu)
-        await reporter.log_lines([f"$ {' '.join(argv)}"], force=True)
+        plan = training_plan(params, Path(launch.script_path).name, cpu=cpu)
+        log.info("job %s: %s", job.id, plan)
+        await reporter.log_lines([plan, f"$ {' '.join(argv)}"], force=True)
         samples = SampleWatcher(paths.samples, reporter.sample)
         parser = OutputParser()
         meter = _OutputMeter()

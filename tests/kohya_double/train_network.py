@@ -21,7 +21,12 @@ script's observable contract, as recorded from sd-scripts 48d368fa in /work/shar
 - checkpoints `<name>-<epoch:06d>.safetensors` per --save_every_n_epochs (not for the last epoch) and
   `<output_dir>/<output_name>.safetensors`: a small LoRA with kohya's real key layout and `ss_*` /
   `modelspec.*` metadata, written before `model saved.` is printed;
-- SIGTERM kills it (no handler: exit -15 / 143, nothing saved), like the real one.
+- SIGTERM kills it (no handler: exit -15 / 143, nothing saved), like the real one;
+- given an SDXL checkpoint (header keys `conditioner.embedders.*`) it fails at the model load like the real one
+  (`RuntimeError: Error(s) in loading state_dict for UNet2DConditionModel:`, run 11 of kohya-logs/cpu-sdxl).
+
+Everything that differs for SD 1.x and SDXL is in `Sd1Model`; sdxl_train_network.py beside this file subclasses
+it (as the real SdxlNetworkTrainer subclasses NetworkTrainer) and calls main() with its own.
 
 Knobs (environment):
   KOHYA_DOUBLE_STEP_SECONDS  sleep per optimisation step (default 0.01)
@@ -50,6 +55,7 @@ import json
 import math
 import os
 import random
+import struct
 import subprocess
 import sys
 import time
@@ -61,7 +67,8 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-TOKENIZER_DIR = "openai_clip-vit-large-patch14"
+CLIP_L = "openai/clip-vit-large-patch14"
+TOKENIZER_DIR = CLIP_L.replace("/", "_")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 OPTIMIZER_LABELS = {
     "adamw": ("AdamW", "torch.optim.adamw.AdamW"),
@@ -104,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--resolution", type=str, default=None)
     add("--caption_extension", type=str, default=".caption")
     add("--shuffle_caption", **flag)
+    add("--caption_dropout_rate", type=float, default=0.0)
+    add("--caption_dropout_every_n_epochs", type=int, default=0)
+    add("--caption_tag_dropout_rate", type=float, default=0.0)
+    add("--token_warmup_min", type=int, default=1)
+    add("--token_warmup_step", type=float, default=0)
     add("--keep_tokens", type=int, default=0)
     add("--flip_aug", **flag)
     add("--color_aug", **flag)
@@ -147,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--gradient_accumulation_steps", type=int, default=1)
     add("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"])
     add("--full_fp16", **flag)
+    add("--full_bf16", **flag)
+    add("--fp8_base", **flag)
+    add("--fp8_base_unet", **flag)
+    add("--no_half_vae", **flag)
+    add("--lowram", **flag)
+    add("--highvram", **flag)
+    add("--fused_backward_pass", **flag)
     add("--clip_skip", type=int, default=None)
     add("--logging_dir", type=str, default=None)
     add("--log_with", type=str, default=None, choices=["tensorboard", "wandb", "all"])
@@ -364,12 +383,25 @@ def validate_user_config(config: dict[str, Any]) -> None:
 
 # ------------------------------------------------------------------------------------------ dataset
 class Subset:
-    def __init__(self, image_dir: str, repeats: int, class_tokens: str | None, caption_ext: str) -> None:
+    def __init__(self, image_dir: str, repeats: int, class_tokens: str | None, caption_ext: str,
+                 captions: dict[str, Any] | None = None) -> None:
         self.image_dir = image_dir
         self.repeats = repeats
         self.class_tokens = class_tokens
         self.caption_ext = caption_ext
+        # shuffle_caption, caption_dropout_rate, caption_tag_dropout_rate, token_warmup_step
+        self.captions: dict[str, Any] = captions or {}
         self.images: list[Path] = []
+
+    @property
+    def text_encoder_output_cacheable(self) -> bool:
+        """BaseDataset.is_text_encoder_output_cacheable: one encoding per caption must stay valid."""
+        c = self.captions
+        return not (c.get("caption_dropout_rate", 0) > 0 or c.get("shuffle_caption", False)
+                    or c.get("token_warmup_step", 0) > 0 or c.get("caption_tag_dropout_rate", 0) > 0)
+
+
+CAPTION_OPTIONS = ("shuffle_caption", "caption_dropout_rate", "caption_tag_dropout_rate", "token_warmup_step")
 
 
 class Buckets:
@@ -454,6 +486,7 @@ def datasets_from_config(args: argparse.Namespace, console: Console) -> list[Dat
                 repeats=pick("num_repeats", 1, sub, ds, general),
                 class_tokens=pick("class_tokens", None, sub, ds, general),
                 caption_ext=pick("caption_extension", args.caption_extension, sub, ds, general),
+                captions={key: pick(key, getattr(args, key), sub, ds, general) for key in CAPTION_OPTIONS},
             )
             for sub in ds.get("subsets", [])
         ]
@@ -483,7 +516,8 @@ def datasets_from_folders(args: argparse.Namespace, console: Console) -> list[Da
                 "WARNING",
             )
             continue
-        subsets.append(Subset(str(child), int(head), concept or None, args.caption_extension))
+        subsets.append(Subset(str(child), int(head), concept or None, args.caption_extension,
+                              {key: getattr(args, key) for key in CAPTION_OPTIONS}))
     buckets = Buckets(args.enable_bucket, args.bucket_no_upscale, args.min_bucket_reso, args.max_bucket_reso,
                       args.bucket_reso_steps)
     return [Dataset(parse_resolution(args.resolution), args.train_batch_size, subsets, buckets)]
@@ -657,48 +691,131 @@ def make_buckets(ds: Dataset, console: Console) -> None:
 
 
 # ------------------------------------------------------------------------------------------- model
-def check_tokenizer(args: argparse.Namespace, console: Console) -> None:
-    console.log("Using v1 tokenizer")
-    if args.tokenizer_cache_dir:
-        local = Path(args.tokenizer_cache_dir) / TOKENIZER_DIR
-        if local.is_dir():
-            console.log(f"load tokenizer from cache: {local}")
-            return
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        traceback_exit(
-            [script_frame(507, "train", "tokenize_strategy = self.get_tokenize_strategy(args)")],
-            "TypeError: expected str, bytes or os.PathLike object, not NoneType",
-        )
-    # Online: the real script downloads the tokenizer and, with a cache dir, saves it there.
-    if args.tokenizer_cache_dir:
-        local = Path(args.tokenizer_cache_dir) / TOKENIZER_DIR
-        local.mkdir(parents=True, exist_ok=True)
-        console.log(f"save Tokenizer to cache: {local}")
+def checkpoint_keys(path: str) -> list[str] | None:
+    """The tensor names in a .safetensors header (8-byte little-endian length, then JSON); None when unreadable."""
+    if not path.lower().endswith(".safetensors") or not os.path.isfile(path):
+        return None
+    try:
+        with open(path, "rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(length))
+    except (OSError, ValueError, struct.error):
+        return None
+    return [k for k in header if k != "__metadata__"] if isinstance(header, dict) else None
 
 
-def load_model(args: argparse.Namespace, console: Console) -> None:
-    console.log("preparing accelerator")
-    device = "cpu" if os.environ.get("ACCELERATE_USE_CPU") else "cuda"
-    print(f"accelerator device: {device}", flush=True)
-    console.log("loading model for process 0/1")
-    path = args.pretrained_model_name_or_path or ""
-    if os.path.isfile(path):
-        console.log(f"load StableDiffusion checkpoint: {path}")
-    else:
-        console.log(f"load Diffusers pretrained models: {path}")
-        if not (os.path.isdir(path) and os.path.isfile(os.path.join(path, "model_index.json"))):
-            traceback_exit(
-                [
-                    script_frame(1913, "<module>", "trainer.train(args)"),
-                    script_frame(602, "train", "model_version, text_encoder, vae, unet = self.load_target_model(...)"),
-                ],
-                f'ValueError: The provided pretrained_model_name_or_path "{path}" is neither a valid local path '
-                "nor a valid repo id. Please check the parameter.",
-            )
-    for part in ("u-net", "vae", "text encoder"):
-        console.log(f"loading {part}: <All keys matched successfully>")
-    if args.sdpa:
-        console.log("Enable SDPA for U-Net")
+def is_sdxl(keys: list[str]) -> bool:
+    return any(k.startswith("conditioner.embedders.") for k in keys)
+
+
+def state_dict_error(model_class: str, detail_lines: list[str], frames: list[tuple[str, int, str, str]]) -> NoReturn:
+    """torch's load_state_dict failure: one RuntimeError line, then a tab-indented line per kind of mismatch."""
+    traceback_exit(frames, "\n".join([f"RuntimeError: Error(s) in loading state_dict for {model_class}:",
+                                       *(f"\t{line}" for line in detail_lines)]))
+
+
+LOAD_FRAMES = [
+    script_frame(1913, "<module>", "trainer.train(args)"),
+    script_frame(602, "train", "model_version, text_encoder, vae, unet = self.load_target_model(args, weight_dtype, "
+                                "accelerator)"),
+]
+
+
+class Sd1Model:
+    """What train_network.py does for SD 1.x; SdxlModel (sdxl_train_network.py) overrides the differences."""
+
+    tokenizer_ids: tuple[str, ...] = (CLIP_L,)
+    te_modules_created = 72
+    unet_modules_created = 192
+    base_model_version = "sd_v1"
+    architecture = "stable-diffusion-v1/lora"
+    implementation = "diffusers"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """train_network.py's parser is build_parser()."""
+
+    def assert_extra_args(self, args: argparse.Namespace, datasets: list[Dataset]) -> None:
+        """NetworkTrainer.assert_extra_args: nothing for SD 1.x."""
+
+    def tokenizer_preamble(self, console: Console) -> None:
+        console.log("Using v1 tokenizer")
+
+    def check_tokenizer(self, args: argparse.Namespace, console: Console) -> None:
+        """strategy_base._load_tokenizer for each id: the cache dir's folder, else a download (offline: fails)."""
+        self.tokenizer_preamble(console)
+        for tokenizer_id in self.tokenizer_ids:
+            local = Path(args.tokenizer_cache_dir or "") / tokenizer_id.replace("/", "_")
+            if args.tokenizer_cache_dir and local.is_dir():
+                console.log(f"load tokenizer from cache: {local}")
+                continue
+            if os.environ.get("HF_HUB_OFFLINE") == "1":
+                traceback_exit(
+                    [script_frame(507, "train", "tokenize_strategy = self.get_tokenize_strategy(args)")],
+                    "TypeError: expected str, bytes or os.PathLike object, not NoneType",
+                )
+            # Online: the real script downloads the tokenizer and, with a cache dir, saves it there.
+            if args.tokenizer_cache_dir:
+                local.mkdir(parents=True, exist_ok=True)
+                console.log(f"save Tokenizer to cache: {local}")
+
+    def load_model(self, args: argparse.Namespace, console: Console) -> None:
+        console.log("preparing accelerator")
+        device = "cpu" if os.environ.get("ACCELERATE_USE_CPU") else "cuda"
+        print(f"accelerator device: {device}", flush=True)
+        console.log("loading model for process 0/1")
+        path = args.pretrained_model_name_or_path or ""
+        if os.path.isfile(path):
+            console.log(f"load StableDiffusion checkpoint: {path}")
+        else:
+            console.log(f"load Diffusers pretrained models: {path}")
+            if not (os.path.isdir(path) and os.path.isfile(os.path.join(path, "model_index.json"))):
+                traceback_exit(
+                    LOAD_FRAMES,
+                    f'ValueError: The provided pretrained_model_name_or_path "{path}" is neither a valid local path '
+                    "nor a valid repo id. Please check the parameter.",
+                )
+        self.load_parts(path, console)
+        if args.sdpa:
+            console.log("Enable SDPA for U-Net")
+
+    def load_parts(self, path: str, console: Console) -> None:
+        keys = checkpoint_keys(path)
+        if keys is not None and is_sdxl(keys):
+            # Run 11: SD1's hard-wired U-Net config meets SDXL's 2048-wide cross-attention.
+            print("UNet2DConditionModel: 64, 8, 768, False, False", flush=True)
+            state_dict_error("UNet2DConditionModel", [
+                'Missing key(s) in state_dict: "down_blocks.0.attentions.0.norm.weight", '
+                '"down_blocks.0.attentions.0.proj_in.weight". ',
+                'Unexpected key(s) in state_dict: '
+                '"down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_k.weight". ',
+                "size mismatch for mid_block.attentions.0.transformer_blocks.0.attn2.to_v.weight: copying a param "
+                "with shape torch.Size([1280, 2048]) from checkpoint, the shape in current model is "
+                "torch.Size([1280, 768]).",
+            ], LOAD_FRAMES)
+        for part in ("u-net", "vae", "text encoder"):
+            console.log(f"loading {part}: <All keys matched successfully>")
+
+    def cache_text_encoder_outputs(self, args: argparse.Namespace, datasets: list[Dataset], console: Console) -> None:
+        """Only SDXL caches them."""
+
+    def dtype_lines(self, args: argparse.Namespace, dtype: str, device: str) -> list[str]:
+        return [f"unet dtype: {dtype}, device: {device}"]
+
+    def network_lines(self, args: argparse.Namespace, console: Console, dim: int) -> None:
+        console.log(f"create LoRA network. base dim (rank): {dim}, alpha: {float(args.network_alpha)}")
+        # Real kohya creates the text-encoder modules even with --network_train_unet_only, then skips them.
+        console.log(f"create LoRA for Text Encoder: {self.te_modules_created} modules.")
+        console.log(f"create LoRA for U-Net: {self.unet_modules_created} modules.")
+        if not args.network_train_unet_only:
+            console.log(f"enable LoRA for text encoder: {self.te_modules_created} modules")
+        console.log(f"enable LoRA for U-Net: {self.unet_modules_created} modules")
+
+    def lora_modules(self) -> tuple[dict[str, list[tuple[str, int, int]]], list[tuple[str, int, int, bool]]]:
+        """({key prefix: text-encoder modules}, U-Net modules)."""
+        return {"lora_te": TE_MODULES}, UNET_MODULES
+
+    def modelspec_resolution(self, args: argparse.Namespace) -> str:
+        return "512x512"
 
 
 def decode_images(datasets: list[Dataset]) -> None:
@@ -736,7 +853,7 @@ TE_MODULES = [
 ]
 
 
-def lora_tensors(args: argparse.Namespace, rng: random.Random) -> dict[str, Any]:
+def lora_tensors(args: argparse.Namespace, rng: random.Random, model: Sd1Model | None = None) -> dict[str, Any]:
     import numpy as np
 
     dtype = np.float16 if args.save_precision == "fp16" else np.float32
@@ -756,10 +873,12 @@ def lora_tensors(args: argparse.Namespace, rng: random.Random) -> dict[str, Any]
         }
 
     tensors: dict[str, Any] = {}
+    te_modules, unet_modules = (model or Sd1Model()).lora_modules()
     if not args.network_train_unet_only:
-        for name, n_in, n_out in TE_MODULES:
-            tensors.update(module("lora_te", name, n_in, n_out, False))
-    for name, n_in, n_out, conv in UNET_MODULES:
+        for prefix, modules in te_modules.items():
+            for name, n_in, n_out in modules:
+                tensors.update(module(prefix, name, n_in, n_out, False))
+    for name, n_in, n_out, conv in unet_modules:
         tensors.update(module("lora_unet", name, n_in, n_out, conv))
     pad_bytes = float(os.environ.get("KOHYA_DOUBLE_LORA_MB", "0")) * 2**20
     while sum(t.nbytes for t in tensors.values()) < pad_bytes:
@@ -791,10 +910,11 @@ def lora_metadata(args: argparse.Namespace, run: Run, epoch: int, step: int) -> 
         "ss_network_alpha": str(args.network_alpha),
         "ss_mixed_precision": str(args.mixed_precision),
         "ss_gradient_checkpointing": str(args.gradient_checkpointing),
+        "ss_fp8_base": str(args.fp8_base),
         "ss_cache_latents": str(args.cache_latents),
         "ss_seed": str(args.seed),
         "ss_v2": str(args.v2),
-        "ss_base_model_version": "sd_v1",
+        "ss_base_model_version": run.model.base_model_version,
         "ss_optimizer": optimizer_label(run),
         "ss_training_comment": str(args.training_comment),
         "ss_sd_model_name": os.path.basename(args.pretrained_model_name_or_path or ""),
@@ -802,10 +922,10 @@ def lora_metadata(args: argparse.Namespace, run: Run, epoch: int, step: int) -> 
         "ss_epoch": str(epoch),
         "ss_steps": str(step),
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": "stable-diffusion-v1/lora",
-        "modelspec.implementation": "diffusers",
+        "modelspec.architecture": run.model.architecture,
+        "modelspec.implementation": run.model.implementation,
         "modelspec.title": args.metadata_title or str(args.output_name),
-        "modelspec.resolution": "512x512",
+        "modelspec.resolution": run.model.modelspec_resolution(args),
         "modelspec.prediction_type": "epsilon",
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
@@ -819,12 +939,13 @@ def save_lora(args: argparse.Namespace, run: Run, path: Path, epoch: int, step: 
 
     print(f"\nsaving checkpoint: {path}", flush=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(lora_tensors(args, run.rng), str(path), metadata=lora_metadata(args, run, epoch, step))
+    save_file(lora_tensors(args, run.rng, run.model), str(path), metadata=lora_metadata(args, run, epoch, step))
 
 
 # -------------------------------------------------------------------------------------------- train
 class Run:
-    def __init__(self, args: argparse.Namespace, datasets: list[Dataset]) -> None:
+    def __init__(self, args: argparse.Namespace, datasets: list[Dataset], model: Sd1Model | None = None) -> None:
+        self.model = model or Sd1Model()
         self.images = sum(ds.images_with_repeats for ds in datasets)
         self.batch_size = datasets[0].batch_size
         self.batches_per_epoch = sum(ds.batches_per_epoch for ds in datasets)
@@ -860,8 +981,8 @@ def optimizer_label(run: Run) -> str:
     return name + "(" + ",".join(f"{k}={v}" for k, v in run.optimizer_kwargs.items()) + ")"
 
 
-def train(args: argparse.Namespace, datasets: list[Dataset], console: Console) -> None:
-    run = Run(args, datasets)
+def train(args: argparse.Namespace, datasets: list[Dataset], console: Console, model: Sd1Model | None = None) -> None:
+    run = Run(args, datasets, model)
     fail = os.environ.get("KOHYA_DOUBLE_FAIL", "")
     if fail not in ("", "oom", "crash", "no_output"):
         print(f"kohya double: unknown KOHYA_DOUBLE_FAIL={fail!r}", file=sys.stderr)
@@ -879,16 +1000,17 @@ def train(args: argparse.Namespace, datasets: list[Dataset], console: Console) -
             [script_frame(1913, "<module>", "trainer.train(args)")],
             f"ModuleNotFoundError: No module named '{args.network_module}'",
         )
-    dim = args.network_dim or 4
-    console.log(f"create LoRA network. base dim (rank): {dim}, alpha: {float(args.network_alpha)}")
-    # Real kohya creates the text-encoder modules even with --network_train_unet_only, then skips them.
-    console.log("create LoRA for Text Encoder: 72 modules.")
-    console.log("create LoRA for U-Net: 192 modules.")
-    if not args.network_train_unet_only:
-        console.log("enable LoRA for text encoder: 72 modules")
-    console.log("enable LoRA for U-Net: 192 modules")
+    run.model.network_lines(args, console, args.network_dim or 4)
     console.log("prepare optimizer, data loader etc.")
     console.log(f"use {OPTIMIZER_LABELS[run.optimizer][0]} optimizer | {run.optimizer_kwargs}")
+    if (args.fp8_base or args.fp8_base_unet) and args.mixed_precision == "no":
+        # train_network.py L829-833: asserted only now, after the whole start-up (run 14)
+        traceback_exit(
+            [script_frame(1913, "<module>", "trainer.train(args)"),
+             script_frame(832, "train", 'args.mixed_precision != "no"')],
+            "AssertionError: fp8_base requires mixed precision='fp16' or 'bf16' / fp8を使う場合はmixed_precision="
+            "'fp16'または'bf16'が必要です。",
+        )
     if args.max_train_epochs:
         console.log(
             f"override steps. steps for {run.epochs} epochs is / 指定エポックまでのステップ数: {run.total_steps}"
@@ -907,7 +1029,7 @@ def train(args: argparse.Namespace, datasets: list[Dataset], console: Console) -
     )
     dtype = {"no": "torch.float32", "fp16": "torch.float16", "bf16": "torch.bfloat16"}[args.mixed_precision]
     device = "cpu" if os.environ.get("ACCELERATE_USE_CPU") else "cuda:0"
-    print(f"unet dtype: {dtype}, device: {device}", flush=True)
+    print("\n".join(run.model.dtype_lines(args, dtype, device)), flush=True)
     flood(console, float(os.environ.get("KOHYA_DOUBLE_FLOOD_MB", "0")))
 
     bar = StepBar(run.total_steps)
@@ -1039,12 +1161,15 @@ def spawn_grandchild() -> None:
     print(f"double child pid: {child.pid}", flush=True)
 
 
-def main() -> None:
+def main(model: Sd1Model | None = None) -> None:
+    model = model or Sd1Model()
     record_invocation()
-    args = build_parser().parse_args()
+    parser = build_parser()
+    model.add_arguments(parser)
+    args = parser.parse_args()
     console = Console(args.console_log_simple)
     spawn_grandchild()
-    check_tokenizer(args, console)
+    model.check_tokenizer(args, console)
     datasets = datasets_from_config(args, console) if args.dataset_config else datasets_from_folders(args, console)
     for ds in datasets:
         if ds.resolution is None:
@@ -1062,18 +1187,20 @@ def main() -> None:
         console.log(NO_DATA, "ERROR")
         return  # kohya's train() just returns: exit 0 with nothing written
     datasets = [ds for ds in datasets if ds.images_with_repeats]
-    load_model(args, console)
+    model.assert_extra_args(args, datasets)
+    model.load_model(args, console)
     if args.cache_latents:
         console.log("[Dataset 0]")
         console.log("caching latents with caching strategy.")
         console.log("caching latents...")
     decode_images(datasets)
+    model.cache_text_encoder_outputs(args, datasets, console)
     if args.xformers:
         traceback_exit(
             [script_frame(1913, "<module>", "trainer.train(args)")],
             "ImportError: No xformers / xformersがインストールされていないようです",
         )
-    train(args, datasets, console)
+    train(args, datasets, console, model)
 
 
 if __name__ == "__main__":
