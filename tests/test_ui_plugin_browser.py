@@ -23,19 +23,24 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
+from safetensors.numpy import save_file
 
 import install_plugin
 from daemon.config import update_config_file
+from daemon.pipeline.clip_tokenizer import TOKENIZER_FOLDER
 from tests.ed_fake.server import FakeEd, ServerThread
 from tests.helpers import KOHYA_DOUBLE, REPO, free_port, picture_bytes, write_sd1_checkpoint, write_sdxl_checkpoint
+from tests.tokenizer_files import write_tokenizer
 
 CHROMIUM = Path(os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"))
 CHROMIUM_ARGS = [
@@ -72,13 +77,14 @@ def artifacts_dir() -> Path:
 class DaemonProcess:
     """`python -m daemon --config <cfg>` as the user would run it; stoppable and restartable."""
 
-    def __init__(self, cfg: Path, url: str, log: Path) -> None:
+    def __init__(self, cfg: Path, url: str, log: Path, extra_env: dict[str, str] | None = None) -> None:
         self.cfg, self.url, self.log = cfg, url, log
+        self.extra_env = extra_env or {}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         env_vars = {**os.environ, "KOHYA_DOUBLE_STEP_SECONDS": STEP_SECONDS, "PYTHONUNBUFFERED": "1",
-                    "KOHYA_DOUBLE_SAMPLE_SECONDS": SAMPLE_SECONDS}
+                    "KOHYA_DOUBLE_SAMPLE_SECONDS": SAMPLE_SECONDS, **self.extra_env}
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "daemon", "--config", str(self.cfg)], cwd=REPO, env=env_vars, stdout=out,
@@ -123,6 +129,13 @@ def _wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = 
     raise AssertionError(f"{url} did not answer within {timeout}s")
 
 
+def write_sd2_checkpoint(path: Path) -> Path:
+    """Not a model: the key layout of an SD 2.x checkpoint (OpenCLIP text encoder: cond_stage_model.model.*)."""
+    save_file({"cond_stage_model.model.transformer.resblocks.0.ln_1.weight": np.zeros((2,), dtype=np.float16)},
+              str(path))
+    return path
+
+
 def make_ed_root(root: Path, *, listen_port: int) -> Path:
     """An ED install laid out like the Linux zip after a first start."""
     (root / "scripts").mkdir(parents=True)
@@ -133,6 +146,7 @@ def make_ed_root(root: Path, *, listen_port: int) -> Path:
         (root / "models" / kind).mkdir(parents=True)
     write_sd1_checkpoint(root / "models" / "stable-diffusion" / "tiny-sd15.safetensors")
     write_sdxl_checkpoint(root / "models" / "stable-diffusion" / "tiny-sdxl.safetensors")
+    write_sd2_checkpoint(root / "models" / "stable-diffusion" / "tiny-sd21.safetensors")
     (root / "config.yaml").write_text(yaml.safe_dump({"net": {"listen_port": listen_port}, "update_branch": "main"}))
     (root / "plugins" / "ui").mkdir(parents=True)
     (root / "plugins" / "server").mkdir(parents=True)
@@ -147,10 +161,14 @@ def env(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
     ed_port = free_port()
     ed_root = make_ed_root(tmp / "easy-diffusion", listen_port=ed_port)
     cfg = tmp / "daemon" / "config.yaml"
+    # an offline machine's tokenizer folder (README, "SDXL"): CLIP-L's files; the daemon makes bigG's from them
+    tokenizers = tmp / "tokenizers"
+    write_tokenizer(tokenizers / TOKENIZER_FOLDER)
 
     # the user's set-up path: install_plugin.py (ED does not start the daemon here; the test does)
     rc = install_plugin.main(
-        ["--ed-root", str(ed_root), "--daemon-python", sys.executable, "--daemon-config", str(cfg), "--no-autostart"]
+        ["--ed-root", str(ed_root), "--daemon-python", sys.executable, "--daemon-config", str(cfg), "--no-autostart",
+         "--tokenizer-cache", str(tokenizers)]
     )
     assert rc == 0
     daemon_port = free_port()
@@ -272,11 +290,17 @@ def test_train_from_the_tab_end_to_end(env: Env, page: Any) -> None:
     assert page.get_attribute("[data-clora=arch]", "data-arch") == "sd1"
     assert "SD 1.x" in page.inner_text("[data-clora=arch]")
 
-    # an SDXL model is shown as such, and training it is refused before upload (the daemon trains SD 1.x)
+    # an SDXL model is shown as such and can be trained; an SD 2.x one is refused before upload, in the
+    # daemon's words (its /fit answer)
     page.select_option("#clora-base-model", "tiny-sdxl")
     assert page.get_attribute("[data-clora=arch]", "data-arch") == "sdxl"
     assert "SDXL" in page.inner_text("[data-clora=arch]")
-    assert "SDXL models cannot be trained yet" in page.inner_text("[data-error-for=base_model]")
+    assert page.inner_text("[data-error-for=base_model]") == ""
+    page.select_option("#clora-base-model", "tiny-sd21")
+    why = daemon_json(env, "GET", "/fit?base_model=tiny-sd21")["why"]
+    assert "SD 2.x" in why
+    page.wait_for_function("(why) => document.querySelector('[data-error-for=base_model]').textContent === why",
+                           arg=why)
     page.select_option("#clora-base-model", "tiny-sd15")
     assert page.inner_text("[data-error-for=base_model]") == ""
 
@@ -1027,3 +1051,124 @@ def test_a_daemon_without_fit_shows_no_tier_line_and_sends_no_tier(env: Env, pag
     page.select_option("#clora-base-model", "tiny-sdxl")
     page.wait_for_timeout(600)
     assert len(asked) == 1
+
+
+def fit_json(env: Env | str, **query: Any) -> Any:
+    """The daemon's own GET /fit answer: what the tab must show."""
+    url = env if isinstance(env, str) else env.daemon.url
+    token = None if isinstance(env, str) else env.token
+    req = urllib.request.Request(url + "/fit?" + urllib.parse.urlencode(query),
+                                 headers={"Authorization": f"Bearer {token}"} if token else {})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def tier_options(page: Any) -> list[dict[str, Any]]:
+    return page.evaluate("""() => Array.from(document.querySelectorAll('#clora-memory-tier option'))
+        .map((o) => ({ id: o.value, text: o.textContent, disabled: o.disabled }))""")
+
+
+def wait_fit_line(page: Any, reason: str) -> None:
+    page.wait_for_function("(r) => document.querySelector('[data-clora=fit]')?.textContent === r", arg=reason,
+                           timeout=15000)
+    assert page.is_visible("[data-clora=fit]")
+
+
+# Records the `params` field of the tab's POST /train (a multipart body with files, which Playwright's request
+# object does not expose), then lets the request go on unchanged.
+RECORD_TRAIN_PARAMS = """() => {
+    const send = window.fetch
+    window.__trainParams = []
+    window.fetch = function (url, opts) {
+        if (String(url).endsWith("/train") && opts && opts.body instanceof FormData) {
+            window.__trainParams.push(JSON.parse(opts.body.get("params")))
+        }
+        return send.apply(this, arguments)
+    }
+}"""
+
+
+def test_sdxl_trains_from_the_tab_to_eds_lora_list_with_its_memory_tier(env: Env, page: Any) -> None:
+    open_tab(page, env.ed_url)
+    page.wait_for_selector("[data-clora=root][data-ready=true]", timeout=30000)
+    # the picker lists ED's SDXL models beside the SD 1.x ones, each with its family; SD 2.x is marked
+    options = page.evaluate("""() => Object.fromEntries(
+        Array.from(document.querySelectorAll('#clora-base-model option'))
+            .map((o) => [o.value, { text: o.textContent, trainable: o.dataset.trainable }]))""")
+    assert options["tiny-sd15"] == {"text": "tiny-sd15 — SD 1.x", "trainable": "true"}
+    assert options["tiny-sdxl"] == {"text": "tiny-sdxl — SDXL", "trainable": "true"}
+    assert options["tiny-sd21"] == {"text": "tiny-sd21 — SD 2.x (cannot be trained)", "trainable": "false"}
+
+    # picking the SDXL model: the daemon's tier line, and the form's values are the ones /fit resolved
+    page.select_option("#clora-base-model", "tiny-sdxl")
+    fit = fit_json(env, base_model="tiny-sdxl", preset="balanced", memory_tier="auto", images=8)
+    assert fit["arch"] == "sdxl" and fit["trainable"] is True and fit["auto"] is True
+    wait_fit_line(page, fit["reason"])
+    assert page.get_attribute("[data-clora=fit]", "data-tier") == fit["tier"]
+    page.locator("[data-clora=advanced] summary").click()
+    p = fit["params"]
+    sdxl_presets = daemon_json(env, "GET", "/presets?arch=sdxl")["presets"]
+    assert p["resolution"] == sdxl_presets["balanced"]["resolution"] == 1024
+    page.wait_for_function("document.querySelector('#clora-p-resolution').value === '1024'")
+    assert page.input_value("#clora-p-batch_size") == str(p["batch_size"])
+    assert float(page.input_value("#clora-p-unet_lr")) == pytest.approx(p["unet_lr"])
+    assert float(page.input_value("#clora-p-text_encoder_lr")) == p["text_encoder_lr"]
+    assert page.get_attribute("#clora-p-repeats", "placeholder") == f"auto ({p['repeats']})"
+    steps = -(-8 * p["repeats"] // p["batch_size"]) * p["epochs"]
+    assert page.inner_text("[data-clora=preset-help]").startswith(f"≈ {steps} steps · {p['epochs']} epochs")
+
+    # Advanced's Memory tier: Automatic (naming the tier it picked) and the daemon's tiers; a machine without
+    # a CUDA GPU can use the CPU tier only
+    opts = tier_options(page)
+    assert [o["id"] for o in opts] == ["auto"] + [t["id"] for t in fit["tiers"]]
+    assert opts[0]["text"] == f"Automatic ({fit['tier_label']})"
+    assert [o["id"] for o in opts if not o["disabled"]] == ["auto", "cpu"]
+    with page.expect_request(lambda r: "/fit?" in r.url and "memory_tier=cpu" in r.url):
+        page.select_option("#clora-memory-tier", "cpu")
+    chosen = fit_json(env, base_model="tiny-sdxl", preset="balanced", memory_tier="cpu", images=8)
+    assert chosen["auto"] is False and chosen["reason"] != fit["reason"]
+    wait_fit_line(page, chosen["reason"])
+    assert page.get_attribute("[data-clora=fit]", "data-auto") == "false"
+
+    # a short run with that tier: the choice goes to /train as params.memory_tier
+    page.fill("#clora-name", "Xl Hero")
+    page.fill("#clora-trigger", "xlh3ro")
+    for key, value in (("epochs", "1"), ("repeats", "1"), ("resolution", "256"), ("sample_every_n_epochs", "0")):
+        page.fill(f"#clora-p-{key}", value)
+    drop_images(page, image_payload(8, start=60))
+    page.wait_for_function("!document.querySelector('[data-clora=start]').disabled", timeout=30000)
+    page.evaluate(RECORD_TRAIN_PARAMS)
+    page.click("[data-clora=start]")
+    page.wait_for_function("window.__trainParams.length === 1")
+    sent = page.evaluate("window.__trainParams[0]")
+    assert sent["memory_tier"] == "cpu" and sent["preset"] == "balanced" and sent["resolution"] == 256
+    wait_state(page, "Done", timeout=90000)
+    page.wait_for_selector("[data-clora=use-it]:not([disabled])", timeout=30000)
+    job = page.evaluate("window.CharacterLoRA.selectedJob()")
+    stored = daemon_json(env, "GET", f"/jobs/{job['id']}/status")
+    assert stored["params"]["arch"] == "sdxl" and stored["params"]["memory_tier"] == "cpu"
+    assert stored["base_model"].endswith("tiny-sdxl.safetensors")
+
+    # the LoRA is an SDXL one, in ED's LoRA list
+    lora_id = job["lora_id"]
+    lora = env.lora_dir / f"{lora_id}.safetensors"
+    assert lora.is_file()
+    with lora.open("rb") as fh:
+        header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+    assert header["__metadata__"]["ss_base_model_version"].startswith("sdxl")
+    assert page.evaluate("(id) => !!modelsDB.lora[id]", lora_id)
+    # the panel and the list say what it was trained for
+    assert page.inner_text("[data-clora=job-settings]").startswith("SDXL · 256 px · memory tier CPU")
+    row = page.locator(f"[data-job-id='{job['id']}']")
+    assert row.locator("[data-clora=job-arch]").inner_text() == "SDXL"
+    page.screenshot(path=str(artifacts_dir() / "sdxl-done.png"), full_page=True)
+
+    # "Use it" while ED renders with an SD 1.x model: ED is switched to the SDXL model the LoRA was trained on
+    page.evaluate("stableDiffusionModelField.value = 'tiny-sd15'")
+    page.click("[data-clora=use-it]")
+    assert page.evaluate("stableDiffusionModelField.value") == "tiny-sdxl"
+    assert lora_id in page.evaluate("loraModelField.value")["modelNames"]
+    toast = calls(page, "showToast")[-1]["args"]
+    assert "The model tiny-sd15 is SD 1.x, and this LoRA is SDXL: switched the model to tiny-sdxl, the model it " \
+           "was trained on." in toast[0]
+    assert toast[2] is False

@@ -143,7 +143,9 @@ export function baseValues() {
 export function defaultRepeats(n) {
     const fit = currentFit()
     const r = fit && fit.params && fit.params.repeats
-    return Number.isInteger(r) && r >= 1 ? r : autoRepeats(n)
+    if (Number.isInteger(r) && r >= 1) return r
+    // an older daemon aimed at 200 views for every family
+    return autoRepeats(n, state.fitUnsupported ? "sd1" : baseModelArch(selectedBaseModel()))
 }
 export function readParam(f) {
     const input = ui.params[f.key]
@@ -281,8 +283,11 @@ export function collectParams() {
     if (state.memoryTier !== "auto" && !state.fitUnsupported) params.memory_tier = state.memoryTier
     return params
 }
-export function autoRepeats(n) {
-    return Math.max(1, Math.min(100, Math.round(200 / Math.max(1, n))))
+// Image views per epoch the daemon's default repeats aim at, per family (daemon/pipeline/params.py)
+const VIEWS_PER_EPOCH = { sd1: 200, sdxl: 100 }
+export function autoRepeats(n, arch) {
+    const target = VIEWS_PER_EPOCH[arch] || VIEWS_PER_EPOCH.sd1
+    return Math.max(1, Math.min(100, Math.round(target / Math.max(1, n))))
 }
 // kohya's bucket for a picture with bucket_no_upscale, as daemon/pipeline/buckets.py computes it: a picture
 // larger than resolution² is scaled down keeping its shape (one side on the step), then both sides are

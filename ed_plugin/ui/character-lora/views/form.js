@@ -106,7 +106,7 @@ export function renderFitLine() {
         text = fit.error
         warn = true
     } else if (data && data.trainable !== false && data.reason) {
-        text = data.reason + (data.auto === false ? " (memory tier chosen in Advanced)" : "")
+        text = data.reason // for a tier chosen in Advanced the daemon says "… settings chosen by hand"
     }
     ui.fit.textContent = text
     ui.fit.hidden = !text

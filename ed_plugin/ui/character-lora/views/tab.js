@@ -110,7 +110,7 @@ export function buildUI() {
         el("summary", { text: "Advanced" }),
         advGrid,
         ui.paramsError,
-        el("div", { className: "clora-actions" }, resetBtn, el("span", { className: "clora-help", text: "Changed values are sent; the rest come from the preset and the memory tier. Repeats: empty = automatic (≈200 image views per epoch). Preview: 0 = off." })),
+        el("div", { className: "clora-actions" }, resetBtn, el("span", { className: "clora-help", text: "Changed values are sent; the rest come from the preset and the memory tier. Repeats: empty = automatic (≈200 image views per epoch for SD 1.x, ≈100 for SDXL). Preview: 0 = off." })),
         ui.serverErrors.params
     )
 
