@@ -1063,6 +1063,13 @@ def tier_options(page: Any) -> list[dict[str, Any]]:
         .map((o) => ({ id: o.value, text: o.textContent, disabled: o.disabled }))""")
 
 
+def wait_job_done(page: Any, name: str) -> None:
+    """The panel shows the job of that name (not an older one), done."""
+    page.wait_for_function(
+        "(name) => { const j = window.CharacterLoRA.selectedJob(); return j && j.name === name && j.state === 'done'"
+        " && document.querySelector('[data-clora=job-state]')?.textContent === 'Done' }", arg=name, timeout=90000)
+
+
 def wait_fit_line(page: Any, reason: str) -> None:
     page.wait_for_function("(r) => document.querySelector('[data-clora=fit]')?.textContent === r", arg=reason,
                            timeout=15000)
@@ -1137,7 +1144,7 @@ def test_sdxl_trains_from_the_tab_to_eds_lora_list_with_its_memory_tier(env: Env
     page.wait_for_function("window.__trainParams.length === 1")
     sent = page.evaluate("window.__trainParams[0]")
     assert sent["memory_tier"] == "cpu" and sent["preset"] == "balanced" and sent["resolution"] == 256
-    wait_state(page, "Done", timeout=90000)
+    wait_job_done(page, "Xl Hero")
     page.wait_for_selector("[data-clora=use-it]:not([disabled])", timeout=30000)
     job = page.evaluate("window.CharacterLoRA.selectedJob()")
     stored = daemon_json(env, "GET", f"/jobs/{job['id']}/status")
@@ -1281,7 +1288,7 @@ def test_a_gpu_daemon_picks_the_tier_by_memory_and_advanced_overrides_it(gpu_env
     page.click("[data-clora=start]")
     page.wait_for_function("window.__trainParams.length === 1")
     assert page.evaluate("window.__trainParams[0]")["memory_tier"] == "8gb"
-    wait_state(page, "Done", timeout=60000)
+    wait_job_done(page, "Gpu Hero")
     job = page.evaluate("window.CharacterLoRA.selectedJob()")
     stored = daemon_json(env, "GET", f"/jobs/{job['id']}/status")
     used = stored["params"]

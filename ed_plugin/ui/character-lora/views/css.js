@@ -39,6 +39,7 @@ border-radius: var(--input-border-radius, 4px); font-size: 10pt; }
 .clora-field input[aria-invalid="true"] { border-color: var(--status-red, red); }
 .clora-help, .clora-err, .clora-arch, .clora-fit { grid-column: 2; font-size: 9pt; min-height: 0; }
 .clora-help, .clora-arch, .clora-fit { color: var(--small-label-color, #999); }
+.clora-fit { min-height: 2.6em; }
 .clora-fit[hidden] { display: none; }
 .clora-fit.clora-warn { color: var(--status-orange, orange); }
 .clora-err { color: #ff6b6b; }

@@ -107,9 +107,13 @@ export function renderFitLine() {
         warn = true
     } else if (data && data.trainable !== false && data.reason) {
         text = data.reason // for a tier chosen in Advanced the daemon says "… settings chosen by hand"
+    } else if (!data && selectedBaseModel()) {
+        text = "Checking how training fits this computer…"
     }
+    // the line keeps its room (two lines, see css.js) while it is asked for and replaced, so that nothing
+    // below it moves under the user's pointer; only a daemon without /fit has no line at all
     ui.fit.textContent = text
-    ui.fit.hidden = !text
+    ui.fit.hidden = state.fitUnsupported
     ui.fit.dataset.tier = (data && data.trainable !== false && data.tier) || ""
     ui.fit.dataset.auto = data ? String(data.auto !== false) : ""
     ui.fit.classList.toggle("clora-warn", warn)
