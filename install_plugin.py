@@ -19,7 +19,8 @@ Run it with the daemon's Python from the project folder (``.venv/bin/python inst
    ``<models_dir>``, ED's address in ``allowed_origins``, a token if there is none, and with ``--kohya`` the
    sd-scripts paths (``kohya.script_path``, ``kohya.workspace``, ``kohya.python``), with ``--allow-cpu``
    ``allow_cpu: true``, and with ``--tokenizer-cache DIR`` ``kohya.tokenizer_cache_dir`` (after checking that
-   DIR holds the CLIP tokenizer kohya loads offline).
+   DIR holds the CLIP tokenizer kohya loads offline; SDXL's second tokenizer is made beside it from the same files
+   when it is missing).
 
 It never changes ED's own files. Running it twice changes nothing the second time. ``--uninstall`` stops the
 daemon it configured (if it runs and is that config's daemon) and removes exactly the files it installed (the
@@ -282,6 +283,26 @@ def resolve_tokenizer_cache(given: Path | None) -> str | None:
         raise InstallError(f"--tokenizer-cache {path}: {folder} lacks {', '.join(missing)}; copy {files} {source} "
                            "into it.")
     return str(path)
+
+
+def sdxl_tokenizer(cache: Path, *, dry_run: bool) -> str:
+    """SDXL's second tokenizer folder in the cache: there, made now from CLIP-L's files, or what is wrong with it.
+
+    The same files serve both (see daemon/pipeline/clip_tokenizer.py, BIGG_TOKENIZER_ID). Not an error when it
+    cannot be had: SD 1.x does not need it, and the daemon says so before an SDXL job.
+    """
+    ct = _clip_tokenizer_module()
+    target = cache / ct.BIGG_TOKENIZER_FOLDER
+    if target.exists():
+        broken = ct.missing_files(target)
+        if broken:
+            return (f"SDXL tokenizer: {target} lacks {', '.join(broken)}; delete it and run this again "
+                    "(SD 1.x training does not need it).")
+        return f"SDXL tokenizer: {target}"
+    if dry_run:
+        return f"SDXL tokenizer: would make {target} from {ct.TOKENIZER_FOLDER} (the same files)"
+    ct.derive_bigg(cache)
+    return f"SDXL tokenizer: made {target} from {ct.TOKENIZER_FOLDER} (the same files)"
 
 
 def origins_for_port(port: int) -> list[str]:
@@ -572,7 +593,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="let the daemon train on the CPU when there is no CUDA GPU (sets allow_cpu: true; very slow)")
     p.add_argument("--tokenizer-cache", type=Path, metavar="DIR",
                    help="folder holding openai_clip-vit-large-patch14/ (the CLIP tokenizer), so training needs no "
-                        "internet (sets kohya.tokenizer_cache_dir)")
+                        "internet (sets kohya.tokenizer_cache_dir; makes SDXL's second tokenizer beside it)")
     p.add_argument("--no-autostart", action="store_true",
                    help="do not let Easy Diffusion start the daemon; you start it yourself")
     p.add_argument("--uninstall", action="store_true", help="remove what this script installed")
@@ -605,6 +626,7 @@ def main(argv: Sequence[str] | None = None, *, out: Any = None, candidates: Iter
         tokenizer_cache = resolve_tokenizer_cache(args.tokenizer_cache)
         if tokenizer_cache is not None:
             print(f"Tokenizer: {Path(tokenizer_cache) / _clip_tokenizer_module().TOKENIZER_FOLDER}", file=out)
+            print(sdxl_tokenizer(Path(tokenizer_cache), dry_run=args.dry_run), file=out)
             kohya["tokenizer_cache_dir"] = tokenizer_cache
         plan = make_plan(ed, python, cfg_path, autostart=not args.no_autostart, kohya=kohya,
                          allow_cpu=args.allow_cpu)

@@ -12,7 +12,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from daemon.config import Config
-from daemon.pipeline.clip_tokenizer import cached_snapshot
+from daemon.pipeline.clip_tokenizer import BIGG_TOKENIZER_ID, cached_snapshot
 from daemon.pipeline.env_check import GpuInfo
 from daemon.web.app import create_app
 from tests.helpers import TOKEN, free_port, make_config, picture_bytes
@@ -30,13 +30,15 @@ def config(tmp_path: Path) -> Config:
 
 @pytest.fixture(scope="session", autouse=True)
 def hf_cache_with_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """The test machine holds the CLIP tokenizer in its Hugging Face cache, as after one online job, so no
-    readiness check (in a test or in a daemon it starts) tries to reach huggingface.co."""
-    if cached_snapshot(os.environ) is not None:
-        yield  # this machine has it already: nothing to reach either way
+    """The test machine holds the CLIP tokenizers (SD 1.x's, and SDXL's second) in its Hugging Face cache, as after
+    one online job of each, so no readiness check (in a test or in a daemon it starts) tries to reach
+    huggingface.co."""
+    if cached_snapshot(os.environ) is not None and cached_snapshot(os.environ, BIGG_TOKENIZER_ID) is not None:
+        yield  # this machine has them already: nothing to reach either way
         return
     home = tmp_path_factory.mktemp("hf_home")
     write_hub_cache(home / "hub")
+    write_hub_cache(home / "hub", tokenizer_id=BIGG_TOKENIZER_ID)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HOME", str(home))
         for var in ("TRANSFORMERS_CACHE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):

@@ -133,14 +133,15 @@ async def test_base_model_is_chosen_by_ed_id(client: TestClient, config: Config)
     assert job["base_model"] == str(config.ed_models_dir / "stable-diffusion" / "sd-test.safetensors")
 
 
-async def test_sdxl_base_model_is_refused_for_now(client: TestClient, config: Config) -> None:
-    from tests.helpers import write_sdxl_checkpoint
+async def test_sd2_base_model_is_refused_naming_what_to_pick(client: TestClient, config: Config) -> None:
+    from tests.test_fit_api import write_sd2_checkpoint
 
-    write_sdxl_checkpoint(config.ed_models_dir / "stable-diffusion" / "xl.safetensors")  # type: ignore[operator]
-    resp = await client.post("/train", data=train_form(8, base_model="xl"))
+    write_sd2_checkpoint(config.ed_models_dir / "stable-diffusion" / "v2.safetensors")  # type: ignore[operator]
+    resp = await client.post("/train", data=train_form(8, base_model="v2"))
     assert resp.status == 400
     body = await resp.json()
-    assert body["key"] == "base_model" and "SDXL" in body["error"]
+    assert body["key"] == "base_model" and "SD 2.x" in body["error"] and "SDXL" in body["error"]
+    assert (await (await client.get("/jobs")).json())["jobs"] == []
 
 
 async def test_failing_trainer_gives_a_classified_error(client: TestClient, monkeypatch) -> None:
@@ -246,7 +247,7 @@ async def test_config_test_not_ready_without_gpu_unless_cpu_allowed(start_daemon
 
 async def test_models_lists_ed_checkpoints_with_architecture(client: TestClient) -> None:
     body = await (await client.get("/models")).json()
-    assert {"id": "sd-test", "file": "sd-test.safetensors", "arch": "sd1"} in body["models"]
+    assert {"id": "sd-test", "file": "sd-test.safetensors", "arch": "sd1", "trainable": True} in body["models"]
 
 
 async def test_restart_keeps_jobs_and_marks_a_running_one_interrupted(
@@ -370,7 +371,7 @@ async def test_config_test_is_ready_without_a_default_when_ed_has_sd1_models(sta
     assert check["ok"] and "1 SD 1.x model" in check["detail"]
     assert body["ready"] is True
     models = await (await client.get("/models")).json()
-    assert models["supported_archs"] == ["sd1"] and models["default"] is None
+    assert models["supported_archs"] == ["sd1", "sdxl"] and models["default"] is None
     (cfg.ed_models_dir / "stable-diffusion" / "sd-test.safetensors").unlink()  # type: ignore[operator]
     body = await (await client.post("/config/test")).json()
     check = next(c for c in body["checks"] if c["name"] == "base_model")

@@ -13,14 +13,24 @@ import pytest
 
 from daemon.config import Config
 from daemon.pipeline.clip_tokenizer import (
+    BIGG_TOKENIZER_ID,
     REACH_TIMEOUT_S,
     TOKENIZER_FILES,
     cached_snapshot,
+    derive_bigg,
     hub_address,
     hub_cache_dir,
     reach,
 )
-from daemon.pipeline.env_check import check_gpu, check_launcher, check_tokenizer, probe_gpu, run_checks
+from daemon.pipeline.env_check import (
+    check_gpu,
+    check_launcher,
+    check_tokenizer,
+    prepare_tokenizers,
+    probe_gpu,
+    run_checks,
+    tokenizer_readiness,
+)
 from tests.helpers import make_config
 from tests.tokenizer_files import write_hub_cache, write_tokenizer
 
@@ -218,6 +228,75 @@ async def test_config_test_of_a_real_daemon_says_the_tokenizer_is_missing_offlin
     assert body["ready"] is False
     failing = {c["name"]: c for c in body["checks"] if not c["ok"]}
     assert set(failing) == {"tokenizer"} and "--tokenizer-cache" in failing["tokenizer"]["fix"]
+
+
+# --------------------------------------------------------------------------------------------- SDXL tokenizers
+BIGG_DIR = "laion_CLIP-ViT-bigG-14-laion2B-39B-b160k"
+
+
+def test_sdxl_readiness_is_its_own_answer_and_sd1_stays_ready_without_it(tmp_path: Path) -> None:
+    """An offline machine with CLIP-L's files only: SD 1.x trains; SDXL is named as not ready, with a fix."""
+    environ = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    write_hub_cache(tmp_path / "hf" / "hub")
+    ready = tokenizer_readiness(tok_config(tmp_path), environ=environ, reach=never_called)
+    assert set(ready) == {"sd1", "sdxl"}
+    assert ready["sd1"].ok and ready["sd1"].name == "tokenizer"
+    sdxl = ready["sdxl"]
+    assert not sdxl.ok and sdxl.name == "tokenizer_sdxl"
+    assert sdxl.detail == (f"kohya.tokenizer_cache_dir is not set, SDXL's second tokenizer ({BIGG_TOKENIZER_ID}) "
+                           f"is not in the Hugging Face cache ({tmp_path / 'hf' / 'hub'}), and HF_HUB_OFFLINE "
+                           "forbids downloading it")
+    assert "--tokenizer-cache DIR" in sdxl.fix and f"DIR/{BIGG_DIR}" in sdxl.fix
+    # run_checks (each of which blocks training) keeps to what SD 1.x needs
+    assert [c.name for c in run_checks(tok_config(tmp_path), probe_gpu(sys.executable)) if "tokenizer" in c.name] \
+        == ["tokenizer"]
+    snapshot = write_hub_cache(tmp_path / "hf" / "hub", tokenizer_id=BIGG_TOKENIZER_ID)
+    sdxl = check_tokenizer(tok_config(tmp_path), arch="sdxl", environ=environ, reach=never_called)
+    assert sdxl.ok and "SDXL's tokenizers" in sdxl.detail and str(snapshot) in sdxl.detail
+
+
+def test_sdxl_readiness_tests_the_connection_once_for_every_family(tmp_path: Path) -> None:
+    probe = Probe(None)
+    ready = tokenizer_readiness(tok_config(tmp_path), environ={"HF_HOME": str(tmp_path / "empty")}, reach=probe)
+    assert ready["sd1"].ok and ready["sdxl"].ok
+    assert "will be downloaded on the first job" in ready["sdxl"].detail
+    assert probe.calls == [("huggingface.co", 443, REACH_TIMEOUT_S)]
+
+
+def test_sdxl_with_a_cache_dir_counts_on_making_bigg_from_clip_l(tmp_path: Path) -> None:
+    cache = tmp_path / "tok"
+    cfg = tok_config(tmp_path, cache)
+    assert not check_tokenizer(cfg, arch="sdxl", environ={}, reach=never_called).ok  # no CLIP-L either
+    write_tokenizer(cache / "openai_clip-vit-large-patch14")
+    check = check_tokenizer(cfg, arch="sdxl", environ={}, reach=never_called)
+    assert check.ok and f"{cache / BIGG_DIR} (made from openai_clip-vit-large-patch14 on the first SDXL job" \
+        in check.detail
+    made = derive_bigg(cache)
+    assert made == cache / BIGG_DIR and sorted(p.name for p in made.iterdir()) == sorted(TOKENIZER_FILES)
+    assert [p.name for p in cache.iterdir() if p.name.startswith(".")] == []  # no staging folder left
+    assert derive_bigg(cache) is None  # already there: nothing to do
+    check = check_tokenizer(cfg, arch="sdxl", environ={}, reach=never_called)
+    assert check.ok and check.detail == f"{cache / 'openai_clip-vit-large-patch14'}, {made}"
+
+
+def test_a_broken_bigg_folder_is_not_ready_and_is_not_overwritten(tmp_path: Path) -> None:
+    cache = tmp_path / "tok"
+    write_tokenizer(cache / "openai_clip-vit-large-patch14")
+    (cache / BIGG_DIR).mkdir()
+    (cache / BIGG_DIR / "vocab.json").write_text('{"a": 1')
+    check, made = prepare_tokenizers(tok_config(tmp_path, cache), "sdxl", environ={}, reach=never_called)
+    assert made is None and not check.ok
+    assert check.detail.startswith(f"{cache / BIGG_DIR} lacks vocab.json (not a JSON object")
+    assert check.fix.startswith(f"Delete {cache / BIGG_DIR}")
+    assert (cache / BIGG_DIR / "vocab.json").read_text() == '{"a": 1'
+
+
+def test_without_clip_l_nothing_is_made(tmp_path: Path) -> None:
+    cache = tmp_path / "tok"
+    cache.mkdir()
+    check, made = prepare_tokenizers(tok_config(tmp_path, cache), "sdxl", environ={}, reach=never_called)
+    assert made is None and not check.ok and not (cache / BIGG_DIR).exists()
+    assert check.detail == f"{cache / 'openai_clip-vit-large-patch14'} is missing"
 
 
 # --------------------------------------------------------------------------------------------- the real probe

@@ -16,9 +16,17 @@ from PIL import Image
 
 from daemon.pipeline.buckets import bucket_counts, bucket_of, prep_size
 from daemon.pipeline.dataset import Upload, prepare_images
-from daemon.pipeline.kohya import KohyaLaunch, build_command, build_env, dataset_config, write_dataset_config
+from daemon.pipeline.kohya import (
+    KohyaLaunch,
+    build_command,
+    build_env,
+    dataset_config,
+    lever_problem,
+    script_for,
+    write_dataset_config,
+)
 from daemon.pipeline.params import PRESETS, TrainParams, resolve_params, total_steps
-from tests.helpers import KOHYA_DOUBLE, write_sd1_checkpoint
+from tests.helpers import KOHYA_DOUBLE, KOHYA_SDXL_DOUBLE, write_sd1_checkpoint
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -389,3 +397,145 @@ def test_the_doubles_bucketing_matches_ours_on_any_size(double: ModuleType) -> N
         ds = double.Dataset((resolution, resolution), 1, [], double.Buckets(True, True, 64, 4096, 64))
         assert double.select_bucket(ds, size, []) == bucket_of(size, resolution)
         assert double.select_bucket(ds, prep_size(size, resolution), []) == bucket_of(size, resolution)
+
+
+# -------------------------------------------------------------------------------------------- SDXL
+# What fit.py sets for SDXL on a GPU card of the 12-24 GB tiers: U-Net only with cached text-encoder outputs.
+SDXL_GPU = dataclasses.replace(GPU, arch="sdxl", resolution=1024, text_encoder_lr=0.0, cache_text_encoder_outputs=True,
+                               gradient_checkpointing=True, memory_tier="16gb")
+SDXL_SCRIPT = "/opt/sd-scripts/sdxl_train_network.py"
+# Flags kohya's docs show or parse for SDXL that must never be emitted: no effect on a LoRA, or no such flag.
+SDXL_TRAPS = ("--fused_backward_pass", "--blocks_to_swap", "--cpu_offload_checkpointing", "--text_encoder_lr1",
+              "--text_encoder_lr2", "--v2", "--full_fp16")
+
+
+def sdxl_launch(**changes: object) -> KohyaLaunch:
+    return launch(script_path=SDXL_SCRIPT, base_model="/models/sd_xl_base_1.0.safetensors", **changes)
+
+
+@pytest.fixture(scope="module")
+def sdxl_double() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("kohya_double_sdxl_train_network", KOHYA_SDXL_DOUBLE)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def sdxl_parser(sdxl_double: ModuleType):  # type: ignore[no-untyped-def]
+    parser = sdxl_double.base.build_parser()
+    sdxl_double.SdxlModel().add_arguments(parser)
+    return parser
+
+
+def test_script_follows_the_base_models_family() -> None:
+    configured = Path("/opt/sd-scripts/train_network.py")
+    assert script_for("sdxl", configured) == Path(SDXL_SCRIPT)
+    assert script_for("sd1", configured) == configured
+    argv = build_command(SDXL_GPU, sdxl_launch())
+    assert argv[:3] == ["/opt/venv/bin/python", "-u", SDXL_SCRIPT]
+
+
+def test_sdxl_gpu_argv_has_the_sdxl_levers_once_and_no_traps() -> None:
+    args = script_args(build_command(SDXL_GPU, sdxl_launch()), SDXL_SCRIPT)
+    for flag in ("--cache_text_encoder_outputs", "--network_train_unet_only", "--gradient_checkpointing",
+                 "--no_half_vae", "--sdpa", "--cache_latents", "--console_log_simple"):
+        assert args.count(flag) == 1, flag
+    assert "--text_encoder_lr" not in args  # the text encoders are not trained while their outputs are cached
+    assert "--fp8_base" not in args
+    assert not set(SDXL_TRAPS) & set(args)
+    flags = [a.split("=", 1)[0] for a in args if a.startswith("--")]
+    assert len(flags) == len(set(flags))
+    # what the metadata and the user see stays as for SD 1.x
+    assert value(args, "--metadata_trigger_phrase") == "ohwx"
+    assert value(args, "--training_comment") == "job=j1; trigger=ohwx"
+    assert value(args, "--network_module") == "networks.lora"
+
+
+@pytest.mark.parametrize(
+    ("changes", "present", "absent"),
+    [
+        ({"mixed_precision": "bf16"}, set(), {"--no_half_vae"}),  # bf16's range keeps the VAE finite
+        ({"mixed_precision": "bf16", "fp8_base": True}, {"--fp8_base"}, {"--no_half_vae"}),
+        ({"fp8_base": True}, {"--fp8_base", "--no_half_vae"}, set()),
+        ({"gradient_checkpointing": False}, set(), {"--gradient_checkpointing"}),
+        ({"cache_text_encoder_outputs": False, "text_encoder_lr": 5e-5}, {"--text_encoder_lr"},
+         {"--cache_text_encoder_outputs", "--network_train_unet_only"}),
+        ({"cache_text_encoder_outputs": False}, {"--network_train_unet_only"}, {"--cache_text_encoder_outputs"}),
+    ],
+)
+def test_sdxl_levers_follow_the_params(changes: dict[str, object], present: set[str], absent: set[str]) -> None:
+    args = script_args(build_command(dataclasses.replace(SDXL_GPU, **changes), sdxl_launch()), SDXL_SCRIPT)
+    assert present <= set(args) and not absent & set(args)
+
+
+def test_sdxl_on_the_cpu_keeps_sdpa_off_and_the_vae_in_the_training_dtype() -> None:
+    cpu = dataclasses.replace(SDXL_GPU, mixed_precision="no", optimizer="AdamW", memory_tier="cpu")
+    args = script_args(build_command(cpu, sdxl_launch(cpu=True)), SDXL_SCRIPT)
+    assert "--sdpa" not in args and "--no_half_vae" not in args
+    assert {"--cache_text_encoder_outputs", "--network_train_unet_only", "--gradient_checkpointing"} <= set(args)
+
+
+def test_sd1_argv_changes_only_by_gradient_checkpointing() -> None:
+    before = build_command(GPU, launch())
+    with_gc = build_command(dataclasses.replace(GPU, gradient_checkpointing=True), launch())
+    assert [a for a in with_gc if a != "--gradient_checkpointing"] == before
+    assert with_gc.count("--gradient_checkpointing") == 1
+    # train_network.py has no --cache_text_encoder_outputs: an SD 1.x run ignores the SDXL-only field
+    cached = build_command(dataclasses.replace(GPU, cache_text_encoder_outputs=True), launch())
+    assert cached == before
+
+
+@pytest.mark.parametrize("params", [
+    SDXL_GPU,
+    dataclasses.replace(SDXL_GPU, mixed_precision="bf16", fp8_base=True, optimizer="Adafactor"),
+    dataclasses.replace(SDXL_GPU, cache_text_encoder_outputs=False, text_encoder_lr=5e-5),
+])
+def test_every_sdxl_flag_is_one_the_sdxl_parser_knows(sdxl_double: ModuleType, params: TrainParams) -> None:
+    # The SDXL double's parser is the SD1 one plus sdxl_train_network's additions; the real parser accepted
+    # these argvs too (the opt-in tests/test_real_kohya.py::test_real_sdxl_parser_and_asserts_accept_the_argv).
+    args = sdxl_parser(sdxl_double).parse_args(script_args(build_command(params, sdxl_launch()), SDXL_SCRIPT))
+    assert args.cache_text_encoder_outputs is params.cache_text_encoder_outputs
+    assert args.network_train_unet_only is (params.text_encoder_lr == 0)
+    assert args.gradient_checkpointing and args.fp8_base is params.fp8_base
+
+
+def test_the_sd1_parser_would_refuse_the_sdxl_only_flag(double: ModuleType) -> None:
+    with pytest.raises(SystemExit):
+        double.build_parser().parse_args(["--cache_text_encoder_outputs"])
+
+
+def test_sdxl_dataset_toml_does_not_shuffle_cached_captions(sdxl_double: ModuleType) -> None:
+    cached = dataset_config(image_dir="/img", class_tokens="ohwx", params=SDXL_GPU)["general"]
+    assert cached["shuffle_caption"] is False
+    assert cached["bucket_reso_steps"] % 32 == 0  # SdxlNetworkTrainer.assert_extra_args
+    assert cached["resolution"] == 1024 and cached["min_bucket_reso"] <= 1024 <= cached["max_bucket_reso"]
+    trained = dataset_config(image_dir="/img", class_tokens="ohwx",
+                             params=dataclasses.replace(SDXL_GPU, cache_text_encoder_outputs=False))["general"]
+    assert trained["shuffle_caption"] is True
+    cfg = dataset_config(image_dir="/img", class_tokens="ohwx", params=SDXL_GPU)
+    sdxl_double.base.validate_user_config(cfg)
+
+
+def test_sdxl_preview_is_drawn_at_the_training_resolution() -> None:
+    from daemon.pipeline.kohya import sample_prompt_file
+
+    text = sample_prompt_file(trigger="ohwx", class_token="woman", params=SDXL_GPU, cpu=False)
+    assert " --w 1024 --h 1024 " in text
+
+
+def test_fp8_without_mixed_precision_is_named_before_a_run() -> None:
+    assert lever_problem(SDXL_GPU) is None
+    assert lever_problem(dataclasses.replace(SDXL_GPU, mixed_precision="bf16", fp8_base=True)) is None
+    problem = lever_problem(dataclasses.replace(SDXL_GPU, mixed_precision="no", fp8_base=True))
+    assert problem and "fp8_base needs mixed_precision fp16 or bf16, not no" in problem
+
+
+def test_training_plan_names_the_script_and_the_levers() -> None:
+    from daemon.pipeline.runner import training_plan
+
+    assert training_plan(SDXL_GPU, "sdxl_train_network.py", cpu=False) == (
+        "training SDXL with sdxl_train_network.py on the GPU: tier 16gb, batch 2, fp16, gradient checkpointing, "
+        "text encoders cached, no fp8")
+    assert training_plan(CPU, "train_network.py", cpu=True) == (
+        "training SD 1.x with train_network.py on the CPU: tier cpu, batch 2, fp32, no gradient checkpointing, no fp8")

@@ -24,7 +24,7 @@ from safetensors import safe_open
 
 from daemon.pipeline.kohya import KohyaLaunch, build_command, build_env, dataset_config, write_dataset_config
 from daemon.pipeline.params import TrainParams, total_steps
-from tests.helpers import KOHYA_DOUBLE, write_sd1_checkpoint
+from tests.helpers import KOHYA_DOUBLE, KOHYA_SDXL_DOUBLE, REPO, write_sd1_checkpoint, write_sdxl_checkpoint
 
 # Test-only: 64 px is below resolve_params' floor, so the params are built directly.
 TINY = TrainParams(
@@ -377,3 +377,181 @@ def test_killing_only_the_double_leaves_the_grandchild(job: Job) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
     assert gone(child)
+
+
+# -------------------------------------------------------------------------------------------- SDXL
+# Held to the real SDXL runs in ../shared/kohya-logs/cpu-sdxl (sd-scripts 48d368fa): the same line skeleton as
+# run 01 and, for each failure the daemon can meet, the same last lines as the real run.
+SDXL_LOGS = Path(os.environ.get("KOHYA_LOGS_DIR", REPO.parent / "shared" / "kohya-logs")) / "cpu-sdxl"
+# Run 01's settings where they show in the output: dim 4, alpha 1, AdamW, fp32, 2 epochs saving each, U-Net only
+# with cached text-encoder outputs and gradient checkpointing.
+SDXL_TINY = dataclasses.replace(TINY, arch="sdxl", network_alpha=1.0, text_encoder_lr=0.0,
+                                cache_text_encoder_outputs=True, gradient_checkpointing=True)
+SDXL_KEY = re.compile(r"^lora_(unet|te1|te2)_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
+# The lines that say what phase the trainer is in, as the daemon's parser and the user read them.
+SKELETON = re.compile(
+    r"^(load tokenizer from cache: |load StableDiffusion checkpoint: |building |loading |U-Net: |text encoder \d: "
+    r"|VAE: |caching |checking cache |move vae |import network |create LoRA|neuron dropout|enable LoRA|prepare "
+    r"|use \w+ optimizer|running training|unet dtype|text_encoder \[|epoch \d+/\d+$|saving checkpoint: |model saved)"
+)
+
+
+def real_log(run: str, name: str) -> str:
+    matches = sorted(SDXL_LOGS.glob(f"{run}_*/{name}"))
+    if not matches:
+        pytest.skip(f"real SDXL logs not found in {SDXL_LOGS} (set KOHYA_LOGS_DIR)")
+    return matches[0].read_text(encoding="utf-8")
+
+
+def skeleton(stdout: str) -> list[str]:
+    """The phase lines of a run, with what differs between machines and jobs (paths, names) taken out."""
+    out = []
+    for line in stdout.splitlines():
+        if not SKELETON.match(line):
+            continue
+        head, sep, path = line.partition(": /")
+        if sep and head in ("load tokenizer from cache", "load StableDiffusion checkpoint", "saving checkpoint"):
+            name = path.rsplit("/", 1)[-1]
+            if head == "saving checkpoint":
+                name = re.sub(r"^.*?(-\d{6})?\.safetensors$", r"NAME\1.safetensors", name)
+            elif head == "load StableDiffusion checkpoint":
+                name = "MODEL"
+            line = f"{head}: {name}"
+        out.append(line)
+    return out
+
+
+def last_line(text: str) -> str:
+    return text.rstrip("\n").rsplit("\n", 1)[-1]
+
+
+@pytest.fixture
+def xl(job: Job) -> Job:
+    """The job fixture for sdxl_train_network.py: an SDXL checkpoint and both tokenizer folders."""
+    (job.root / "tokenizers" / "laion_CLIP-ViT-bigG-14-laion2B-39B-b160k").mkdir()
+    model = write_sdxl_checkpoint(job.root / "models" / "sdxl.safetensors")
+    launch = dataclasses.replace(job.launch, script_path=str(KOHYA_SDXL_DOUBLE), base_model=str(model))
+    return dataclasses.replace(job, launch=launch)
+
+
+def test_sdxl_output_has_the_real_runs_skeleton(xl: Job) -> None:
+    res = xl.run(xl.argv(SDXL_TINY))
+    assert res.returncode == 0, res.stderr
+    assert skeleton(res.stdout) == skeleton(real_log("01", "stdout.log"))
+    # the text-encoder caching phase draws its own unnamed bar on stderr before the steps bar, as the real one
+    assert res.stderr.index(f"| {IMAGES}/{IMAGES} [") < res.stderr.index("\rsteps:")
+
+
+def test_sdxl_unet_only_lora_has_the_real_layout(xl: Job) -> None:
+    assert xl.run(xl.argv(SDXL_TINY)).returncode == 0
+    with safe_open(str(xl.out / "Test_Hero.safetensors"), framework="numpy") as fh:
+        keys, meta = list(fh.keys()), fh.metadata()
+        dtypes = {str(fh.get_tensor(k).dtype) for k in keys}
+    assert keys and all(SDXL_KEY.match(k) and k.startswith("lora_unet_") for k in keys)
+    # SGM block names, as in the real file's keys
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_down.weight" in keys
+    assert dtypes == {"float16"}
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert meta["modelspec.implementation"] == "https://github.com/Stability-AI/generative-models"
+    assert meta["ss_gradient_checkpointing"] == "True" and meta["ss_text_encoder_lr"] == "None"
+    assert meta["modelspec.trigger_phrase"] == "sks" and meta["ss_training_comment"] == "job=job-1; trigger=sks"
+
+
+def test_sdxl_with_the_text_encoders_trained_has_te1_and_te2_keys(xl: Job) -> None:
+    params = dataclasses.replace(SDXL_TINY, cache_text_encoder_outputs=False, text_encoder_lr=5e-5)
+    res = xl.run(xl.argv(params))
+    assert res.returncode == 0, res.stderr
+    assert "caching Text Encoder outputs" not in res.stdout
+    assert res.stdout.index("enable LoRA for text encoder: 264 modules") < res.stdout.index(
+        "enable LoRA for U-Net: 722 modules")
+    with safe_open(str(xl.out / "Test_Hero.safetensors"), framework="numpy") as fh:
+        keys = list(fh.keys())
+    prefixes = {k.split("_", 2)[1] for k in keys}
+    assert prefixes == {"unet", "te1", "te2"}
+
+
+def test_caching_text_encoder_outputs_while_training_them_fails_like_run_12(xl: Job) -> None:
+    argv = xl.argv(SDXL_TINY)
+    argv.remove("--network_train_unet_only")
+    res = xl.run(argv)
+    assert res.returncode == 1
+    assert last_line(res.stderr) == last_line(real_log("12", "stderr.log"))
+    assert last_line(res.stdout).startswith("mean ar error")  # after the dataset scan, before the model load
+
+
+def test_shuffled_captions_cannot_be_cached(xl: Job) -> None:
+    argv = xl.argv(SDXL_TINY)
+    cfg = dataset_config(image_dir=str(xl.img), class_tokens="sks", params=SDXL_TINY)
+    cfg["general"]["shuffle_caption"] = True
+    write_dataset_config(Path(xl.launch.dataset_config), cfg)
+    res = xl.run(argv)
+    assert res.returncode == 1
+    assert last_line(res.stderr).startswith("AssertionError: when caching Text Encoder output, either "
+                                            "caption_dropout_rate, shuffle_caption")
+
+
+def test_bucket_steps_must_be_divisible_by_32(xl: Job) -> None:
+    argv = xl.argv(SDXL_TINY)
+    cfg = dataset_config(image_dir=str(xl.img), class_tokens="sks", params=SDXL_TINY)
+    cfg["general"].update(bucket_reso_steps=48, min_bucket_reso=48, max_bucket_reso=192)
+    write_dataset_config(Path(xl.launch.dataset_config), cfg)
+    res = xl.run(argv)
+    assert res.returncode == 1
+    assert "AssertionError: bucket_reso_steps is 48. it must be divisible by 32." in res.stderr
+
+
+@pytest.mark.parametrize("trap", [["--text_encoder_lr1", "1e-5"], ["--blocks_to_swap", "4"]])
+def test_flags_the_sdxl_script_does_not_have_exit_2(xl: Job, trap: list[str]) -> None:
+    res = xl.run([*xl.argv(SDXL_TINY), *trap])
+    assert res.returncode == 2
+    assert res.stderr.rstrip().endswith(f"sdxl_train_network.py: error: unrecognized arguments: {' '.join(trap)}")
+
+
+def test_an_sd1_checkpoint_fails_the_sdxl_script_like_run_10(xl: Job) -> None:
+    res = xl.run(xl.argv(SDXL_TINY, base_model=str(xl.root / "models" / "sd15.safetensors")))
+    assert res.returncode == 1
+    real_out, real_err = real_log("10", "stdout.log"), real_log("10", "stderr.log")
+    assert last_line(res.stdout) == last_line(real_out) == "loading U-Net from checkpoint"
+    error = "RuntimeError: Error(s) in loading state_dict for SdxlUNet2DConditionModel:"
+    assert error in real_err.splitlines() and error in res.stderr.splitlines()
+    assert res.stderr.split(error + "\n", 1)[1].startswith("\tUnexpected key(s) in state_dict: ")
+
+
+def test_an_sdxl_checkpoint_fails_the_sd1_script_like_run_11(job: Job) -> None:
+    model = write_sdxl_checkpoint(job.root / "models" / "sdxl.safetensors")
+    res = job.run(job.argv(base_model=str(model)))
+    assert res.returncode == 1
+    real_out, real_err = real_log("11", "stdout.log"), real_log("11", "stderr.log")
+    assert last_line(res.stdout) == last_line(real_out) == "UNet2DConditionModel: 64, 8, 768, False, False"
+    error = "RuntimeError: Error(s) in loading state_dict for UNet2DConditionModel:"
+    assert error in real_err.splitlines() and error in res.stderr.splitlines()
+    assert "\tsize mismatch for " in res.stderr
+
+
+def test_offline_without_the_bigg_tokenizer_fails_like_run_13(xl: Job) -> None:
+    (xl.root / "tokenizers" / "laion_CLIP-ViT-bigG-14-laion2B-39B-b160k").rmdir()
+    res = xl.run(xl.argv(SDXL_TINY))  # the daemon's env with a cache dir: HF_HUB_OFFLINE=1
+    assert res.returncode == 1
+    real_out = real_log("13", "stdout.log")
+    assert [ln.rsplit("/", 1)[-1] for ln in res.stdout.splitlines()] == \
+        [ln.rsplit("/", 1)[-1] for ln in real_out.splitlines()] == ["openai_clip-vit-large-patch14"]
+    assert last_line(res.stderr) == last_line(real_log("13", "stderr.log"))
+
+
+def test_fp8_base_without_mixed_precision_fails_late_like_run_14(xl: Job) -> None:
+    res = xl.run([*xl.argv(SDXL_TINY), "--fp8_base"])
+    assert res.returncode == 1
+    assert last_line(res.stdout) == last_line(real_log("14", "stdout.log")) == "use AdamW optimizer | {}"
+    assert last_line(res.stderr) == last_line(real_log("14", "stderr.log"))
+    assert "caching Text Encoder outputs..." in res.stdout  # the whole start-up was spent first
+
+
+def test_sdxl_double_keeps_the_knobs(xl: Job) -> None:
+    record = xl.root / "xl-argv.json"
+    argv = xl.argv(SDXL_TINY)
+    res = xl.run(argv, KOHYA_DOUBLE_FAIL="oom", KOHYA_DOUBLE_RECORD=str(record))
+    assert res.returncode == 1 and "torch.OutOfMemoryError: CUDA out of memory." in res.stderr
+    assert json.loads(record.read_text()) == argv[3:]
+    res = xl.run(argv, KOHYA_DOUBLE_LORA_MB="2")
+    assert res.returncode == 0 and (xl.out / "Test_Hero.safetensors").stat().st_size > 2 * 2**20

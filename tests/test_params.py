@@ -9,12 +9,17 @@ import math
 import pytest
 
 from daemon.errors import BadInput
+from daemon.pipeline.env_check import GpuInfo
 from daemon.pipeline.params import (
     OVERRIDE_KEYS,
     PRESETS,
+    PRESETS_BY_ARCH,
+    SDXL_PRESETS,
     TrainParams,
     default_repeats,
+    presets_for,
     resolve_params,
+    scaled_lr,
     total_steps,
 )
 
@@ -287,3 +292,145 @@ def test_previews_are_off_on_cpu_unless_asked_and_bounded_by_epochs() -> None:
     with pytest.raises(BadInput) as err:
         resolve({"epochs": 2, "sample_every_n_epochs": 3})
     assert err.value.key == "sample_every_n_epochs"
+
+
+# --- issue 8: presets per family, the card's fit, and the training amount kept when the batch changes ---
+
+RTX_4090 = GpuInfo(cuda=True, name="NVIDIA GeForce RTX 4090", vram_gb=23.99, bf16=True)
+RTX_3060 = GpuInfo(cuda=True, name="NVIDIA GeForce RTX 3060", vram_gb=11.76, bf16=True)
+RTX_3070 = GpuInfo(cuda=True, name="NVIDIA GeForce RTX 3070", vram_gb=7.79, bf16=True)
+H100 = GpuInfo(cuda=True, name="NVIDIA H100 80GB HBM3", vram_gb=79.19, bf16=True)
+NO_GPU = GpuInfo(cuda=False)
+MACHINES = [NO_GPU, GpuInfo(cuda=True, name="GTX 1060", vram_gb=5.93, bf16=False), RTX_3070, RTX_3060,
+            GpuInfo(cuda=True, name="RTX 4060 Ti", vram_gb=15.69, bf16=True), RTX_4090,
+            GpuInfo(cuda=True, name="A100", vram_gb=39.39, bf16=True), H100]
+
+
+def on(gpu: GpuInfo, overrides: dict[str, object] | None = None, *, arch: str = "sd1", images: int = 20) -> TrainParams:
+    return resolve_params(overrides or {}, image_count=images, arch=arch, gpu=gpu)
+
+
+def views(p: TrainParams, images: int = 20) -> int:
+    return images * p.repeats * p.epochs
+
+
+@pytest.mark.parametrize("name", sorted(SDXL_PRESETS))
+def test_sdxl_presets_train_the_unet_only_at_1024_px_for_800_to_2000_image_views(name: str) -> None:
+    p = on(RTX_4090, {"preset": name}, arch="sdxl")
+    assert (p.arch, p.preset, p.resolution, p.text_encoder_lr, p.cache_text_encoder_outputs) == (
+        "sdxl", name, 1024, 0.0, True)
+    assert p.repeats == 5  # 20 pictures x 5 ~ 100 per epoch (hollowstrawberry XL)
+    assert 800 <= views(p) <= 2000 and p.network_alpha == p.network_dim / 2
+    assert SDXL_PRESETS[name].batch_size == 4  # the reference batch their LRs are tuned for
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+@pytest.mark.parametrize("preset", ["fast", "balanced", "quality"])
+def test_the_training_amount_stays_whatever_batch_the_card_gets(arch: str, preset: str) -> None:
+    reference = PRESETS_BY_ARCH[arch][preset]
+    runs = [on(gpu, {"preset": preset}, arch=arch) for gpu in MACHINES]
+    assert len({p.batch_size for p in runs}) >= 4  # the cards really differ
+    for p in runs:
+        assert views(p) == views(runs[0])  # the same image views on every card...
+        assert total_steps(p, 20) == math.ceil(20 * p.repeats / p.batch_size) * p.epochs  # ...so steps follow 1/batch
+        assert (p.network_dim, p.network_alpha) == (reference.network_dim, reference.network_alpha)
+        want = min(reference.unet_lr * math.sqrt(p.batch_size / reference.batch_size), max(reference.unet_lr, 1e-3))
+        assert p.unet_lr == pytest.approx(want, rel=5e-3), (p.memory_tier, p.batch_size)
+
+
+@pytest.mark.parametrize(("lr", "batch", "reference", "optimizer", "want"), [
+    (1e-4, 2, 2, "AdamW8bit", 1e-4),
+    (1e-4, 8, 2, "AdamW", 2e-4),  # sqrt(4) = 2
+    (1e-4, 32, 2, "AdamW", 4e-4),
+    (1e-4, 1, 2, "AdamW8bit", 7.07e-5),  # smaller batches take a smaller step
+    (2e-4, 8, 4, "Adafactor", 2.83e-4),
+    (3e-4, 32, 4, "AdamW", 8.49e-4),
+    (5e-4, 32, 2, "AdamW", 1e-3),  # capped at the top of kohya's LoRA range
+    (2e-3, 32, 2, "AdamW", 2e-3),  # ...which never lowers a preset's own LR
+    (5e-5, 2, 8, "AdamW", 2.5e-5),
+    (0.0, 8, 2, "AdamW", 0.0),  # 0 = that part is not trained
+    (1.0, 32, 2, "Prodigy", 1.0),  # adapts its own step size
+    (1e-4, 32, 2, "Lion", 1e-4),  # no rule with a source for a sign method
+])
+def test_learning_rate_follows_the_square_root_of_the_batch_for_adam_types(lr: float, batch: int, reference: int,
+                                                                           optimizer: str, want: float) -> None:
+    assert scaled_lr(lr, batch_size=batch, reference_batch=reference, optimizer=optimizer) == want
+
+
+def test_the_fit_fills_the_levers_and_records_the_tier_and_why() -> None:
+    p = on(RTX_4090, arch="sdxl")
+    assert (p.memory_tier, p.batch_size, p.mixed_precision, p.gradient_checkpointing, p.optimizer) == (
+        "24gb", 4, "bf16", True, "AdamW")
+    assert (p.cache_text_encoder_outputs, p.fp8_base, p.text_encoder_lr, p.unet_lr) == (True, False, 0.0, 2e-4)
+    assert p.fit_reason.startswith("NVIDIA GeForce RTX 4090, 24 GB → batch 4, bf16")
+    small = on(RTX_3070, arch="sdxl")
+    assert (small.memory_tier, small.batch_size, small.fp8_base, small.optimizer) == ("8gb", 1, True, "AdamW8bit")
+    assert small.unet_lr == 1e-4  # 2e-4 x sqrt(1/4)
+    sd1 = on(H100)
+    assert (sd1.memory_tier, sd1.batch_size, sd1.mixed_precision, sd1.unet_lr, sd1.text_encoder_lr) == (
+        "40gb", 32, "bf16", 4e-4, 2e-4)
+    assert total_steps(sd1, 20) == 70  # 2000 image views at batch 32 (was 1000 steps at batch 2)
+
+
+def test_explicit_levers_win_over_the_tier() -> None:
+    p = on(RTX_4090, {"batch_size": 2, "mixed_precision": "fp16", "optimizer": "AdamW8bit",
+                      "gradient_checkpointing": True})
+    assert (p.batch_size, p.mixed_precision, p.optimizer, p.gradient_checkpointing) == (2, "fp16", "AdamW8bit", True)
+    assert p.unet_lr == PRESETS["balanced"].unet_lr  # batch 2 is the preset's own: its own LR
+    assert on(RTX_4090, {"batch_size": 8}).unet_lr == 2e-4  # a client batch moves the LR by the same rule...
+    assert on(RTX_4090, {"batch_size": 8, "unet_lr": 1e-4}).unet_lr == 1e-4  # ...unless the client set it
+    assert on(RTX_4090, {"memory_tier": "8gb"}, arch="sdxl").batch_size == 1
+
+
+def test_a_bigger_picture_than_the_tier_is_sized_for_shrinks_the_batch() -> None:
+    assert on(H100, {"resolution": 1024}).batch_size == 8  # 4x the pixels: a quarter of the batch
+    assert on(H100, {"resolution": 256}).batch_size == 32  # never grown beyond the measured batch
+    small = GpuInfo(cuda=True, name="GTX 1060", vram_gb=5.93, bf16=False)
+    assert (on(small, arch="sdxl").resolution, on(small, arch="sdxl").batch_size) == (768, 1)
+    assert on(small, {"resolution": 1024}, arch="sdxl").resolution == 1024  # the client's own resolution stays
+
+
+@pytest.mark.parametrize(("gpu", "arch", "overrides", "key", "words"), [
+    (RTX_3070, "sdxl", {"fp8_base": True, "mixed_precision": "no"}, "fp8_base", "needs mixed_precision"),
+    (RTX_4090, "sd1", {"fp8_base": True}, "fp8_base", "for SDXL"),
+    (RTX_4090, "sd1", {"cache_text_encoder_outputs": True}, "cache_text_encoder_outputs", "for SDXL"),
+    (RTX_4090, "sdxl", {"cache_text_encoder_outputs": True, "text_encoder_lr": 5e-5}, "cache_text_encoder_outputs",
+     "needs text_encoder_lr 0"),
+    (NO_GPU, "sdxl", {"fp8_base": True, "mixed_precision": "bf16"}, "fp8_base", "needs a GPU"),
+    (NO_GPU, "sd1", {"memory_tier": "24gb"}, "memory_tier", "needs a CUDA GPU"),
+    (RTX_4090, "sd1", {"memory_tier": "cpu"}, "memory_tier", "without a CUDA GPU"),
+    (RTX_4090, "sd1", {"memory_tier": "80gb"}, "memory_tier", "must be auto or one of"),
+    (RTX_4090, "sd1", {"memory_tier": None}, "memory_tier", "must be auto or one of"),
+    (RTX_4090, "sd1", {"gradient_checkpointing": "yes"}, "gradient_checkpointing", "true or false"),
+    (RTX_4090, "sd1", {"fp8_base": 1}, "fp8_base", "true or false"),
+    (RTX_4090, "sd2", {}, "arch", "must be one of"),
+])
+def test_levers_that_cannot_go_together_are_refused_saying_why(gpu: GpuInfo, arch: str, overrides: dict[str, object],
+                                                               key: str, words: str) -> None:
+    with pytest.raises(BadInput) as err:
+        on(gpu, overrides, arch=arch)
+    assert (err.value.key, err.value.status) == (key, 400)
+    assert words in err.value.message
+
+
+def test_a_tier_lever_yields_to_an_explicit_choice_it_cannot_go_with() -> None:
+    fp32 = on(RTX_3070, {"mixed_precision": "no"}, arch="sdxl")
+    assert (fp32.memory_tier, fp32.fp8_base) == ("8gb", False)  # kohya refuses fp8 without mixed precision
+    te = on(RTX_4090, {"text_encoder_lr": 5e-5}, arch="sdxl")
+    assert (te.cache_text_encoder_outputs, te.text_encoder_lr) == (False, 5e-5)  # training the TEs: not cached
+
+
+def test_a_stored_job_from_before_tiers_still_loads() -> None:
+    old = {k: v for k, v in resolve().to_json().items()
+           if k not in ("arch", "memory_tier", "gradient_checkpointing", "cache_text_encoder_outputs", "fp8_base",
+                        "fit_reason")}
+    p = TrainParams.from_json(old)
+    assert (p.arch, p.batch_size, p.mixed_precision, p.gradient_checkpointing, p.fp8_base, p.fit_reason) == (
+        "sd1", 2, "fp16", False, False, "")
+    xl = TrainParams.from_json({"arch": "sdxl", "preset": "quality", "epochs": 3})
+    assert (xl.resolution, xl.network_dim, xl.cache_text_encoder_outputs, xl.epochs) == (1024, 32, True, 3)
+
+
+def test_presets_for_knows_the_trainable_families() -> None:
+    assert presets_for("sd1") is PRESETS and presets_for("sdxl") is SDXL_PRESETS
+    assert set(SDXL_PRESETS) == set(PRESETS)

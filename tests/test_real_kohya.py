@@ -1,14 +1,21 @@
-"""Opt-in: one real training through the daemon with the real kohya sd-scripts (CPU is fine).
+"""Opt-in: real trainings through the daemon with the real kohya sd-scripts (CPU is fine).
 
 Set, e.g. after `eval "$(bash ../shared/harness/real_kohya.sh env)"`:
     KOHYA_SD=$KH_SD KOHYA_PYTHON=$KH_PY KOHYA_MODEL=$KH_MODEL KOHYA_TOKENIZER_CACHE=$KH_TOK_CACHE
 Takes a few minutes on 2 CPU cores (256 px, 6 steps, two aspect-ratio buckets).
+
+SDXL (after `real_kohya.sh setup-sdxl`), also: KOHYA_SDXL_MODEL=$KH_SDXL_MODEL. It needs about 21 GB of free RAM
+on a CPU (../shared/kohya-logs/cpu-sdxl) and takes about 5 minutes; run it alone:
+    python -m pytest -q tests/test_real_kohya.py -k sdxl_trains
+The parser check (KOHYA_SD and KOHYA_PYTHON only) loads no model: about 20 s.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import aiohttp
@@ -21,15 +28,18 @@ from tests.conftest import wait_for_state
 from tests.helpers import free_port, make_config, picture_bytes
 
 ENV = ("KOHYA_SD", "KOHYA_PYTHON", "KOHYA_MODEL", "KOHYA_TOKENIZER_CACHE")
-missing = [name for name in ENV if not os.environ.get(name)]
-
-pytestmark = [
-    pytest.mark.real_kohya,
-    pytest.mark.skipif(bool(missing), reason=f"real kohya not configured: set {', '.join(missing)} "
-                       "(see ../shared/harness/README.md)"),
-]
 
 
+def needs(*names: str) -> pytest.MarkDecorator:
+    missing = [name for name in names if not os.environ.get(name)]
+    return pytest.mark.skipif(bool(missing), reason=f"real kohya not configured: set {', '.join(missing)} "
+                              "(see ../shared/harness/README.md)")
+
+
+pytestmark = [pytest.mark.real_kohya]
+
+
+@needs(*ENV)
 async def test_real_kohya_trains_through_the_daemon(start_daemon, tmp_path: Path) -> None:
     sd = Path(os.environ["KOHYA_SD"])
     gpu = os.environ.get("KOHYA_GPU") == "1"
@@ -91,3 +101,130 @@ async def test_real_kohya_trains_through_the_daemon(start_daemon, tmp_path: Path
     assert meta["ss_network_module"] == "networks.lora"
     assert meta["ss_base_model_version"] == "sd_v1"
     assert meta.get("modelspec.trigger_phrase") == "sksreal"
+
+
+# -------------------------------------------------------------------------------------------- SDXL
+# Real sd-scripts code run on the daemon's SDXL argvs and dataset TOMLs: its parser, its argument checks and
+# SdxlNetworkTrainer.assert_extra_args on the real dataset group (nothing that loads a model).
+REAL_SDXL_CHECK = """
+import json, sys
+import sdxl_train_network as s
+from library import config_util, sdxl_train_util, train_util
+
+for name, argv in json.loads(sys.argv[1]).items():
+    parser = s.setup_parser()
+    args = train_util.read_config_from_file(parser.parse_args(argv), parser)
+    train_util.verify_training_args(args)
+    sdxl_train_util.verify_sdxl_training_args(args)
+    blueprint = config_util.BlueprintGenerator(config_util.ConfigSanitizer(True, True, False, True)).generate(
+        config_util.load_user_config(args.dataset_config), args)
+    group, val = config_util.generate_dataset_group_by_blueprint(blueprint.dataset_group)
+    s.SdxlNetworkTrainer().assert_extra_args(args, group, val)
+    print("CHECKED", name, json.dumps({"unet_only": args.network_train_unet_only, "fp8": args.fp8_base,
+          "cache_te": args.cache_text_encoder_outputs, "no_half_vae": args.no_half_vae}))
+"""
+
+
+@needs("KOHYA_SD", "KOHYA_PYTHON")
+def test_real_sdxl_parser_and_asserts_accept_the_argv(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from PIL import Image
+
+    from daemon.pipeline.kohya import KohyaLaunch, build_command, dataset_config, write_dataset_config
+    from daemon.pipeline.params import PRESETS
+
+    sd = Path(os.environ["KOHYA_SD"])
+    img = tmp_path / "img"
+    img.mkdir()
+    for i, size in enumerate([(1024, 1024), (832, 1216), (1216, 832)]):
+        Image.new("RGB", size, (i * 60, 90, 120)).save(img / f"{i}.png")
+        (img / f"{i}.txt").write_text("ohwx, person\n", encoding="utf-8")
+    base = replace(PRESETS["balanced"], arch="sdxl", resolution=1024, cache_text_encoder_outputs=True,
+                   text_encoder_lr=0.0, gradient_checkpointing=True)
+    cases = {
+        "fp16_cached": (base, False),
+        "bf16_fp8_adafactor": (replace(base, mixed_precision="bf16", fp8_base=True, optimizer="Adafactor"), False),
+        "text_encoders_trained": (replace(base, cache_text_encoder_outputs=False, text_encoder_lr=5e-5), False),
+        "cpu_fp32": (replace(base, mixed_precision="no", optimizer="AdamW", batch_size=1, resolution=256), True),
+    }
+    argvs = {}
+    for name, (params, cpu) in cases.items():
+        toml = tmp_path / f"{name}.toml"
+        write_dataset_config(toml, dataset_config(image_dir=str(img), class_tokens="ohwx person", params=params))
+        launch = KohyaLaunch(script_path=str(sd / "sdxl_train_network.py"), workspace=str(sd), accelerate_bin="x",
+                             python=os.environ["KOHYA_PYTHON"], base_model="/models/sdxl.safetensors",
+                             dataset_config=str(toml), output_dir=str(tmp_path / "out"), output_name="Hero",
+                             logging_dir=None, tokenizer_cache_dir=None, extra_args=(), cpu=cpu, trigger="ohwx",
+                             job_id="j1")
+        argv = build_command(params, launch)
+        argvs[name] = argv[argv.index(launch.script_path) + 1:]
+    done = subprocess.run([os.environ["KOHYA_PYTHON"], "-c", REAL_SDXL_CHECK, json.dumps(argvs)], cwd=sd,
+                          env={**os.environ, "PYTHONPATH": str(sd)}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    checked = {ln.split()[1]: json.loads(ln.split(" ", 2)[2]) for ln in done.stdout.splitlines()
+               if ln.startswith("CHECKED ")}
+    assert checked == {
+        "fp16_cached": {"unet_only": True, "fp8": False, "cache_te": True, "no_half_vae": True},
+        "bf16_fp8_adafactor": {"unet_only": True, "fp8": True, "cache_te": True, "no_half_vae": False},
+        "text_encoders_trained": {"unet_only": False, "fp8": False, "cache_te": False, "no_half_vae": True},
+        "cpu_fp32": {"unet_only": True, "fp8": False, "cache_te": True, "no_half_vae": False},
+    }
+
+
+@needs(*ENV, "KOHYA_SDXL_MODEL")
+async def test_real_kohya_sdxl_trains_through_the_daemon(start_daemon, tmp_path: Path) -> None:
+    sd = Path(os.environ["KOHYA_SD"])
+    # Only CLIP-L's folder, as an SD 1.x setup has it: the daemon makes SDXL's second tokenizer from it, and the
+    # real trainer, run offline, must load it.
+    tokenizers = tmp_path / "tokenizers"
+    shutil.copytree(Path(os.environ["KOHYA_TOKENIZER_CACHE"]) / "openai_clip-vit-large-patch14",
+                    tokenizers / "openai_clip-vit-large-patch14")
+    models = tmp_path / "ed" / "models" / "stable-diffusion"
+    models.mkdir(parents=True)
+    (models / "sdxl-random.safetensors").symlink_to(os.environ["KOHYA_SDXL_MODEL"])
+    cfg = make_config(
+        tmp_path,
+        port=free_port(),
+        allow_cpu=True,
+        kohya={
+            "python": os.environ["KOHYA_PYTHON"],
+            "script_path": str(sd / "train_network.py"),
+            "workspace": str(sd),
+            "tokenizer_cache_dir": str(tokenizers),
+        },
+    )
+    client = await start_daemon(cfg)
+    params = {"resolution": 256, "epochs": 2, "repeats": 1, "batch_size": 2, "network_dim": 4, "network_alpha": 1,
+              "text_encoder_lr": 0, "save_every_n_epochs": 1, "sample_every_n_epochs": 0}
+    form = aiohttp.FormData()
+    form.add_field("name", "Real XL")
+    form.add_field("trigger", "sksxl")
+    form.add_field("base_model", "sdxl-random.safetensors")
+    form.add_field("params", json.dumps(params))
+    for i in range(4):
+        form.add_field("images", picture_bytes(i, size=(256, 256)), filename=f"pic{i}.png")
+    resp = await client.post("/train", data=form)
+    assert resp.status == 202, await resp.text()
+    job_id = (await resp.json())["job_id"]
+    job = await wait_for_state(client, job_id, {"done", "error"}, timeout=1800)
+    assert job["state"] == "done", (job["error"], job["logs"][-30:])
+    stored = job["params"]
+    assert stored["arch"] == "sdxl" and stored["cache_text_encoder_outputs"] is True, stored
+    assert (tokenizers / "laion_CLIP-ViT-bigG-14-laion2B-39B-b160k" / "vocab.json").is_file()
+    lines = (await (await client.get(f"/jobs/{job_id}/logs")).json())["lines"]
+    assert any(ln.startswith("training SDXL with sdxl_train_network.py on the CPU") for ln in lines)
+    trainer_log = job_paths(cfg, job_id).trainer_log.read_text(encoding="utf-8")
+    assert "laion_CLIP-ViT-bigG-14-laion2B-39B-b160k" in trainer_log
+    assert "caching Text Encoder outputs..." in trainer_log
+    assert job["artifact"].startswith(str(cfg.ed_lora_dir))
+    with safe_open(job["artifact"], framework="numpy") as fh:
+        keys = list(fh.keys())
+        meta = fh.metadata()
+        sample = fh.get_tensor(next(k for k in keys if k.endswith("lora_down.weight")))
+    assert sum(k.endswith(".alpha") for k in keys) == 722  # U-Net only
+    assert all(k.startswith("lora_unet_") for k in keys)
+    assert str(sample.dtype) == "float16"
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert meta.get("modelspec.trigger_phrase") == "sksxl"

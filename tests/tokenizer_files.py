@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from daemon.pipeline.clip_tokenizer import HUB_REPO_FOLDER, TOKENIZER_FILES
+from daemon.pipeline.clip_tokenizer import TOKENIZER_FILES, TOKENIZER_ID, hub_repo_folder
 
 COMMIT = "32bd64288804d66eefd0ccbe215aa642df71cc41"
 
@@ -28,9 +28,10 @@ def write_tokenizer(folder: Path) -> Path:
     return folder
 
 
-def write_hub_cache(hub: Path, *, commit: str = COMMIT) -> Path:
-    """<hub>/models--openai--clip-vit-large-patch14 as a download leaves it: refs/main and the snapshot."""
-    repo = hub / HUB_REPO_FOLDER
+def write_hub_cache(hub: Path, *, commit: str = COMMIT, tokenizer_id: str = TOKENIZER_ID) -> Path:
+    """<hub>/models--openai--clip-vit-large-patch14 (or another tokenizer's repo) as a download leaves it:
+    refs/main and the snapshot."""
+    repo = hub / hub_repo_folder(tokenizer_id)
     (repo / "refs").mkdir(parents=True, exist_ok=True)
     (repo / "refs" / "main").write_text(commit, encoding="utf-8")
     return write_tokenizer(repo / "snapshots" / commit)

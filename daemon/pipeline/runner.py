@@ -375,8 +375,9 @@ class JobRunner:
         if found in ("sd1", "sdxl") and found != params.arch:
             # The wrong script would fail only at the model load, with 88-133 KB of state_dict keys.
             raise JobFailed(JobError(
-                "wrong_arch", f"{Path(job.base_model).name} is an {ARCH_LABELS[found]} model, but the job was set "
-                f"up for {label}.", "Start the job again: the settings follow the base model you pick."))
+                "model_incompatible",
+                f"{Path(job.base_model).name} is an {ARCH_LABELS[found]} model, but the job was set up for {label}.",
+                "Start the job again: the settings follow the base model you pick."))
         script = kohya.script_for(params.arch, self._config.kohya.script_path)
         if not script.is_file():
             raise JobFailed(JobError(
@@ -385,14 +386,15 @@ class JobRunner:
                 "point kohya.script_path at a newer checkout)."))
         problem = kohya.lever_problem(params)
         if problem:
-            raise JobFailed(JobError("bad_params", f"These training settings cannot run: {problem}",
+            raise JobFailed(JobError("bad_arguments", f"These training settings cannot run: {problem}",
                                      "Choose another memory tier or precision in Advanced and start again."))
         if params.arch == "sdxl":
             check, made = prepare_tokenizers(self._config, params.arch)
             if made is not None:
                 log.info("job %s: made SDXL's second tokenizer %s from the CLIP-L files", job.id, made)
             if not check.ok:
-                raise JobFailed(JobError("setup", f"SDXL's tokenizers are not ready: {check.detail}.", check.fix))
+                raise JobFailed(JobError("tokenizer_missing", f"SDXL's tokenizers are not ready: {check.detail}.",
+                                         check.fix))
 
     def _launch(self, job: Job, params: TrainParams, paths: JobPaths, cpu: bool) -> kohya.KohyaLaunch:
         k = self._config.kohya

@@ -23,8 +23,9 @@ from daemon.jobs.models import Job
 from daemon.jobs.store import LOG_RING
 from daemon.pipeline import base_models, dataset, trainer_log
 from daemon.pipeline.env_check import run_checks
-from daemon.pipeline.model_arch import ARCH_LABELS, TRAINABLE_ARCHS, detect_arch
-from daemon.pipeline.params import PRESETS, resolve_params
+from daemon.pipeline.fit import AUTO, choose_fit, tiers_json
+from daemon.pipeline.model_arch import ARCH_LABELS, TRAINABLE_ARCHS, Arch, detect_arch, untrainable_reason
+from daemon.pipeline.params import DEFAULT_PRESET, presets_for, resolve_params
 from daemon.pipeline.runner import job_paths
 from daemon.web.keys import CONFIG, GPU, QUEUE, STORE
 from daemon.web.uploads import UPLOAD_SLOTS, UploadLimits, read_train_form
@@ -93,10 +94,17 @@ async def config_test(request: web.Request) -> web.Response:
 
 @routes.get("/presets")
 async def presets(request: web.Request) -> web.Response:
+    """How much to train, per family (`?arch=sd1|sdxl`); batch sizes are the presets' reference batches."""
+    arch = request.query.get("arch", "sd1")
     return web.json_response({
-        "presets": {name: preset.to_json() for name, preset in PRESETS.items()},
-        "default": "balanced",
+        "presets": {name: preset.to_json() for name, preset in presets_for(arch).items()},
+        "default": DEFAULT_PRESET,
     })
+
+
+def _model_json(file: str, arch: Arch, **extra: str) -> dict[str, object]:
+    why = untrainable_reason(arch, file)
+    return {**extra, "file": file, "arch": arch, "trainable": why is None, **({"why": why} if why else {})}
 
 
 @routes.get("/models")
@@ -105,9 +113,52 @@ async def models(request: web.Request) -> web.Response:
     found = await asyncio.to_thread(base_models.describe_models, config.ed_models_dir)
     default = None
     if config.base_model is not None:
-        default = {"file": config.base_model.name, "arch": await asyncio.to_thread(detect_arch, config.base_model)}
-    return web.json_response({"models": [m.to_json() for m in found], "default": default,
-                              "supported_archs": list(TRAINABLE_ARCHS)})
+        default = _model_json(config.base_model.name, await asyncio.to_thread(detect_arch, config.base_model))
+    return web.json_response({"models": [_model_json(m.path.name, m.arch, id=m.id) for m in found],
+                              "default": default, "supported_archs": list(TRAINABLE_ARCHS)})
+
+
+FIT_QUERY_KEYS = ("base_model", "preset", "memory_tier", "images")
+
+
+@routes.get("/fit")
+async def fit(request: web.Request) -> web.Response:
+    """The memory tier and the settings a job would get on this machine. Uses the cached GPU probe only."""
+    config = request.app[CONFIG].current
+    query = request.query
+    unknown = sorted(k for k in query if k not in FIT_QUERY_KEYS)
+    if unknown:
+        raise BadInput(f"Unknown query parameter '{unknown[0]}'; allowed: {', '.join(FIT_QUERY_KEYS)}.",
+                       key=unknown[0])
+    images = _query_int(query, "images", default=20, low=1, high=dataset.MAX_IMAGES)
+    base = await _base_model(config, query.get("base_model"))
+    arch = await asyncio.to_thread(detect_arch, base)
+    gpu = await request.app[GPU].get()
+    answer: dict[str, object] = {
+        "arch": arch, "arch_label": ARCH_LABELS[arch],
+        "gpu": {"cuda": gpu.cuda, "name": gpu.name, "vram_gb": gpu.vram_gb, "bf16": gpu.bf16},
+        "tiers": tiers_json(),
+    }
+    why = untrainable_reason(arch, base.name)
+    if why is not None:
+        return web.json_response({**answer, "trainable": False, "why": why})
+    overrides = {"preset": query.get("preset", DEFAULT_PRESET), "memory_tier": query.get("memory_tier", AUTO)}
+    chosen = choose_fit(arch, gpu, tier=overrides["memory_tier"])
+    params = resolve_params(overrides, image_count=images, arch=arch, gpu=gpu)
+    return web.json_response({**answer, "trainable": True, "tier": chosen.tier, "tier_label": chosen.label,
+                              "auto": chosen.auto, "reason": chosen.reason, "params": params.to_json()})
+
+
+async def _base_model(config: Config, requested: str | None) -> Path:
+    """The checkpoint a client names (an ED model id, never a path), or the configured default."""
+    if requested is not None:
+        _check_text("base_model", requested)
+    base = await asyncio.to_thread(base_models.resolve_model, requested, models_dir=config.ed_models_dir,
+                                   default=config.base_model)
+    if not base.exists():
+        raise BadInput(f"The base model {base} does not exist.", key="base_model",
+                       hint="Fix base_model in the daemon config or pick a model in Easy Diffusion.")
+    return base
 
 
 @routes.post("/train")
@@ -168,22 +219,16 @@ async def _new_job(request: web.Request, form: dict[str, str], uploads: list[dat
     name = fields.check_name(form.get("name"))
     trigger = fields.check_trigger(form.get("trigger"))
     class_token = fields.check_class_token(form.get("class_token"))
-    base = await asyncio.to_thread(base_models.resolve_model, form.get("base_model"),
-                                   models_dir=config.ed_models_dir, default=config.base_model)
-    if not base.exists():
-        raise BadInput(f"The base model {base} does not exist.", key="base_model",
-                       hint="Fix base_model in the daemon config or pick a model in Easy Diffusion.")
+    base = await _base_model(config, form.get("base_model"))
     arch = await asyncio.to_thread(detect_arch, base)
-    if arch not in TRAINABLE_ARCHS and arch != "unknown":
-        raise BadInput(
-            f"{base.name} is an {ARCH_LABELS[arch]} model; only SD 1.x models can be trained for now.",
-            key="base_model", hint="Choose an SD 1.x checkpoint such as sd-v1-5.")
-    _check_text("base_model", form.get("base_model") or "")
+    if arch == "sd2":
+        raise BadInput(untrainable_reason(arch, base.name) or "", key="base_model")
     overrides = fields.parse_params(form.get("params"))
     dataset.check_count(len(uploads))
     await asyncio.to_thread(dataset.check_images, uploads)
     gpu = await request.app[GPU].get()
-    params = resolve_params(overrides, image_count=len(uploads), cpu=not gpu.cuda)
+    # An unreadable family (.ckpt) is trained as SD 1.x, as before the daemon knew SDXL; kohya says if it is not.
+    params = resolve_params(overrides, image_count=len(uploads), arch="sdxl" if arch == "sdxl" else "sd1", gpu=gpu)
     return Job(
         id=uuid.uuid4().hex[:12],
         name=name,
