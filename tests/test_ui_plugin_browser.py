@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -1139,6 +1140,23 @@ def test_sdxl_trains_from_the_tab_to_eds_lora_list_with_its_memory_tier(env: Env
         page.fill(f"#clora-p-{key}", value)
     drop_images(page, image_payload(8, start=60))
     page.wait_for_function("!document.querySelector('[data-clora=start]').disabled", timeout=30000)
+    # a GPU tier left chosen (e.g. from a daemon on another machine): the daemon's refusal blocks Start
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        fit_json(env, base_model="tiny-sdxl", preset="balanced", memory_tier="24gb", images=8)
+    assert refused.value.code == 400
+    error = json.loads(refused.value.read())["error"]
+    page.evaluate("""async () => {
+        const { state } = await import("/character-lora/ui/store.js")
+        const { renderForm } = await import("/character-lora/ui/views/form.js")
+        state.memoryTier = "24gb"
+        renderForm()
+    }""")
+    wait_fit_line(page, error)
+    assert "clora-warn" in (page.get_attribute("[data-clora=fit]", "class") or "")
+    assert page.is_disabled("[data-clora=start]") and page.inner_text("[data-clora=start-reason]") == error
+    page.select_option("#clora-memory-tier", "cpu")
+    wait_fit_line(page, chosen["reason"])
+    page.wait_for_function("!document.querySelector('[data-clora=start]').disabled")
     page.evaluate(RECORD_TRAIN_PARAMS)
     page.click("[data-clora=start]")
     page.wait_for_function("window.__trainParams.length === 1")
