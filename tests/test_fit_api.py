@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -125,6 +126,11 @@ async def test_an_sd2_or_unreadable_model_is_not_trainable_and_says_why(client: 
     assert "tier" not in body and "params" not in body and len(body["tiers"]) == 7
     ckpt = await get_json(client, "/fit?base_model=old")
     assert (ckpt["arch"], ckpt["trainable"]) == ("unknown", False) and ".ckpt" in ckpt["why"]
+    odd_file = models_dir(config) / "odd.safetensors"
+    save_file({"model.diffusion_model.x": np.zeros((2,), dtype=np.float16)}, str(odd_file))
+    odd = await get_json(client, "/fit?base_model=odd")
+    assert (odd["arch"], odd["trainable"]) == ("unknown", False)
+    assert "from its contents" in odd["why"] and ".ckpt" not in odd["why"]
     models = {m["id"]: m for m in (await get_json(client, "/models"))["models"]}
     assert models["v2-768"]["trainable"] is False and models["v2-768"]["why"] == body["why"]
     assert models["sd-test"] == {"id": "sd-test", "file": "sd-test.safetensors", "arch": "sd1", "trainable": True}
@@ -158,9 +164,12 @@ async def stored_params(client: TestClient, resp: Any) -> dict[str, Any]:
     return job["params"]  # type: ignore[no-any-return]
 
 
-async def test_train_stores_the_sdxl_family_tier_and_levers(gpu_daemon: tuple[TestClient, list[float]]) -> None:
+async def test_train_stores_the_sdxl_family_tier_and_levers(gpu_daemon: tuple[TestClient, list[float]],
+                                                            caplog: pytest.LogCaptureFixture) -> None:
     client, _ = gpu_daemon
-    p = await stored_params(client, await client.post("/train", data=train_form(8, base_model="xl/pony")))
+    with caplog.at_level(logging.INFO, logger="daemon.web.api"):
+        p = await stored_params(client, await client.post("/train", data=train_form(8, base_model="xl/pony")))
+    assert f"SDXL, 24gb tier: {p['fit_reason']}" in caplog.text  # the daemon's log says which tier and why
     assert (p["arch"], p["memory_tier"], p["batch_size"], p["mixed_precision"], p["resolution"]) == (
         "sdxl", "24gb", 4, "bf16", 1024)
     assert (p["cache_text_encoder_outputs"], p["gradient_checkpointing"], p["fp8_base"], p["text_encoder_lr"]) == (

@@ -164,7 +164,7 @@ def check_base_model(path: Path | None, models_dir: Path | None = None) -> Check
     if arch not in TRAINABLE_ARCHS and arch != "unknown":
         return Check("base_model", False, f"{path.name} is {label}; only SD 1.x models can be trained for now",
                      "Choose an SD 1.x checkpoint (e.g. sd-v1-5) as the base model.")
-    note = "" if arch == "sd1" else " (architecture could not be read; assuming SD 1.x)"
+    note = " (architecture could not be read; assuming SD 1.x)" if arch == "unknown" else ""
     return Check("base_model", True, f"{path} — {label}{note}")
 
 

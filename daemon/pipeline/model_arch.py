@@ -26,8 +26,10 @@ def untrainable_reason(arch: Arch, file_name: str) -> str | None:
         # users are on SD 2.x: not worth a family of its own.
         return (f"{file_name} is an SD 2.x model; SD 2.x is not trained here (it needs its own v2/v-prediction "
                 f"settings, and few character LoRAs use it). {PICK_INSTEAD}")
-    return (f"Which family {file_name} belongs to cannot be read (a .ckpt file is never opened: loading one runs "
-            f"code inside it). Use a .safetensors copy of it, or another model. {PICK_INSTEAD}")
+    if file_name.lower().endswith(".ckpt"):
+        return (f"Which family {file_name} belongs to cannot be read (a .ckpt file is never opened: loading one "
+                f"runs code inside it). Use a .safetensors copy of it, or another model. {PICK_INSTEAD}")
+    return f"Which family {file_name} belongs to cannot be read from its contents. {PICK_INSTEAD}"
 
 
 def arch_from_keys(keys: list[str] | set[str]) -> Arch:

@@ -229,7 +229,7 @@ async def _new_job(request: web.Request, form: dict[str, str], uploads: list[dat
     gpu = await request.app[GPU].get()
     # An unreadable family (.ckpt) is trained as SD 1.x, as before the daemon knew SDXL; kohya says if it is not.
     params = resolve_params(overrides, image_count=len(uploads), arch="sdxl" if arch == "sdxl" else "sd1", gpu=gpu)
-    return Job(
+    job = Job(
         id=uuid.uuid4().hex[:12],
         name=name,
         trigger=trigger,
@@ -239,6 +239,8 @@ async def _new_job(request: web.Request, form: dict[str, str], uploads: list[dat
         image_count=len(uploads),
         created_at=time.time(),
     )
+    log.info("job %s: %s, %s tier: %s", job.id, ARCH_LABELS[arch], params.memory_tier, params.fit_reason)
+    return job
 
 
 @routes.get("/jobs")
