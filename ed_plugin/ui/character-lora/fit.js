@@ -56,7 +56,8 @@ async function fetchFit(q, key) {
         const data = await client.request("GET", "/fit?" + new URLSearchParams(q).toString(), null, { timeoutMs: 15000 })
         if (mine !== seq || gen !== state.connectGen) return
         state.fit = { key, base: q.base_model, data, error: null }
-        if (data && data.auto && data.tier_label) state.autoTier = { arch: data.arch, label: data.tier_label }
+        // the daemon picks the tier from the card alone (each family has its own settings per tier)
+        if (data && data.auto && data.tier_label) state.autoTier = data.tier_label
         if (data && Array.isArray(data.tiers)) state.tiers = data.tiers
         if (data && data.gpu) state.fitGpu = data.gpu
     } catch (e) {
@@ -84,6 +85,7 @@ export function resetFit() {
     state.fit = null
     state.fitUnsupported = false
     state.fitGpu = null
+    state.autoTier = null
     state.presetsByArch = {}
 }
 

@@ -20,7 +20,7 @@ export const state = {
     fitUnsupported: false, // the daemon has no /fit (older than the memory tiers)
     tiers: [], // [{id, label}] from /fit
     fitGpu: null, // /fit's `gpu`: {cuda, name, vram_gb, bf16}
-    autoTier: null, // {arch, label}: the tier the daemon picks by itself, for the Automatic option's label
+    autoTier: null, // the label of the tier the daemon picks by itself, for the Automatic option
     jobs: new Map(),
     selectedId: null,
     userSelected: false,

@@ -76,7 +76,7 @@ export function renderBaseModels() {
 export function renderTiers() {
     if (!ui.memoryTier) return
     ui.memoryTierField.hidden = state.fitUnsupported
-    const auto = state.autoTier && state.autoTier.arch === baseModelArch(selectedBaseModel()) ? state.autoTier.label : ""
+    const auto = state.autoTier || ""
     const opts = [{ id: "auto", label: auto ? "Automatic (" + auto + ")" : "Automatic" }].concat(state.tiers.map((t) => ({ id: t.id, label: t.label || t.id })))
     // the daemon refuses a GPU tier without a CUDA GPU, and the CPU tier with one
     const gpu = state.fitGpu

@@ -116,6 +116,8 @@ export function updateJobPanel(job) {
     if (!p) return
     const settings = jobSettingsText(job)
     if (p.settings.textContent !== settings) p.settings.textContent = settings
+    const why = (job.params && job.params.fit_reason) || ""
+    if (p.settings.title !== why) p.settings.title = why // the daemon's reason for the tier, as the form showed it
     const pr = job.progress || {}
     const total = pr.total || 0
     const step = pr.step || 0
