@@ -30,7 +30,7 @@ from tests.helpers import KOHYA_DOUBLE, free_port, make_config, picture_bytes, w
 from tests.tokenizer_files import write_tokenizer
 
 # What fit.py picks for SDXL on a CPU, small enough for the double: U-Net only with cached text-encoder outputs.
-SDXL = replace(PRESETS["balanced"], arch="sdxl", resolution=256, epochs=2, repeats=1, batch_size=2,
+SDXL = replace(PRESETS["balanced"], arch="sdxl", memory_tier="cpu", resolution=256, epochs=2, repeats=1, batch_size=2,
                text_encoder_lr=0.0, cache_text_encoder_outputs=True, gradient_checkpointing=True,
                mixed_precision="no", optimizer="AdamW", save_every_n_epochs=1, sample_every_n_epochs=0)
 
