@@ -23,19 +23,25 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
+from safetensors.numpy import save_file
 
 import install_plugin
 from daemon.config import update_config_file
+from daemon.pipeline.clip_tokenizer import TOKENIZER_FOLDER
 from tests.ed_fake.server import FakeEd, ServerThread
 from tests.helpers import KOHYA_DOUBLE, REPO, free_port, picture_bytes, write_sd1_checkpoint, write_sdxl_checkpoint
+from tests.tokenizer_files import write_tokenizer
 
 CHROMIUM = Path(os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"))
 CHROMIUM_ARGS = [
@@ -72,13 +78,14 @@ def artifacts_dir() -> Path:
 class DaemonProcess:
     """`python -m daemon --config <cfg>` as the user would run it; stoppable and restartable."""
 
-    def __init__(self, cfg: Path, url: str, log: Path) -> None:
+    def __init__(self, cfg: Path, url: str, log: Path, extra_env: dict[str, str] | None = None) -> None:
         self.cfg, self.url, self.log = cfg, url, log
+        self.extra_env = extra_env or {}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         env_vars = {**os.environ, "KOHYA_DOUBLE_STEP_SECONDS": STEP_SECONDS, "PYTHONUNBUFFERED": "1",
-                    "KOHYA_DOUBLE_SAMPLE_SECONDS": SAMPLE_SECONDS}
+                    "KOHYA_DOUBLE_SAMPLE_SECONDS": SAMPLE_SECONDS, **self.extra_env}
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "daemon", "--config", str(self.cfg)], cwd=REPO, env=env_vars, stdout=out,
@@ -123,6 +130,13 @@ def _wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = 
     raise AssertionError(f"{url} did not answer within {timeout}s")
 
 
+def write_sd2_checkpoint(path: Path) -> Path:
+    """Not a model: the key layout of an SD 2.x checkpoint (OpenCLIP text encoder: cond_stage_model.model.*)."""
+    save_file({"cond_stage_model.model.transformer.resblocks.0.ln_1.weight": np.zeros((2,), dtype=np.float16)},
+              str(path))
+    return path
+
+
 def make_ed_root(root: Path, *, listen_port: int) -> Path:
     """An ED install laid out like the Linux zip after a first start."""
     (root / "scripts").mkdir(parents=True)
@@ -133,6 +147,7 @@ def make_ed_root(root: Path, *, listen_port: int) -> Path:
         (root / "models" / kind).mkdir(parents=True)
     write_sd1_checkpoint(root / "models" / "stable-diffusion" / "tiny-sd15.safetensors")
     write_sdxl_checkpoint(root / "models" / "stable-diffusion" / "tiny-sdxl.safetensors")
+    write_sd2_checkpoint(root / "models" / "stable-diffusion" / "tiny-sd21.safetensors")
     (root / "config.yaml").write_text(yaml.safe_dump({"net": {"listen_port": listen_port}, "update_branch": "main"}))
     (root / "plugins" / "ui").mkdir(parents=True)
     (root / "plugins" / "server").mkdir(parents=True)
@@ -147,10 +162,14 @@ def env(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
     ed_port = free_port()
     ed_root = make_ed_root(tmp / "easy-diffusion", listen_port=ed_port)
     cfg = tmp / "daemon" / "config.yaml"
+    # an offline machine's tokenizer folder (README, "SDXL"): CLIP-L's files; the daemon makes bigG's from them
+    tokenizers = tmp / "tokenizers"
+    write_tokenizer(tokenizers / TOKENIZER_FOLDER)
 
     # the user's set-up path: install_plugin.py (ED does not start the daemon here; the test does)
     rc = install_plugin.main(
-        ["--ed-root", str(ed_root), "--daemon-python", sys.executable, "--daemon-config", str(cfg), "--no-autostart"]
+        ["--ed-root", str(ed_root), "--daemon-python", sys.executable, "--daemon-config", str(cfg), "--no-autostart",
+         "--tokenizer-cache", str(tokenizers)]
     )
     assert rc == 0
     daemon_port = free_port()
@@ -272,11 +291,17 @@ def test_train_from_the_tab_end_to_end(env: Env, page: Any) -> None:
     assert page.get_attribute("[data-clora=arch]", "data-arch") == "sd1"
     assert "SD 1.x" in page.inner_text("[data-clora=arch]")
 
-    # an SDXL model is shown as such, and training it is refused before upload (the daemon trains SD 1.x)
+    # an SDXL model is shown as such and can be trained; an SD 2.x one is refused before upload, in the
+    # daemon's words (its /fit answer)
     page.select_option("#clora-base-model", "tiny-sdxl")
     assert page.get_attribute("[data-clora=arch]", "data-arch") == "sdxl"
     assert "SDXL" in page.inner_text("[data-clora=arch]")
-    assert "SDXL models cannot be trained yet" in page.inner_text("[data-error-for=base_model]")
+    assert page.inner_text("[data-error-for=base_model]") == ""
+    page.select_option("#clora-base-model", "tiny-sd21")
+    why = daemon_json(env, "GET", "/fit?base_model=tiny-sd21")["why"]
+    assert "SD 2.x" in why
+    page.wait_for_function("(why) => document.querySelector('[data-error-for=base_model]').textContent === why",
+                           arg=why)
     page.select_option("#clora-base-model", "tiny-sd15")
     assert page.inner_text("[data-error-for=base_model]") == ""
 
@@ -994,3 +1019,299 @@ def test_speed_tile_shows_previews_and_the_layout_fits_ed(env: Env, page: Any) -
             assert not _overlap(tab, got["status"]), f"tab {tab['id']} runs into ED's status at {width}px: {got}"
         assert not _overlap(got["header"], got["status"]), f"the tab header runs into ED's status at {width}px"
         page.screenshot(path=str(artifacts_dir() / f"layout-{width}.png"), full_page=False)
+
+
+# ---- how the run fits the card (GET /fit), SDXL
+
+def test_a_daemon_without_fit_shows_no_tier_line_and_sends_no_tier(env: Env, page: Any) -> None:
+    """A daemon older than the memory tiers answers /fit with aiohttp's 404: the form works as before."""
+    asked: list[str] = []
+
+    def old_daemon(route: Any) -> None:
+        asked.append(route.request.url)
+        route.fulfill(status=404, content_type="text/plain", body="404: Not Found")
+
+    page.route("**/fit?*", old_daemon)
+    open_tab(page, env.ed_url)
+    page.wait_for_selector("[data-clora=root][data-ready=true]", timeout=30000)
+    page.wait_for_function("window.CharacterLoRA.state.fitUnsupported === true", timeout=10000)
+    assert len(asked) == 1 and "base_model=tiny-sd15" in asked[0]
+    assert page.locator("[data-clora=fit]").is_hidden()
+    page.locator("[data-clora=advanced] summary").click()
+    assert page.locator("#clora-memory-tier").is_hidden()
+    # the fields show the preset's values, and nothing about tiers is sent with the job
+    balanced = daemon_json(env, "GET", "/presets")["presets"]["balanced"]
+    assert page.input_value("#clora-p-batch_size") == str(balanced["batch_size"])
+    sent = page.evaluate("""async () => {
+        const { collectParams } = await import("/character-lora/ui/form-rules.js")
+        window.CharacterLoRA.state.memoryTier = "24gb"  // even a tier left chosen from another daemon
+        return collectParams()
+    }""")
+    assert sent == {"preset": "balanced"}
+    # other models are not asked about again
+    page.select_option("#clora-base-model", "tiny-sdxl")
+    page.wait_for_timeout(600)
+    assert len(asked) == 1
+
+
+def fit_json(env: Env, **query: Any) -> Any:
+    """The daemon's own GET /fit answer: what the tab must show."""
+    return daemon_json(env, "GET", "/fit?" + urllib.parse.urlencode(query))
+
+
+def tier_options(page: Any) -> list[dict[str, Any]]:
+    return page.evaluate("""() => Array.from(document.querySelectorAll('#clora-memory-tier option'))
+        .map((o) => ({ id: o.value, text: o.textContent, disabled: o.disabled }))""")
+
+
+def wait_job_done(page: Any, name: str) -> None:
+    """The panel shows the job of that name (not an older one), done."""
+    page.wait_for_function(
+        "(name) => { const j = window.CharacterLoRA.selectedJob(); return j && j.name === name && j.state === 'done'"
+        " && document.querySelector('[data-clora=job-state]')?.textContent === 'Done' }", arg=name, timeout=90000)
+
+
+def wait_fit_line(page: Any, reason: str) -> None:
+    page.wait_for_function("(r) => document.querySelector('[data-clora=fit]')?.textContent === r", arg=reason,
+                           timeout=15000)
+    assert page.is_visible("[data-clora=fit]")
+
+
+# Records the `params` field of the tab's POST /train (a multipart body with files, which Playwright's request
+# object does not expose), then lets the request go on unchanged.
+RECORD_TRAIN_PARAMS = """() => {
+    const send = window.fetch
+    window.__trainParams = []
+    window.fetch = function (url, opts) {
+        if (String(url).endsWith("/train") && opts && opts.body instanceof FormData) {
+            window.__trainParams.push(JSON.parse(opts.body.get("params")))
+        }
+        return send.apply(this, arguments)
+    }
+}"""
+
+
+def test_sdxl_trains_from_the_tab_to_eds_lora_list_with_its_memory_tier(env: Env, page: Any) -> None:
+    open_tab(page, env.ed_url)
+    page.wait_for_selector("[data-clora=root][data-ready=true]", timeout=30000)
+    # the picker lists ED's SDXL models beside the SD 1.x ones, each with its family; SD 2.x is marked
+    options = page.evaluate("""() => Object.fromEntries(
+        Array.from(document.querySelectorAll('#clora-base-model option'))
+            .map((o) => [o.value, { text: o.textContent, trainable: o.dataset.trainable }]))""")
+    assert options["tiny-sd15"] == {"text": "tiny-sd15 — SD 1.x", "trainable": "true"}
+    assert options["tiny-sdxl"] == {"text": "tiny-sdxl — SDXL", "trainable": "true"}
+    assert options["tiny-sd21"] == {"text": "tiny-sd21 — SD 2.x (cannot be trained)", "trainable": "false"}
+
+    # picking the SDXL model: the daemon's tier line, and the form's values are the ones /fit resolved
+    page.select_option("#clora-base-model", "tiny-sdxl")
+    fit = fit_json(env, base_model="tiny-sdxl", preset="balanced", memory_tier="auto", images=8)
+    assert fit["arch"] == "sdxl" and fit["trainable"] is True and fit["auto"] is True
+    wait_fit_line(page, fit["reason"])
+    assert page.get_attribute("[data-clora=fit]", "data-tier") == fit["tier"]
+    page.locator("[data-clora=advanced] summary").click()
+    p = fit["params"]
+    sdxl_presets = daemon_json(env, "GET", "/presets?arch=sdxl")["presets"]
+    assert p["resolution"] == sdxl_presets["balanced"]["resolution"] == 1024
+    page.wait_for_function("document.querySelector('#clora-p-resolution').value === '1024'")
+    assert page.input_value("#clora-p-batch_size") == str(p["batch_size"])
+    assert float(page.input_value("#clora-p-unet_lr")) == pytest.approx(p["unet_lr"])
+    assert float(page.input_value("#clora-p-text_encoder_lr")) == p["text_encoder_lr"]
+    assert page.get_attribute("#clora-p-repeats", "placeholder") == f"auto ({p['repeats']})"
+    steps = -(-8 * p["repeats"] // p["batch_size"]) * p["epochs"]
+    assert page.inner_text("[data-clora=preset-help]").startswith(f"≈ {steps} steps · {p['epochs']} epochs")
+
+    # Advanced's Memory tier: Automatic (naming the tier it picked) and the daemon's tiers; a machine without
+    # a CUDA GPU can use the CPU tier only
+    opts = tier_options(page)
+    assert [o["id"] for o in opts] == ["auto"] + [t["id"] for t in fit["tiers"]]
+    assert opts[0]["text"] == f"Automatic ({fit['tier_label']})"
+    assert [o["id"] for o in opts if not o["disabled"]] == ["auto", "cpu"]
+    with page.expect_request(lambda r: "/fit?" in r.url and "memory_tier=cpu" in r.url):
+        page.select_option("#clora-memory-tier", "cpu")
+    chosen = fit_json(env, base_model="tiny-sdxl", preset="balanced", memory_tier="cpu", images=8)
+    assert chosen["auto"] is False and chosen["reason"] != fit["reason"]
+    wait_fit_line(page, chosen["reason"])
+    assert page.get_attribute("[data-clora=fit]", "data-auto") == "false"
+
+    # a short run with that tier: the choice goes to /train as params.memory_tier
+    page.fill("#clora-name", "Xl Hero")
+    page.fill("#clora-trigger", "xlh3ro")
+    for key, value in (("epochs", "1"), ("repeats", "1"), ("resolution", "256"), ("sample_every_n_epochs", "0")):
+        page.fill(f"#clora-p-{key}", value)
+    drop_images(page, image_payload(8, start=60))
+    page.wait_for_function("!document.querySelector('[data-clora=start]').disabled", timeout=30000)
+    # a GPU tier left chosen (e.g. from a daemon on another machine): the daemon's refusal blocks Start
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        fit_json(env, base_model="tiny-sdxl", preset="balanced", memory_tier="24gb", images=8)
+    assert refused.value.code == 400
+    error = json.loads(refused.value.read())["error"]
+    page.evaluate("""async () => {
+        const { state } = await import("/character-lora/ui/store.js")
+        const { renderForm } = await import("/character-lora/ui/views/form.js")
+        state.memoryTier = "24gb"
+        renderForm()
+    }""")
+    wait_fit_line(page, error)
+    assert "clora-warn" in (page.get_attribute("[data-clora=fit]", "class") or "")
+    assert page.is_disabled("[data-clora=start]") and page.inner_text("[data-clora=start-reason]") == error
+    page.select_option("#clora-memory-tier", "cpu")
+    wait_fit_line(page, chosen["reason"])
+    page.wait_for_function("!document.querySelector('[data-clora=start]').disabled")
+    page.evaluate(RECORD_TRAIN_PARAMS)
+    page.click("[data-clora=start]")
+    page.wait_for_function("window.__trainParams.length === 1")
+    sent = page.evaluate("window.__trainParams[0]")
+    assert sent["memory_tier"] == "cpu" and sent["preset"] == "balanced" and sent["resolution"] == 256
+    wait_job_done(page, "Xl Hero")
+    page.wait_for_selector("[data-clora=use-it]:not([disabled])", timeout=30000)
+    job = page.evaluate("window.CharacterLoRA.selectedJob()")
+    stored = daemon_json(env, "GET", f"/jobs/{job['id']}/status")
+    assert stored["params"]["arch"] == "sdxl" and stored["params"]["memory_tier"] == "cpu"
+    assert stored["base_model"].endswith("tiny-sdxl.safetensors")
+
+    # the LoRA is an SDXL one, in ED's LoRA list
+    lora_id = job["lora_id"]
+    lora = env.lora_dir / f"{lora_id}.safetensors"
+    assert lora.is_file()
+    with lora.open("rb") as fh:
+        header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+    assert header["__metadata__"]["ss_base_model_version"].startswith("sdxl")
+    assert page.evaluate("(id) => !!modelsDB.lora[id]", lora_id)
+    # the panel and the list say what it was trained for
+    assert page.inner_text("[data-clora=job-settings]").startswith("SDXL · 256 px · memory tier CPU")
+    row = page.locator(f"[data-job-id='{job['id']}']")
+    assert row.locator("[data-clora=job-arch]").inner_text() == "SDXL"
+    page.screenshot(path=str(artifacts_dir() / "sdxl-done.png"), full_page=True)
+
+    # "Use it" while ED renders with an SD 1.x model: ED is switched to the SDXL model the LoRA was trained on
+    page.evaluate("stableDiffusionModelField.value = 'tiny-sd15'")
+    page.click("[data-clora=use-it]")
+    assert page.evaluate("stableDiffusionModelField.value") == "tiny-sdxl"
+    assert lora_id in page.evaluate("loraModelField.value")["modelNames"]
+    toast = calls(page, "showToast")[-1]["args"]
+    assert "The model tiny-sd15 is SD 1.x, and this LoRA is SDXL: switched the model to tiny-sdxl, the model it " \
+           "was trained on." in toast[0]
+    assert toast[2] is False
+
+
+# Test double of torch for the daemon's GPU probe (a subprocess of the kohya python, which imports torch): one
+# RTX 4090 as torch describes it. Nothing else imports torch here: the kohya double does not.
+FAKE_TORCH = '''
+__version__ = "2.4.0+fake"
+
+
+class _Props:
+    name = "NVIDIA GeForce RTX 4090"
+    total_memory = 25_757_220_864  # 23.99 GiB: a 4090's 24 GB as torch reports it
+    major, minor = 8, 9  # Ada: native bf16
+
+
+class cuda:
+    @staticmethod
+    def is_available():
+        return True
+
+    @staticmethod
+    def get_device_properties(index):
+        return _Props()
+'''
+
+
+@pytest.fixture(scope="module")
+def gpu_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    """A second install whose daemon's probe finds an RTX 4090 (the torch double above)."""
+    tmp = tmp_path_factory.mktemp("ui-gpu")
+    ed_port = free_port()
+    ed_root = make_ed_root(tmp / "easy-diffusion", listen_port=ed_port)
+    cfg = tmp / "daemon" / "config.yaml"
+    assert install_plugin.main(
+        ["--ed-root", str(ed_root), "--daemon-python", sys.executable, "--daemon-config", str(cfg), "--no-autostart"]
+    ) == 0
+    port = free_port()
+    (tmp / "workspace").mkdir()
+    update_config_file(cfg, {"port": port, "data_dir": str(tmp / "daemon" / "data"),
+                             "kohya": {"python": sys.executable, "script_path": str(KOHYA_DOUBLE),
+                                       "workspace": str(tmp / "workspace")}})
+    (tmp / "fake-torch").mkdir()
+    (tmp / "fake-torch" / "torch.py").write_text(FAKE_TORCH)
+    path = os.pathsep.join(p for p in (str(tmp / "fake-torch"), os.environ.get("PYTHONPATH")) if p)
+    daemon = DaemonProcess(cfg, f"http://127.0.0.1:{port}", tmp / "daemon.log", extra_env={"PYTHONPATH": path})
+    fake = FakeEd(ed_root, listen_port=ed_port)
+    try:
+        daemon.start()
+        with ServerThread(fake.app(), ed_port) as server:
+            token = yaml.safe_load(cfg.read_text())["token"]
+            yield Env(ed_root, cfg, token, daemon, server.url, fake, ed_root / "models" / "lora")
+    finally:
+        daemon.stop()
+
+
+def test_a_gpu_daemon_picks_the_tier_by_memory_and_advanced_overrides_it(gpu_env: Env, page: Any) -> None:
+    env = gpu_env
+    assert daemon_json(env, "POST", "/config/test")["gpu"]["name"] == "NVIDIA GeForce RTX 4090"
+    open_tab(page, env.ed_url)
+    page.wait_for_selector("[data-clora=root][data-ready=true]", timeout=30000)
+    assert page.input_value("#clora-base-model") == "tiny-sd15"
+
+    # automatic: the tier for 24 GB, and why, in the daemon's words (the issue's example line)
+    auto = fit_json(env, base_model="tiny-sd15", preset="balanced", memory_tier="auto", images=8)
+    assert auto["tier"] == "24gb" and auto["auto"] is True
+    assert auto["reason"].startswith("NVIDIA GeForce RTX 4090, 24 GB → batch 8, bf16, no checkpointing")
+    wait_fit_line(page, auto["reason"])
+    page.locator("[data-clora=advanced] summary").click()
+    p = auto["params"]
+    assert page.input_value("#clora-p-batch_size") == str(p["batch_size"]) == "8"
+    balanced = daemon_json(env, "GET", "/presets")["presets"]["balanced"]
+    assert p["unet_lr"] > balanced["unet_lr"]  # the square-root rule: batch 8 on a batch-2 preset
+    assert float(page.input_value("#clora-p-unet_lr")) == pytest.approx(p["unet_lr"])
+    assert float(page.input_value("#clora-p-text_encoder_lr")) == pytest.approx(p["text_encoder_lr"])
+    steps = -(-8 * p["repeats"] // 8) * p["epochs"]
+    assert page.inner_text("[data-clora=preset-help]").startswith(f"≈ {steps} steps")
+    opts = tier_options(page)
+    assert opts[0]["text"] == "Automatic (24 GB)"
+    assert [o["id"] for o in opts if o["disabled"]] == ["cpu"]  # a machine with a CUDA GPU has no CPU tier
+
+    # a smaller tier chosen in Advanced: the daemon's line and values for it
+    page.select_option("#clora-memory-tier", "8gb")
+    small = fit_json(env, base_model="tiny-sd15", preset="balanced", memory_tier="8gb", images=8)
+    wait_fit_line(page, small["reason"])
+    assert "8 GB settings chosen by hand" in small["reason"]
+    q = small["params"]
+    assert page.input_value("#clora-p-batch_size") == str(q["batch_size"]) == "2"
+    assert float(page.input_value("#clora-p-unet_lr")) == pytest.approx(q["unet_lr"])
+    page.screenshot(path=str(artifacts_dir() / "tier-chosen.png"), full_page=True)
+
+    # the same tier for the SDXL model: its own line (checkpointing, cached text encoders, fp8)
+    page.select_option("#clora-base-model", "tiny-sdxl")
+    xl = fit_json(env, base_model="tiny-sdxl", preset="balanced", memory_tier="8gb", images=8)
+    wait_fit_line(page, xl["reason"])
+    page.wait_for_function("document.querySelector('#clora-p-resolution').value === '1024'")
+    assert page.input_value("#clora-p-batch_size") == str(xl["params"]["batch_size"])
+    page.select_option("#clora-base-model", "tiny-sd15")
+    wait_fit_line(page, small["reason"])
+
+    # a changed batch size: the learning rate follows it as the daemon's rule says, and the job trains with
+    # exactly what the form showed, in as many steps as it estimated
+    page.fill("#clora-name", "Gpu Hero")
+    page.fill("#clora-trigger", "gpuh3ro")
+    for key, value in (("batch_size", "4"), ("epochs", "1"), ("repeats", "3"), ("resolution", "256"),
+                       ("sample_every_n_epochs", "0")):
+        page.fill(f"#clora-p-{key}", value)
+    shown_lr = float(page.input_value("#clora-p-unet_lr"))
+    assert q["unet_lr"] < shown_lr < p["unet_lr"]
+    drop_images(page, image_payload(8, start=80))
+    page.wait_for_function("!document.querySelector('[data-clora=start]').disabled", timeout=30000)
+    estimate = int(re.search(r"≈ (\d+) steps", page.inner_text("[data-clora=preset-help]")).group(1))  # type: ignore[union-attr]
+    page.evaluate(RECORD_TRAIN_PARAMS)
+    page.click("[data-clora=start]")
+    page.wait_for_function("window.__trainParams.length === 1")
+    assert page.evaluate("window.__trainParams[0]")["memory_tier"] == "8gb"
+    wait_job_done(page, "Gpu Hero")
+    job = page.evaluate("window.CharacterLoRA.selectedJob()")
+    stored = daemon_json(env, "GET", f"/jobs/{job['id']}/status")
+    used = stored["params"]
+    assert used["memory_tier"] == "8gb" and used["batch_size"] == 4 and used["mixed_precision"] == "bf16"
+    assert used["unet_lr"] == pytest.approx(shown_lr)
+    assert stored["progress"]["total"] == estimate == 6
+    assert page.inner_text("[data-clora=job-settings]") == "SD 1.x · 256 px · memory tier 8 GB · batch 4, bf16"
+    assert page.get_attribute("[data-clora=job-settings]", "title") == used["fit_reason"] == small["reason"]

@@ -7,10 +7,12 @@ import { ui } from "./views/ui.js"
 import { mergeSnapshot } from "./events.js"
 import { renderBanner } from "./views/banner.js"
 import { renderPresets, renderBaseModels } from "./views/form.js"
+import { resetFit } from "./fit.js"
 
 export async function connect() {
     const gen = ++state.connectGen
     clearTimeout(state.pollTimer)
+    resetFit()
     state.health = "checking"
     renderBanner()
 

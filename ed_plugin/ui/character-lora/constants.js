@@ -28,12 +28,15 @@ export const STATE_LABELS = {
     interrupted: "Interrupted",
 }
 export const ARCH_LABELS = { sd1: "SD 1.x", sd2: "SD 2.x", sdxl: "SDXL", unknown: "unknown architecture" }
+// The daemon's memory tiers (daemon/pipeline/fit.py); /fit's `tiers` has the labels, these are for old job records
+export const TIER_LABELS = { cpu: "CPU", "6gb": "6 GB", "8gb": "8 GB", "12gb": "12 GB", "16gb": "16 GB", "24gb": "24 GB", "40gb": "40+ GB" }
+export const FIT_DEBOUNCE_MS = 250
 // Advanced fields: the daemon's `params` keys. Only the ones the user changes are sent.
 export const PARAM_FIELDS = [
     { key: "resolution", label: "Resolution (px)", type: "int", step: 64, min: 256, max: 1024 },
     { key: "epochs", label: "Epochs", type: "int", step: 1, min: 1, max: 100 },
     { key: "repeats", label: "Repeats per image", type: "int", step: 1, min: 1, max: 100, auto: true },
-    { key: "batch_size", label: "Batch size", type: "int", step: 1, min: 1, max: 16 },
+    { key: "batch_size", label: "Batch size", type: "int", step: 1, min: 1, max: 32 }, // 32: the 80 GB tier's SD 1.x batch
     { key: "network_dim", label: "Network dim (rank)", type: "int", step: 1, min: 1, max: 256 },
     { key: "network_alpha", label: "Network alpha", type: "float", step: "any", min: 0 },
     { key: "unet_lr", label: "U-Net learning rate", type: "float", step: "any", min: 0 },

@@ -5,7 +5,7 @@ import { ed } from "./ed.js"
 import { archFromTags } from "./format.js"
 import { state } from "./store.js"
 import { ui } from "./views/ui.js"
-import { field } from "./views/tab.js"
+import { currentFit, shownFit, fitKey } from "./fit.js"
 
 export function validateName(v) {
     v = v.trim()
@@ -60,18 +60,45 @@ export function baseModelArch(id) {
     }
     return arch || "unknown"
 }
+export const archLabel = (arch) => ARCH_LABELS[arch] || String(arch).replace(/^other:/, "")
 export function archProblem(arch) {
     if (!arch || arch === "unknown") return null
     if (state.supportedArchs.includes(arch)) return null
-    const label = ARCH_LABELS[arch] || arch.replace(/^other:/, "")
-    return label + " models cannot be trained yet; pick an SD 1.x model."
+    return archLabel(arch) + " models cannot be trained yet; pick an " + state.supportedArchs.map(archLabel).join(" or ") + " model."
+}
+/** The daemon's entry ({id, file, arch, trainable}) of a model in ED's folder, or null. */
+export function daemonModel(id) {
+    return (state.daemonModels && state.daemonModels.find((m) => m.id === id)) || null
+}
+/** False when the daemon says it cannot train the model (SD 2.x, unknown), else true. */
+export function isTrainable(id) {
+    const m = daemonModel(id)
+    if (m && m.trainable === false) return false
+    return !archProblem(baseModelArch(id))
+}
+/** Why the chosen model cannot be trained, in the daemon's words (/fit's `why`) once it said so. */
+export function baseModelProblem() {
+    const id = selectedBaseModel()
+    if (!id) return null
+    const fit = shownFit()
+    if (fit && fit.data && fit.data.trainable === false) return fit.data.why || archLabel(fit.data.arch || "unknown") + " models cannot be trained."
+    const problem = archProblem(baseModelArch(id))
+    if (problem) return problem
+    const m = daemonModel(id)
+    if (m && m.trainable === false) return m.why || archLabel(m.arch || "unknown") + " models cannot be trained; pick an " + state.supportedArchs.map(archLabel).join(" or ") + " model."
+    return null
+}
+/** The daemon's refusal of the form's /fit question (e.g. a GPU memory tier on a machine without a GPU). */
+export function fitProblem() {
+    const fit = shownFit()
+    return fit && fit.error && fit.key === fitKey() ? fit.error : null
 }
 export function formErrors() {
     return {
         name: validateName(ui.name.value),
         trigger: validateTrigger(ui.trigger.value),
         class_token: validateClass(ui.classWord.value),
-        base_model: archProblem(baseModelArch(selectedBaseModel())),
+        base_model: baseModelProblem(),
     }
 }
 export function startBlocker() {
@@ -89,12 +116,36 @@ export function startBlocker() {
     }
     const img = imagesProblem()
     if (img) return img
+    const fit = fitProblem()
+    if (fit) return fit
     const p = paramsProblem()
     if (p) return p
     return null
 }
+/** The chosen preset's values for the chosen model's family (GET /presets?arch=; SD 1.x's until they came). */
 export function presetValues() {
-    return state.presets[ui.preset && ui.preset.value] || {}
+    const name = ui.preset && ui.preset.value
+    const family = state.presetsByArch[baseModelArch(selectedBaseModel())]
+    const presets = family && typeof family === "object" ? family : state.presets
+    return presets[name] || state.presets[name] || {}
+}
+/** What the daemon trains with for the fields left unchanged: the preset, with /fit's params (the memory
+ * tier's batch size, the family's resolution, repeats and learning rates as the batch size scales them) once
+ * /fit answered for the form as it is. The preview interval stays the preset's: paramDefault applies the
+ * daemon's CPU rule to it. */
+export function baseValues() {
+    const preset = presetValues()
+    const fit = currentFit()
+    if (!fit || !fit.params || typeof fit.params !== "object") return preset
+    return Object.assign({}, preset, fit.params, { sample_every_n_epochs: preset.sample_every_n_epochs })
+}
+/** Repeats when the field is empty: /fit's for this many pictures, else the daemon's rule (≈200 views). */
+export function defaultRepeats(n) {
+    const fit = currentFit()
+    const r = fit && fit.params && fit.params.repeats
+    if (Number.isInteger(r) && r >= 1) return r
+    // an older daemon aimed at 200 views for every family
+    return autoRepeats(n, state.fitUnsupported ? "sd1" : baseModelArch(selectedBaseModel()))
 }
 export function readParam(f) {
     const input = ui.params[f.key]
@@ -139,17 +190,42 @@ function changedNumber(key) {
     const v = readParam({ key })
     return v !== undefined && isFinite(v) ? v : undefined
 }
+// sd-scripts' LoRA learning-rate range tops out at 1e-3; the daemon's square-root rule never scales past it
+// (daemon/pipeline/params.py SQRT_SCALED_OPTIMIZERS, MAX_SCALED_LR, scaled_lr)
+const SQRT_SCALED_OPTIMIZERS = ["AdamW", "AdamW8bit", "Adafactor"]
+const MAX_SCALED_LR = 1e-3
+/** The preset's learning rate (tuned for its reference batch) carried over to `batch` as the daemon does:
+ * lr × √(batch / reference), 3 significant digits. */
+export function scaledLr(lr, batch, reference, optimizer) {
+    if (!SQRT_SCALED_OPTIMIZERS.includes(optimizer) || !batch || !reference || batch === reference || !lr) return lr
+    const scaled = Number((lr * Math.sqrt(batch / reference)).toPrecision(3))
+    return Math.min(scaled, Math.max(lr, MAX_SCALED_LR))
+}
+/** The batch size the daemon trains with: a valid changed value; else the tier's, smaller for a changed
+ * resolution above the one the tier is sized for (activations grow with the pixels: fit._apply_fit). */
+export function effectiveBatch() {
+    const typed = changedNumber("batch_size")
+    if (typed !== undefined && Number.isInteger(typed) && typed >= 1) return typed
+    const base = baseValues()
+    const fit = currentFit()
+    const res = changedNumber("resolution")
+    const fitted = fit && fit.params
+    if (fitted && Number.isInteger(res) && res > fitted.resolution && fitted.batch_size) {
+        return Math.max(1, Math.floor(fitted.batch_size * Math.min(1, (fitted.resolution / res) ** 2)))
+    }
+    return base.batch_size
+}
 /** The rank the daemon trains with: a valid changed value, else the preset's. */
 export function effectiveDim() {
     const v = changedNumber("network_dim")
-    return v !== undefined && Number.isInteger(v) && v >= 1 && v <= 256 ? v : presetValues().network_dim
+    return v !== undefined && Number.isInteger(v) && v >= 1 && v <= 256 ? v : baseValues().network_dim
 }
 /** The alpha the daemon trains with. A changed rank without a changed alpha keeps the preset's alpha/rank
  *  ratio (resolve_params), so rank 8 on a 32/16 preset trains with alpha 4, not 16. */
 export function effectiveAlpha() {
     const changed = changedNumber("network_alpha")
     if (changed !== undefined) return changed
-    const p = presetValues()
+    const p = baseValues()
     if (typeof p.network_alpha !== "number" || !p.network_dim) return p.network_alpha
     const dim = effectiveDim()
     return dim === p.network_dim ? p.network_alpha : (dim * p.network_alpha) / p.network_dim
@@ -161,7 +237,7 @@ function relationsIssue() {
     if (typeof alpha === "number" && dim && !(alpha > 0 && alpha <= dim)) {
         return { key: state.paramsDirty.has("network_alpha") ? "network_alpha" : "network_dim", text: "Network alpha must be above 0 and at most the rank (" + dim + ")." }
     }
-    const maxLr = ADAPTIVE_OPTIMIZERS.includes(presetValues().optimizer) ? MAX_ADAPTIVE_LR : MAX_LR
+    const maxLr = ADAPTIVE_OPTIMIZERS.includes(baseValues().optimizer) ? MAX_ADAPTIVE_LR : MAX_LR
     const unet = changedNumber("unet_lr")
     if (unet !== undefined && !(unet > 0 && unet <= maxLr)) return { key: "unet_lr", text: "U-Net learning rate must be above 0 and at most " + maxLr + "." }
     const te = changedNumber("text_encoder_lr")
@@ -170,7 +246,7 @@ function relationsIssue() {
 }
 export function effectiveEpochs() {
     const v = state.paramsDirty.has("epochs") ? readParam({ key: "epochs" }) : undefined
-    return v !== undefined && Number.isInteger(v) && v >= 1 ? v : presetValues().epochs
+    return v !== undefined && Number.isInteger(v) && v >= 1 ? v : baseValues().epochs
 }
 /** The daemon trains on the CPU (no CUDA GPU, allow_cpu): /config/test says so in `device`. */
 export function trainsOnCpu() {
@@ -178,9 +254,16 @@ export function trainsOnCpu() {
 }
 /** What an unchanged Advanced field shows: what the daemon will use when the key is not sent. */
 export function paramDefault(f) {
-    const p = presetValues()
+    const p = baseValues()
     let v = p[f.key]
     if (f.key === "network_alpha") v = effectiveAlpha()
+    if (f.key === "batch_size") v = effectiveBatch()
+    if ((f.key === "unet_lr" || f.key === "text_encoder_lr") && currentFit()) {
+        // /fit scaled the preset's rate to the tier's batch; a changed batch size scales it again, from the
+        // preset's reference batch (the presets of the model's family, once they came)
+        const preset = presetValues()
+        if (preset.arch === p.arch && typeof preset[f.key] === "number") v = scaledLr(preset[f.key], effectiveBatch(), preset.batch_size, p.optimizer)
+    }
     if (f.key === "sample_every_n_epochs") {
         // the daemon turns previews off on a CPU, and drops an interval the run never reaches
         if (trainsOnCpu()) v = 0
@@ -196,10 +279,15 @@ export function collectParams() {
         const v = readParam(f)
         if (v !== undefined) params[f.key] = v
     }
+    // Automatic is the daemon's default: only a chosen tier is sent (a daemon without /fit knows no tiers)
+    if (state.memoryTier !== "auto" && !state.fitUnsupported) params.memory_tier = state.memoryTier
     return params
 }
-export function autoRepeats(n) {
-    return Math.max(1, Math.min(100, Math.round(200 / Math.max(1, n))))
+// Image views per epoch the daemon's default repeats aim at, per family (daemon/pipeline/params.py)
+const VIEWS_PER_EPOCH = { sd1: 200, sdxl: 100 }
+export function autoRepeats(n, arch) {
+    const target = VIEWS_PER_EPOCH[arch] || VIEWS_PER_EPOCH.sd1
+    return Math.max(1, Math.min(100, Math.round(target / Math.max(1, n))))
 }
 // kohya's bucket for a picture with bucket_no_upscale, as daemon/pipeline/buckets.py computes it: a picture
 // larger than resolution² is scaled down keeping its shape (one side on the step), then both sides are
@@ -224,13 +312,14 @@ export function bucketOf(width, height, resolution) {
     }
     return (w - (w % BUCKET_STEP)) + "x" + (h - (h % BUCKET_STEP))
 }
+/** Steps of the run: the fitted batch size, resolution and repeats (/fit) with the user's Advanced changes. */
 export function estimateSteps() {
-    const p = presetValues()
+    const p = baseValues()
     const val = (k) => (state.paramsDirty.has(k) && readParam({ key: k }) !== undefined ? readParam({ key: k }) : p[k])
     const n = state.images.length || MIN_IMAGES
-    const repeats = state.paramsDirty.has("repeats") && readParam({ key: "repeats" }) ? readParam({ key: "repeats" }) : autoRepeats(n)
+    const repeats = state.paramsDirty.has("repeats") && readParam({ key: "repeats" }) ? readParam({ key: "repeats" }) : defaultRepeats(n)
     const epochs = val("epochs")
-    const batch = val("batch_size") || 1
+    const batch = effectiveBatch() || 1
     const resolution = val("resolution")
     if (!epochs) return null
     const sized = state.images.length && resolution && state.images.every((i) => i.width && i.height)

@@ -14,6 +14,13 @@ export const state = {
     defaultPreset: "balanced",
     daemonModels: null, // [{id, file, arch}]
     supportedArchs: ["sd1"],
+    presetsByArch: {}, // arch -> presets (GET /presets?arch=), besides `presets` (sd1, from connect)
+    memoryTier: "auto", // Advanced's "Memory tier": auto or a tier id, sent as params.memory_tier
+    fit: null, // {key, base, data, error}: the daemon's GET /fit answer for the form (see fit.js)
+    fitUnsupported: false, // the daemon has no /fit (older than the memory tiers)
+    tiers: [], // [{id, label}] from /fit
+    fitGpu: null, // /fit's `gpu`: {cuda, name, vram_gb, bf16}
+    autoTier: null, // the label of the tier the daemon picks by itself, for the Automatic option
     jobs: new Map(),
     selectedId: null,
     userSelected: false,

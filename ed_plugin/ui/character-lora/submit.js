@@ -3,7 +3,7 @@ import { toast } from "./dom.js"
 import { client, state, renderAll } from "./store.js"
 import { ui } from "./views/ui.js"
 import { checkHealthQuietly } from "./events.js"
-import { selectedBaseModel, startBlocker, collectParams } from "./form-rules.js"
+import { selectedBaseModel, baseModelArch, startBlocker, collectParams } from "./form-rules.js"
 import { clearImages } from "./images.js"
 import { renderForm } from "./views/form.js"
 
@@ -35,6 +35,7 @@ export async function submit() {
                 progress: {},
                 logs: [],
                 image_count: state.images.length,
+                params: { arch: baseModelArch(selectedBaseModel()) }, // until the daemon's record comes
                 created_at: Date.now() / 1000,
             })
         }

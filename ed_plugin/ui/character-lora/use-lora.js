@@ -1,6 +1,6 @@
 // When a job is done: ED's LoRA list refreshed, the trigger word stored, "Use it" fills ED's fields.
-import { ARCH_LABELS, DEFAULT_LORA_WEIGHT } from "./constants.js"
-import { baseModelArch } from "./form-rules.js"
+import { DEFAULT_LORA_WEIGHT } from "./constants.js"
+import { baseModelArch, archLabel } from "./form-rules.js"
 import { ed } from "./ed.js"
 import { toast } from "./dom.js"
 import { saveHandled } from "./handled.js"
@@ -159,7 +159,6 @@ export async function useLora(job) {
     }
 }
 
-const archLabel = (arch) => ARCH_LABELS[arch] || String(arch).replace(/^other:/, "")
 
 /** The daemon's entry ({id, file, arch}) of the checkpoint a job trained on: job.base_model is its absolute path. */
 export function trainedOnModel(job) {
@@ -171,10 +170,13 @@ export function trainedOnModel(job) {
     }) || null
 }
 
-/** The LoRA's architecture: its base model's; the daemon trains SD 1.x only, so that is the fallback. */
+/** The LoRA's architecture: the job's (params.arch, stored by the daemon since it trains SDXL), else its base
+ * model's; jobs from before that were all SD 1.x. */
 export function loraArch(job) {
+    const arch = job && job.params && job.params.arch
+    if (typeof arch === "string" && arch) return arch
     const m = trainedOnModel(job)
-    return m && m.arch && m.arch !== "unknown" ? m.arch : state.supportedArchs[0] || "sd1"
+    return m && m.arch && m.arch !== "unknown" ? m.arch : "sd1"
 }
 
 /** The model id "Use it" should select for this LoRA, or null when ED's current model already fits (or none fits). */

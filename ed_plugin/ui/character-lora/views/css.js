@@ -32,13 +32,16 @@ export const CSS = `
 .clora-root .panel-box > h4 { margin: 0 0 10px 0; display: flex; align-items: center; gap: 6px; }
 .clora-field { display: grid; grid-template-columns: 120px 1fr; gap: 2px 10px; align-items: center; margin-bottom: 8px; }
 .clora-field > label { text-align: right; }
-.clora-field input, .clora-field select, .clora-adv input {
+.clora-field input, .clora-field select, .clora-adv input, .clora-adv select {
 width: 100%; padding: 4px 6px; color: var(--input-text-color);
 background: var(--input-background-color); border: var(--input-border-size, 1px) solid var(--input-border-color);
 border-radius: var(--input-border-radius, 4px); font-size: 10pt; }
 .clora-field input[aria-invalid="true"] { border-color: var(--status-red, red); }
-.clora-help, .clora-err, .clora-arch { grid-column: 2; font-size: 9pt; min-height: 0; }
-.clora-help, .clora-arch { color: var(--small-label-color, #999); }
+.clora-help, .clora-err, .clora-arch, .clora-fit { grid-column: 2; font-size: 9pt; min-height: 0; }
+.clora-help, .clora-arch, .clora-fit { color: var(--small-label-color, #999); }
+.clora-fit { min-height: 2.6em; }
+.clora-fit[hidden] { display: none; }
+.clora-fit.clora-warn { color: var(--status-orange, orange); }
 .clora-err { color: #ff6b6b; }
 .clora-err:empty, .clora-help:empty { display: none; }
 .clora-arch.clora-warn { color: var(--status-orange, orange); }
@@ -46,7 +49,8 @@ border-radius: var(--input-border-radius, 4px); font-size: 10pt; }
 .clora-root summary { cursor: pointer; color: var(--small-label-color, #aaa); }
 .clora-adv { display: grid; grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)); gap: 8px; margin-top: 8px; }
 .clora-adv label { display: block; font-size: 9pt; color: var(--small-label-color, #aaa); margin-bottom: 2px; }
-.clora-adv input.clora-dirty { border-color: var(--accent-color); }
+.clora-adv input.clora-dirty, .clora-adv select.clora-dirty { border-color: var(--accent-color); }
+.clora-adv .clora-adv-tier[hidden] { display: none; }
 .clora-adv input[aria-invalid="true"] { border-color: var(--status-red, red); }
 .clora-root details > .clora-err { margin-top: 6px; }
 .clora-drop { border: 2px dashed var(--background-color4); border-radius: 7px; padding: 14px; text-align: center; cursor: pointer;
@@ -72,6 +76,7 @@ background: var(--background-color3); color: var(--small-label-color, #aaa); tra
 .clora-badge[data-state="cancelled"], .clora-badge[data-state="interrupted"] { background: var(--status-orange, orange); color: #000; }
 .clora-job-title { display: flex; justify-content: space-between; align-items: center; gap: 8px; margin-bottom: 8px; }
 .clora-job-title b { font-size: 12pt; }
+.clora-job-settings { margin: -4px 0 8px 0; font-size: 9pt; color: var(--small-label-color, #999); }
 .clora-bar { height: 14px; border-radius: 7px; background: var(--background-color4); overflow: hidden; }
 .clora-bar > div { height: 100%; width: 0; background: var(--accent-color); transition: width 0.4s; }
 .clora-bar[data-state="done"] > div { background: #2e7d32; }

@@ -5,6 +5,7 @@ import { fmtTime, isFinished } from "../format.js"
 import { client, sortedJobs, selectedJob, selectJob, forgetJob } from "../store.js"
 import { ui } from "./ui.js"
 import { useLora } from "../use-lora.js"
+import { jobArchLabel } from "../job-info.js"
 
 export function renderJobList() {
     if (!ui.jobList) return
@@ -48,7 +49,7 @@ export function renderJobList() {
         const tr = el(
             "tr",
             { className: "clora-row" + (current && current.id === job.id ? " clora-selected" : ""), attrs: { "data-job-id": job.id, "data-clora": "job-row" } },
-            el("td", {}, el("div", { text: job.name }), el("div", { className: "clora-small", text: job.trigger })),
+            el("td", {}, el("div", { text: job.name }), el("div", { className: "clora-small" }, job.trigger + " · ", el("span", { attrs: { "data-clora": "job-arch" }, text: jobArchLabel(job) }))),
             el("td", {}, el("span", { className: "clora-badge", attrs: { "data-state": job.state }, text: STATE_LABELS[job.state] || job.state })),
             el("td", { className: "clora-small", text: result, attrs: { title: result } }),
             el("td", { className: "clora-small", text: fmtTime(job.created_at) }),

@@ -6,6 +6,7 @@ import { client, upsertJob, selectedJob, scheduleRender } from "../store.js"
 import { ui } from "./ui.js"
 import { finishing, useLora } from "../use-lora.js"
 import { pruneSamples, updateSamples, closeViewer } from "./gallery.js"
+import { jobSettingsText } from "../job-info.js"
 
 export let samplesJobId = null
 export let renderedJobKey = null
@@ -45,6 +46,7 @@ export function buildJobPanel(job) {
     p.samples = el("div", { className: "clora-samples", attrs: { "data-clora": "samples", hidden: true } })
     p.sampleNodes = new Map() // sample url -> {btn, img}
     p.samplesKey = null
+    p.settings = el("div", { className: "clora-small clora-job-settings", attrs: { "data-clora": "job-settings" } })
     p.log = el("pre", { className: "clora-log", attrs: { "data-clora": "log", "aria-live": "off" } })
     p.actions = el("div", { className: "clora-actions" })
     if (!isFinished(job)) {
@@ -100,6 +102,7 @@ export function buildJobPanel(job) {
     ui.jobPanel.replaceChildren(
         el("h4", {}, icon("fa-chart-line"), "Training"),
         el("div", { className: "clora-job-title" }, el("div", {}, el("b", { text: job.name }), " ", el("span", { className: "clora-small", text: "trigger “" + job.trigger + "”, " + (job.image_count || "?") + " pictures" })), p.badge),
+        p.settings,
         p.bar,
         p.stats,
         p.samples,
@@ -111,6 +114,10 @@ export function buildJobPanel(job) {
 export function updateJobPanel(job) {
     const p = ui.jobParts
     if (!p) return
+    const settings = jobSettingsText(job)
+    if (p.settings.textContent !== settings) p.settings.textContent = settings
+    const why = (job.params && job.params.fit_reason) || ""
+    if (p.settings.title !== why) p.settings.title = why // the daemon's reason for the tier, as the form showed it
     const pr = job.progress || {}
     const total = pr.total || 0
     const step = pr.step || 0

@@ -1,7 +1,7 @@
 // Builds the tab's DOM once: the form, the job panel, the job list, the banner.
 import { MIN_IMAGES, MAX_IMAGES, MIN_SIDE, PARAM_FIELDS } from "../constants.js"
 import { el, icon } from "../dom.js"
-import { renderAll, touchBaseModel, markParamChanged, resetParams } from "../store.js"
+import { state, renderAll, touchBaseModel, markParamChanged, resetParams } from "../store.js"
 import { ui } from "./ui.js"
 import { connect } from "../connection.js"
 import { validateName, validateTrigger, validateClass } from "../form-rules.js"
@@ -43,6 +43,8 @@ export function buildUI() {
     ui.arch = el("div", { className: "clora-arch", attrs: { "data-clora": "arch" } })
     ui.preset = el("select", { attrs: { id: "clora-preset" } })
     ui.presetHelp = el("div", { className: "clora-help", attrs: { "data-clora": "preset-help" } })
+    // the daemon's memory tier for this card and why (GET /fit); hidden when the daemon has no /fit
+    ui.fit = el("div", { className: "clora-fit", attrs: { "data-clora": "fit", hidden: true, "aria-live": "polite" } })
 
     for (const [input, key, validate] of [
         [ui.name, "name", validateName],
@@ -72,6 +74,16 @@ export function buildUI() {
     })
 
     const advGrid = el("div", { className: "clora-adv" })
+    ui.memoryTier = el("select", {
+        attrs: { id: "clora-memory-tier", "data-clora": "memory-tier", title: "How the run fits the graphics card: Automatic picks the fastest settings that fit its memory" },
+    })
+    ui.memoryTier.addEventListener("change", () => {
+        state.memoryTier = ui.memoryTier.value || "auto"
+        ui.serverErrors.params.textContent = ""
+        renderForm()
+    })
+    ui.memoryTierField = el("div", { className: "clora-adv-tier" }, el("label", { text: "Memory tier", attrs: { for: ui.memoryTier.id } }), ui.memoryTier)
+    advGrid.appendChild(ui.memoryTierField)
     for (const f of PARAM_FIELDS) {
         const input = el("input", {
             attrs: { id: "clora-p-" + f.key, type: "number", step: f.step, min: f.min, max: f.max, title: f.title, "data-param": f.key, inputmode: f.type === "int" ? "numeric" : "decimal" },
@@ -87,7 +99,7 @@ export function buildUI() {
     }
     const resetBtn = el(
         "button",
-        { className: "tertiaryButton", attrs: { type: "button" }, on: { click: () => { resetParams(); fillParamsFromPreset(); renderForm() } } },
+        { className: "tertiaryButton", attrs: { type: "button" }, on: { click: () => { resetParams(); state.memoryTier = "auto"; fillParamsFromPreset(); renderForm() } } },
         "Reset to preset"
     )
     ui.serverErrors.params = el("div", { className: "clora-err" })
@@ -98,7 +110,7 @@ export function buildUI() {
         el("summary", { text: "Advanced" }),
         advGrid,
         ui.paramsError,
-        el("div", { className: "clora-actions" }, resetBtn, el("span", { className: "clora-help", text: "Changed values are sent; the rest come from the preset. Repeats: empty = automatic (≈200 image views per epoch). Preview: 0 = off." })),
+        el("div", { className: "clora-actions" }, resetBtn, el("span", { className: "clora-help", text: "Changed values are sent; the rest come from the preset and the memory tier. Repeats: empty = automatic (≈200 image views per epoch for SD 1.x, ≈100 for SDXL). Preview: 0 = off." })),
         ui.serverErrors.params
     )
 
@@ -157,7 +169,7 @@ export function buildUI() {
         field("Trigger word", ui.trigger, { errorKey: "trigger", help: "A rare word that will call up the character in prompts." }),
         field("Class word", ui.classWord, { errorKey: "class_token", help: "What the character is: person, woman, man, dog… (default: person)" }),
         field("Base model", ui.baseModel, { errorKey: "base_model", extra: ui.arch }),
-        field("Preset", ui.preset, { errorKey: "preset", extra: ui.presetHelp }),
+        field("Preset", ui.preset, { errorKey: "preset", extra: [ui.presetHelp, ui.fit] }),
         ui.advanced,
         ui.fileInput,
         ui.drop,
