@@ -117,7 +117,7 @@ async def test_fit_refuses_bad_query_values_with_a_sentence(client: TestClient, 
     assert body.get("key") in {"images", "memory_tier", "preset", "base_model", "colour"}
 
 
-async def test_an_sd2_or_unreadable_model_is_not_trainable_and_says_why(client: TestClient, config: Config) -> None:
+async def test_an_sd2_model_is_refused_saying_why_and_an_unreadable_one_is_trained_as_sd1(client: TestClient, config: Config) -> None:
     write_sd2_checkpoint(models_dir(config) / "v2-768.safetensors")
     (models_dir(config) / "old.ckpt").write_bytes(b"pickle, never opened")
     body = await get_json(client, "/fit?base_model=v2-768")
@@ -125,14 +125,17 @@ async def test_an_sd2_or_unreadable_model_is_not_trainable_and_says_why(client: 
     assert "SD 2.x is not trained here" in body["why"] and "SDXL" in body["why"]
     assert "tier" not in body and "params" not in body and len(body["tiers"]) == 7
     ckpt = await get_json(client, "/fit?base_model=old")
-    assert (ckpt["arch"], ckpt["trainable"]) == ("unknown", False) and ".ckpt" in ckpt["why"]
+    # an unreadable family is trained as SD 1.x, as /train does, and the note says so
+    assert (ckpt["arch"], ckpt["trainable"], ckpt["params"]["arch"]) == ("unknown", True, "sd1")
+    assert ".ckpt" in ckpt["note"] and "trained as SD 1.x" in ckpt["note"] and "why" not in ckpt
     odd_file = models_dir(config) / "odd.safetensors"
     save_file({"model.diffusion_model.x": np.zeros((2,), dtype=np.float16)}, str(odd_file))
     odd = await get_json(client, "/fit?base_model=odd")
-    assert (odd["arch"], odd["trainable"]) == ("unknown", False)
-    assert "from its contents" in odd["why"] and ".ckpt" not in odd["why"]
+    assert (odd["arch"], odd["trainable"]) == ("unknown", True)
+    assert "contents do not say" in odd["note"] and ".ckpt" not in odd["note"]
     models = {m["id"]: m for m in (await get_json(client, "/models"))["models"]}
     assert models["v2-768"]["trainable"] is False and models["v2-768"]["why"] == body["why"]
+    assert models["old"]["trainable"] is True and models["old"]["note"] == ckpt["note"]
     assert models["sd-test"] == {"id": "sd-test", "file": "sd-test.safetensors", "arch": "sd1", "trainable": True}
 
 

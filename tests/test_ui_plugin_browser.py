@@ -54,6 +54,8 @@ CHROMIUM_ARGS = [
 ]
 STEP_SECONDS = os.environ.get("UI_TEST_STEP_SECONDS", "0.12")
 SAMPLE_SECONDS = os.environ.get("UI_TEST_SAMPLE_SECONDS", "0.8")  # per preview picture, so the state can be seen
+# each picture's latents take this long in the double, so the tab's start-up phase can be seen
+CACHE_SECONDS = "0.15"
 
 OTHER_PLUGIN = """
 var state = "another plugin's state"
@@ -85,7 +87,8 @@ class DaemonProcess:
 
     def start(self) -> None:
         env_vars = {**os.environ, "KOHYA_DOUBLE_STEP_SECONDS": STEP_SECONDS, "PYTHONUNBUFFERED": "1",
-                    "KOHYA_DOUBLE_SAMPLE_SECONDS": SAMPLE_SECONDS, **self.extra_env}
+                    "KOHYA_DOUBLE_SAMPLE_SECONDS": SAMPLE_SECONDS, "KOHYA_DOUBLE_CACHE_SECONDS": CACHE_SECONDS,
+                    **self.extra_env}
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "daemon", "--config", str(self.cfg)], cwd=REPO, env=env_vars, stdout=out,
@@ -1003,6 +1006,11 @@ def test_speed_tile_shows_previews_and_the_layout_fits_ed(env: Env, page: Any) -
     wait_state(page, "Done", timeout=60000)
     page.wait_for_selector("[data-clora=use-it]:not([disabled])", timeout=30000)
     seen = page.evaluate("window.__seenRates")
+    # kohya's start-up is said as it goes, with the pictures cached so far, before any rate
+    caching = [s for s in seen if s.startswith("caching_latents:caching pictures ")]
+    counts = [int(s.split(" ")[-1].split("/")[0]) for s in caching]
+    assert caching and all(s.endswith("/8…") for s in caching) and counts == sorted(counts), seen
+    assert seen.index(caching[0]) < min(i for i, s in enumerate(seen) if s.startswith("training:") and "/s" in s)
     preview_at = seen.index("preview:making preview…")
     # training resumed after the preview and showed a rate again (steps/s), then the job ended
     assert any(s.startswith("training:") and "/s" in s for s in seen[preview_at:]), seen

@@ -18,18 +18,25 @@ PICK_INSTEAD = "Choose an SD 1.x model (such as sd-v1-5) or an SDXL one (SDXL 1.
 
 
 def untrainable_reason(arch: Arch, file_name: str) -> str | None:
-    """Why a model of this family is not trained, or None when it is."""
-    if arch in TRAINABLE_ARCHS:
+    """Why a model of this family is not trained, or None when it is (an unreadable family is trained as SD 1.x)."""
+    if arch != "sd2":
         return None
-    if arch == "sd2":
-        # kohya needs --v2, plus --v_parameterization for the 768-v models, and few character LoRAs or ED
-        # users are on SD 2.x: not worth a family of its own.
-        return (f"{file_name} is an SD 2.x model; SD 2.x is not trained here (it needs its own v2/v-prediction "
-                f"settings, and few character LoRAs use it). {PICK_INSTEAD}")
+    # kohya needs --v2, plus --v_parameterization for the 768-v models, and few character LoRAs or ED
+    # users are on SD 2.x: not worth a family of its own.
+    return (f"{file_name} is an SD 2.x model; SD 2.x is not trained here (it needs its own v2/v-prediction "
+            f"settings, and few character LoRAs use it). {PICK_INSTEAD}")
+
+
+def family_note(arch: Arch, file_name: str) -> str | None:
+    """What a user should know about a model whose family cannot be read: it is trained as SD 1.x."""
+    if arch != "unknown":
+        return None
     if file_name.lower().endswith(".ckpt"):
-        return (f"Which family {file_name} belongs to cannot be read (a .ckpt file is never opened: loading one "
-                f"runs code inside it). Use a .safetensors copy of it, or another model. {PICK_INSTEAD}")
-    return f"Which family {file_name} belongs to cannot be read from its contents. {PICK_INSTEAD}"
+        why = "a .ckpt file is never opened here: loading one runs code inside it"
+    else:
+        why = "its contents do not say"
+    return (f"Which family {file_name} belongs to cannot be read ({why}); it is trained as SD 1.x, and the trainer "
+            "stops at once with a clear error if it is not. A .safetensors copy of it avoids the guess.")
 
 
 def arch_from_keys(keys: list[str] | set[str]) -> Arch:

@@ -24,7 +24,14 @@ from daemon.jobs.store import LOG_RING
 from daemon.pipeline import base_models, dataset, trainer_log
 from daemon.pipeline.env_check import run_checks, tokenizer_readiness
 from daemon.pipeline.fit import AUTO, choose_fit, tiers_json
-from daemon.pipeline.model_arch import ARCH_LABELS, TRAINABLE_ARCHS, Arch, detect_arch, untrainable_reason
+from daemon.pipeline.model_arch import (
+    ARCH_LABELS,
+    TRAINABLE_ARCHS,
+    Arch,
+    detect_arch,
+    family_note,
+    untrainable_reason,
+)
 from daemon.pipeline.params import DEFAULT_PRESET, presets_for, resolve_params
 from daemon.pipeline.runner import job_paths
 from daemon.web.keys import CONFIG, GPU, QUEUE, STORE
@@ -107,7 +114,9 @@ async def presets(request: web.Request) -> web.Response:
 
 def _model_json(file: str, arch: Arch, **extra: str) -> dict[str, object]:
     why = untrainable_reason(arch, file)
-    return {**extra, "file": file, "arch": arch, "trainable": why is None, **({"why": why} if why else {})}
+    note = family_note(arch, file)
+    return {**extra, "file": file, "arch": arch, "trainable": why is None, **({"why": why} if why else {}),
+            **({"note": note} if note else {})}
 
 
 @routes.get("/models")
@@ -145,11 +154,19 @@ async def fit(request: web.Request) -> web.Response:
     why = untrainable_reason(arch, base.name)
     if why is not None:
         return web.json_response({**answer, "trainable": False, "why": why})
+    note = family_note(arch, base.name)
+    trained_as = training_arch(arch)
     overrides = {"preset": query.get("preset", DEFAULT_PRESET), "memory_tier": query.get("memory_tier", AUTO)}
-    chosen = choose_fit(arch, gpu, tier=overrides["memory_tier"])
-    params = resolve_params(overrides, image_count=images, arch=arch, gpu=gpu)
-    return web.json_response({**answer, "trainable": True, "tier": chosen.tier, "tier_label": chosen.label,
+    chosen = choose_fit(trained_as, gpu, tier=overrides["memory_tier"])
+    params = resolve_params(overrides, image_count=images, arch=trained_as, gpu=gpu)
+    return web.json_response({**answer, "trainable": True, **({"note": note} if note else {}),
+                              "tier": chosen.tier, "tier_label": chosen.label,
                               "auto": chosen.auto, "reason": chosen.reason, "params": params.to_json()})
+
+
+def training_arch(arch: Arch) -> str:
+    # An unreadable family (.ckpt) is trained as SD 1.x, as before the daemon knew SDXL; kohya says if it is not.
+    return "sdxl" if arch == "sdxl" else "sd1"
 
 
 async def _base_model(config: Config, requested: str | None) -> Path:
@@ -230,8 +247,7 @@ async def _new_job(request: web.Request, form: dict[str, str], uploads: list[dat
     dataset.check_count(len(uploads))
     await asyncio.to_thread(dataset.check_images, uploads)
     gpu = await request.app[GPU].get()
-    # An unreadable family (.ckpt) is trained as SD 1.x, as before the daemon knew SDXL; kohya says if it is not.
-    params = resolve_params(overrides, image_count=len(uploads), arch="sdxl" if arch == "sdxl" else "sd1", gpu=gpu)
+    params = resolve_params(overrides, image_count=len(uploads), arch=training_arch(arch), gpu=gpu)
     job = Job(
         id=uuid.uuid4().hex[:12],
         name=name,

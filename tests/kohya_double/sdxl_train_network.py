@@ -71,13 +71,6 @@ def fail(message: str) -> NoReturn:
     base.traceback_exit(ASSERT_FRAMES, message)
 
 
-def unnamed_bar(total: int) -> None:
-    """The tqdm bar a caching phase draws on stderr, without a description (two redraws are enough)."""
-    sys.stderr.write(f"\r  0%|          | 0/{total} [00:00<?, ?it/s]")
-    sys.stderr.write(f"\r100%|██████████| {total}/{total} [00:00<00:00, 100.00it/s]\n")
-    sys.stderr.flush()
-
-
 class SdxlModel(base.Sd1Model):
     tokenizer_ids = (base.CLIP_L, BIGG)
     te_modules_created = 264  # 72 (CLIP-L) + 192 (bigG)
@@ -144,7 +137,7 @@ class SdxlModel(base.Sd1Model):
             console.log("caching Text Encoder outputs with caching strategy.")
             console.log("checking cache validity...")
             console.log("caching Text Encoder outputs...")
-            unnamed_bar(sum(len(sub.images) for sub in ds.subsets))
+            base.unnamed_bar(sum(len(sub.images) for sub in ds.subsets))
         if not args.lowram:
             console.log("move vae and unet back to original device")
 

@@ -42,6 +42,8 @@ Knobs (environment):
                              LoRA is 10-150 MiB), so tests can catch the daemon while it copies one
   KOHYA_DOUBLE_FLOOD_MB=<n>  before training, print n MB of kohya-shaped INFO log lines as fast as the pipe
                              takes them (a chatty trainer), then train and save as usual
+  KOHYA_DOUBLE_CACHE_SECONDS=<s>   time each picture takes while latents are cached (default 0): the unnamed
+                             caching bar is redrawn once per picture, as kohya's is
   KOHYA_DOUBLE_SAMPLE_SECONDS=<s>  time each preview picture takes (default 0): its 4-step sampler bar is
                              drawn over that time, as kohya's inference bar is; the steps bar is unpaused
                              after the previews, as sd-scripts does, so they do not count in its rate
@@ -1193,6 +1195,8 @@ def main(model: Sd1Model | None = None) -> None:
         console.log("[Dataset 0]")
         console.log("caching latents with caching strategy.")
         console.log("caching latents...")
+        unnamed_bar(sum(len(sub.images) for ds in datasets for sub in ds.subsets),
+                    float(os.environ.get("KOHYA_DOUBLE_CACHE_SECONDS", "0")))
     decode_images(datasets)
     model.cache_text_encoder_outputs(args, datasets, console)
     if args.xformers:
@@ -1201,6 +1205,35 @@ def main(model: Sd1Model | None = None) -> None:
             "ImportError: No xformers / xformersがインストールされていないようです",
         )
     train(args, datasets, console, model)
+
+
+def unnamed_bar(total: int, seconds_per_item: float = 0.0) -> None:
+    """The tqdm bar a caching phase draws on stderr, without a description; one redraw per item when each
+    takes time (KOHYA_DOUBLE_CACHE_SECONDS), else just its first and last redraw."""
+    def draw(done: int, elapsed: float) -> None:
+        filled = 10 * done // max(total, 1)
+        bar = "█" * filled + " " * (10 - filled)
+        rate = f"{seconds_per_item:.2f}s/it" if seconds_per_item >= 1 else f"{1 / max(seconds_per_item, 0.01):.2f}it/s"
+        left = seconds_per_item * (total - done)
+        sys.stderr.write(f"\r{100 * done // max(total, 1):3d}%|{bar}| {done}/{total} "
+                         f"[{_clock(elapsed)}<{_clock(left)}, {rate}]")
+        sys.stderr.flush()
+
+    sys.stderr.write(f"\r  0%|          | 0/{total} [00:00<?, ?it/s]")
+    sys.stderr.flush()
+    if seconds_per_item > 0:
+        for done in range(1, total + 1):
+            time.sleep(seconds_per_item)
+            draw(done, done * seconds_per_item)
+        sys.stderr.write("\n")
+    else:
+        sys.stderr.write(f"\r100%|██████████| {total}/{total} [00:00<00:00, 100.00it/s]\n")
+    sys.stderr.flush()
+
+
+def _clock(seconds: float) -> str:
+    whole = int(seconds)
+    return f"{whole // 60:02d}:{whole % 60:02d}"
 
 
 if __name__ == "__main__":

@@ -138,7 +138,9 @@ export function renderForm() {
     let warn = false
     if (id) {
         if (arch === "unknown") {
-            archText = "Architecture: unknown (not in Easy Diffusion's model info); the daemon checks it when training starts."
+            // the daemon's own words when it could not read the family either (it then trains it as SD 1.x)
+            const note = daemonModel(id) && daemonModel(id).note
+            archText = note ? "Architecture: unknown. " + note : "Architecture: unknown (not in Easy Diffusion's model info); the daemon checks it when training starts."
             warn = true
         } else if (arch && arch.startsWith("other:")) {
             archText = "Architecture: " + arch.slice(6) + " (Easy Diffusion's tag)."

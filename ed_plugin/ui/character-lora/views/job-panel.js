@@ -111,6 +111,13 @@ export function buildJobPanel(job) {
         p.actions
     )
 }
+// The daemon's progress.phase values before the first step (daemon/pipeline/progress.py PREP_PHASES).
+const START_PHASES = {
+    loading_model: "loading the model",
+    caching_latents: "caching pictures",
+    caching_text_encoder_outputs: "caching captions",
+    creating_lora: "creating the LoRA",
+}
 export function updateJobPanel(job) {
     const p = ui.jobParts
     if (!p) return
@@ -131,9 +138,13 @@ export function updateJobPanel(job) {
     // kohya makes no steps while it draws the previews: say so rather than show a rate that seems stuck.
     // The rate itself is tqdm's, which leaves the preview time out (sd-scripts unpauses its bar after them).
     const previewing = job.state === "training" && pr.phase === "preview"
-    p.rate.textContent = previewing ? "making preview…" : fmtRate(pr.rate)
-    p.rate.dataset.phase = previewing ? "preview" : "training"
-    p.rate.title = previewing ? "kohya is drawing the preview pictures; training goes on after them" : ""
+    // kohya's start-up (minutes for SDXL on a small card) is said as it goes, not shown as a stalled rate
+    const starting = job.state === "training" && START_PHASES[pr.phase]
+    const counted = starting && pr.prep_total ? " " + (pr.prep_done || 0) + "/" + pr.prep_total : ""
+    p.rate.textContent = previewing ? "making preview…" : starting ? START_PHASES[pr.phase] + counted + "…" : fmtRate(pr.rate)
+    p.rate.dataset.phase = previewing ? "preview" : starting ? pr.phase : "training"
+    p.rate.title = previewing ? "kohya is drawing the preview pictures; training goes on after them"
+        : starting ? "kohya gets ready before its first training step" : ""
     p.eta.textContent = isFinished(job) ? "–" : fmtDuration(pr.eta_s)
     updateSamples(job, p)
     const lines = job.logs || []
