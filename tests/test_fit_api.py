@@ -117,7 +117,8 @@ async def test_fit_refuses_bad_query_values_with_a_sentence(client: TestClient, 
     assert body.get("key") in {"images", "memory_tier", "preset", "base_model", "colour"}
 
 
-async def test_an_sd2_model_is_refused_saying_why_and_an_unreadable_one_is_trained_as_sd1(client: TestClient, config: Config) -> None:
+async def test_an_sd2_model_is_refused_saying_why_and_an_unreadable_one_is_trained_as_sd1(
+        client: TestClient, config: Config) -> None:
     write_sd2_checkpoint(models_dir(config) / "v2-768.safetensors")
     (models_dir(config) / "old.ckpt").write_bytes(b"pickle, never opened")
     body = await get_json(client, "/fit?base_model=v2-768")
