@@ -183,7 +183,7 @@ async def test_delete_right_after_submit_leaves_nothing(client: TestClient, conf
 def test_non_finite_numbers_never_reach_json() -> None:
     p = Progress(step=3, total=10, loss=math.inf, rate=math.nan, eta_s=-math.inf)
     assert p.to_json() == {"step": 3, "total": 10, "epoch": 0, "epochs": None, "loss": None, "rate": None,
-                           "eta_s": None, "phase": "training"}
+                           "eta_s": None, "phase": "training", "prep_done": None, "prep_total": None}
 
 
 def test_wildcard_bind_accepts_the_allowed_pages_hosts_only() -> None:
