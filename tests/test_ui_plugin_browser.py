@@ -1322,4 +1322,6 @@ def test_a_gpu_daemon_picks_the_tier_by_memory_and_advanced_overrides_it(gpu_env
     assert used["unet_lr"] == pytest.approx(shown_lr)
     assert stored["progress"]["total"] == estimate == 6
     assert page.inner_text("[data-clora=job-settings]") == "SD 1.x · 256 px · memory tier 8 GB · batch 4, bf16"
-    assert page.get_attribute("[data-clora=job-settings]", "title") == used["fit_reason"] == small["reason"]
+    # the tier's reason, and the lever the user changed by hand
+    assert page.get_attribute("[data-clora=job-settings]", "title") == used["fit_reason"]
+    assert used["fit_reason"] == small["reason"] + "; set by hand: batch_size 4"
