@@ -814,6 +814,8 @@ def test_restart_and_stop_buttons_run_the_daemon_through_ed(env: Env, page: Any,
             # Stop: the daemon is gone, the banner offers Start daemon, Stop is off until it runs again
             page.click("[data-clora=stop-daemon]")
             page.wait_for_selector("[data-clora=start-daemon]", timeout=45000)
+            # the banner may show while the stop call is still answering (the socket closed first)
+            page.wait_for_selector("[data-clora=root]:not([data-busy])", timeout=45000)
             assert fake.plugin.fetch_health(url) is None
             assert page.get_attribute("[data-clora=conn]", "data-status") == "offline"
             assert page.is_disabled("[data-clora=stop-daemon]") and page.is_enabled("[data-clora=restart-daemon]")
