@@ -989,6 +989,7 @@ async def test_daemon_sends_the_preview_phase_while_kohya_draws_previews(
         client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
     # the double draws kohya's sampler bar for 0.6 s per picture: long enough to be seen, as real previews are
     monkeypatch.setenv("KOHYA_DOUBLE_SAMPLE_SECONDS", "0.6")
+    monkeypatch.setenv("KOHYA_DOUBLE_CACHE_SECONDS", "0.05")  # caching the latents takes a moment, as in kohya
     ws = await client.ws_connect("/ws")
     assert (await ws.receive_json(timeout=5))["type"] == "snapshot"
     params = json.dumps({"epochs": 2, "sample_every_n_epochs": 1})
@@ -1006,8 +1007,10 @@ async def test_daemon_sends_the_preview_phase_while_kohya_draws_previews(
     total = progress[-1]["total"]
     assert isinstance(total, int) and total > 0
     # kohya's start-up phases come first (the double prints them as the real one does), then training
+    # (phases kohya passes within one chunk of output are sent as the last of them)
     prep = [phase for phase, _ in changes[:-5]]
-    assert prep and prep[0] == PHASE_LOADING_MODEL and PHASE_CACHING_LATENTS in prep
+    order = [PHASE_LOADING_MODEL, PHASE_CACHING_LATENTS, PHASE_CREATING_LORA]
+    assert PHASE_CACHING_LATENTS in prep and prep == sorted(prep, key=order.index), prep
     # after epoch 1 (half way) and after the last step; each ends with what kohya does next
     assert changes[-5:] == [("training", changes[-5][1]), ("preview", total // 2), ("training", total // 2),
                             ("preview", total), ("training", total)]
