@@ -22,7 +22,8 @@ from pathlib import Path
 
 # (label of the phase that ENDS at this marker, regex of the marker). Order = kohya's order.
 MARKERS: list[tuple[str, bytes]] = [
-    ("python + imports (torch, diffusers, transformers, bitsandbytes...)", rb"load tokenizer from cache|Using v1 tokenizer"),
+    ("python + imports (torch, diffusers, transformers, bitsandbytes...)",
+     rb"load tokenizer from cache|Using v1 tokenizer"),
     ("tokenizer + dataset scan + Accelerator()", rb"loading model for process"),
     ("checkpoint read + U-Net convert/load", rb"loading u-net: |U-Net converted to original U-Net"),
     ("VAE convert/load", rb"loading vae: |U-Net converted to original U-Net"),
