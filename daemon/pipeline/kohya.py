@@ -85,10 +85,15 @@ def build_command(params: TrainParams, launch: KohyaLaunch) -> list[str]:
     return [*_launcher(params, launch), launch.script_path, *_script_args(params, launch)]
 
 
+def caches_text_encoder_outputs(params: TrainParams) -> bool:
+    """SDXL with --cache_text_encoder_outputs (train_network.py has no such option: SD 1.x ignores the field)."""
+    return params.arch == "sdxl" and params.cache_text_encoder_outputs
+
+
 def unet_only(params: TrainParams) -> bool:
     """Whether the text encoders get no LoRA: lr 0, or SDXL's cached text-encoder outputs (kohya asserts
     --network_train_unet_only with --cache_text_encoder_outputs: the encoders are freed after caching)."""
-    return params.text_encoder_lr <= 0 or (params.arch == "sdxl" and params.cache_text_encoder_outputs)
+    return params.text_encoder_lr <= 0 or caches_text_encoder_outputs(params)
 
 
 def _launcher(params: TrainParams, launch: KohyaLaunch) -> list[str]:
@@ -283,7 +288,7 @@ def dataset_config(*, image_dir: str, class_tokens: str, params: TrainParams) ->
     """
     # Cached text-encoder outputs are one encoding per caption: kohya asserts no shuffling (nor caption
     # dropout or token warmup, which we never set) with them (SdxlNetworkTrainer.assert_extra_args).
-    shuffle = not (params.arch == "sdxl" and params.cache_text_encoder_outputs)
+    shuffle = not caches_text_encoder_outputs(params)
     return {
         "general": {
             "caption_extension": CAPTION_EXTENSION,

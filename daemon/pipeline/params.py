@@ -329,14 +329,10 @@ def _apply_fit(values: dict[str, Any], fit: Fit, overrides: Mapping[str, object]
         values["fp8_base"] = fit.fp8_base and values["mixed_precision"] != "no"
     if "cache_text_encoder_outputs" not in overrides:
         values["cache_text_encoder_outputs"] = fit.cache_text_encoder_outputs and values["text_encoder_lr"] == 0
-    by_hand = [f"{key} {_shown(values[key])}" for key in _LEVER_KEYS if key in overrides]
+    by_hand = [f"{key} {_shown(values[key])}" for key in FIT_KEYS if key in overrides]
     if by_hand:
         # The tier's reason alone would name a batch (say) the job does not use.
         values["fit_reason"] = f"{fit.reason}; set by hand: {', '.join(by_hand)}"
-
-
-_LEVER_KEYS = ("batch_size", "mixed_precision", "gradient_checkpointing", "optimizer", "fp8_base",
-               "cache_text_encoder_outputs")
 
 
 def _shown(value: object) -> str:

@@ -29,7 +29,7 @@ from daemon.jobs.store import LOG_RING, JobStore
 from daemon.pipeline import buckets, dataset, kohya, publish
 from daemon.pipeline.env_check import GpuInfo, check_script, check_workspace, prepare_tokenizers
 from daemon.pipeline.failure import classify_failure
-from daemon.pipeline.model_arch import ARCH_LABELS, detect_arch
+from daemon.pipeline.model_arch import ARCH_LABELS, TRAINABLE_ARCHS, detect_arch
 from daemon.pipeline.params import TrainParams, total_steps
 from daemon.pipeline.process import OutputChunk, TrainerProcess, start_trainer
 from daemon.pipeline.progress import (
@@ -285,7 +285,7 @@ class JobRunner:
                 return
             await reporter.state(JobState.COPYING)
             # A thread cannot be stopped: on shutdown the copy still finishes, and is recorded (below).
-            copying = asyncio.ensure_future(asyncio.to_thread(self._publish, job, result))
+            copying = asyncio.ensure_future(asyncio.to_thread(self._publish, job, result, params.arch))
             self._record_artifact(job, await asyncio.shield(copying))
             # Saved at once: whatever fails from here on (a full disk while finishing), the store knows the
             # LoRA reached ED's folder, so the job is never recorded as failed.
@@ -374,7 +374,7 @@ class JobRunner:
         assert self._config.kohya.script_path is not None  # checked just before
         label = ARCH_LABELS.get(params.arch, params.arch)
         found = detect_arch(Path(job.base_model))
-        if found in ("sd1", "sdxl") and found != params.arch:
+        if found in TRAINABLE_ARCHS and found != params.arch:
             # The wrong script would fail only at the model load, with 88-133 KB of state_dict keys.
             raise JobFailed(JobError(
                 "model_incompatible",
@@ -556,9 +556,9 @@ class JobRunner:
         await cancel.wait()
         await proc.terminate_tree()
 
-    def _publish(self, job: Job, result: Path) -> Path:
+    def _publish(self, job: Job, result: Path, arch: str) -> Path:
         try:
-            publish.verify_lora(result, expected_arch=TrainParams.from_json(job.params).arch)
+            publish.verify_lora(result, expected_arch=arch)
             return publish.publish(result, self._config.ed_lora_dir, output_name(job))
         except publish.PublishError as exc:
             raise JobFailed(JobError("publish_failed", exc.message, exc.hint or "")) from exc

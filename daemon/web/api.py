@@ -23,7 +23,7 @@ from daemon.jobs.models import Job
 from daemon.jobs.store import LOG_RING
 from daemon.pipeline import base_models, dataset, trainer_log
 from daemon.pipeline.env_check import run_checks, tokenizer_readiness
-from daemon.pipeline.fit import AUTO, choose_fit, tiers_json
+from daemon.pipeline.fit import AUTO, TIER_LABELS, tiers_json
 from daemon.pipeline.model_arch import (
     ARCH_LABELS,
     TRAINABLE_ARCHS,
@@ -157,11 +157,12 @@ async def fit(request: web.Request) -> web.Response:
     note = family_note(arch, base.name)
     trained_as = training_arch(arch)
     overrides = {"preset": query.get("preset", DEFAULT_PRESET), "memory_tier": query.get("memory_tier", AUTO)}
-    chosen = choose_fit(trained_as, gpu, tier=overrides["memory_tier"])
+    # No lever is set by hand here, so the params' tier and reason are the fit's own.
     params = resolve_params(overrides, image_count=images, arch=trained_as, gpu=gpu)
     return web.json_response({**answer, "trainable": True, **({"note": note} if note else {}),
-                              "tier": chosen.tier, "tier_label": chosen.label,
-                              "auto": chosen.auto, "reason": chosen.reason, "params": params.to_json()})
+                              "tier": params.memory_tier, "tier_label": TIER_LABELS[params.memory_tier],
+                              "auto": overrides["memory_tier"] == AUTO, "reason": params.fit_reason,
+                              "params": params.to_json()})
 
 
 def training_arch(arch: Arch) -> str:
@@ -241,8 +242,9 @@ async def _new_job(request: web.Request, form: dict[str, str], uploads: list[dat
     class_token = fields.check_class_token(form.get("class_token"))
     base = await _base_model(config, form.get("base_model"))
     arch = await asyncio.to_thread(detect_arch, base)
-    if arch == "sd2":
-        raise BadInput(untrainable_reason(arch, base.name) or "", key="base_model")
+    why = untrainable_reason(arch, base.name)
+    if why is not None:
+        raise BadInput(why, key="base_model")
     overrides = fields.parse_params(form.get("params"))
     dataset.check_count(len(uploads))
     await asyncio.to_thread(dataset.check_images, uploads)
