@@ -56,7 +56,7 @@ def resolve_model(requested: str | None, *, models_dir: Path | None, default: Pa
             raise BadInput(
                 "No base model was chosen and the daemon has no default base_model.",
                 key="base_model",
-                hint="Pick an SD 1.x model in Easy Diffusion or set base_model in the daemon config.",
+                hint="Pick an SD 1.x or SDXL model in Easy Diffusion or set base_model in the daemon config.",
             )
         return default
     wanted = requested.strip().replace("\\", "/")
