@@ -54,6 +54,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_request_mb", 400, "largest accepted /train request, in MiB"),
     Setting("max_uploads", 2, "uploads (POST /train) streamed at the same time; one more is answered 429"),
     Setting("max_queued_jobs", 10, "jobs waiting in the queue; one more is answered 429"),
+    Setting("auto_resume", True, "at start-up, continue jobs a crash interrupted, from their saved state"),
+    Setting("oom_retries", 2, "after running out of GPU memory, retry (0-2 times), one memory tier lower each"),
+    Setting("fast_start", True, "start kohya and warm the base model while pictures are prepared"),
     Setting("upload_stall_s", 60, "seconds an upload may send nothing before it is answered 408"),
     Setting("upload_timeout_s", 1800, "seconds a whole upload may take before it is answered 408"),
     Setting("kohya.script_path", None, "sd-scripts' train_network.py"),
@@ -97,6 +100,9 @@ class Config:
     max_queued_jobs: int = 10
     upload_stall_s: int = 60
     upload_timeout_s: int = 1800
+    auto_resume: bool = True
+    oom_retries: int = 2
+    fast_start: bool = True
 
     @property
     def db_path(self) -> Path:
@@ -223,6 +229,9 @@ def parse_config(raw: Mapping[str, Any], *, base_dir: Path | None, path: Path | 
         max_queued_jobs=_int(raw, "max_queued_jobs", 10, 1, 1000),
         upload_stall_s=stall,
         upload_timeout_s=_int(raw, "upload_timeout_s", 1800, stall, 86_400),
+        auto_resume=_bool(raw, "auto_resume", True),
+        oom_retries=_int(raw, "oom_retries", 2, 0, 2),
+        fast_start=_bool(raw, "fast_start", True),
     )
 
 
@@ -345,6 +354,7 @@ def setting_values(config: Config) -> dict[str, Any]:
         "max_image_mb": config.max_image_bytes // _MIB, "max_request_mb": config.max_request_bytes // _MIB,
         "max_uploads": config.max_uploads, "max_queued_jobs": config.max_queued_jobs,
         "upload_stall_s": config.upload_stall_s, "upload_timeout_s": config.upload_timeout_s,
+        "auto_resume": config.auto_resume, "oom_retries": config.oom_retries, "fast_start": config.fast_start,
         "kohya.script_path": k.script_path, "kohya.workspace": k.workspace, "kohya.accelerate_bin": k.accelerate_bin,
         "kohya.python": k.python, "kohya.tokenizer_cache_dir": k.tokenizer_cache_dir,
         "kohya.extra_args": k.extra_args,

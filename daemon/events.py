@@ -22,6 +22,8 @@ class EventType(str, enum.Enum):
     LOG = "log"  # data: {"lines": [...]}
     CHECKPOINT = "checkpoint"  # data: {"file"}
     SAMPLE = "sample"  # data: {"file", "url"}
+    # data: {"kind": "oom_retry" | "resumed" | "auto_resumed" | ..., "message": sentence, "recovery": Recovery json}
+    NOTICE = "notice"
     RESULT = "result"  # data: {"state", "artifact", "lora_id", "error"} — the final word on a job
     JOB_DELETED = "job_deleted"  # data: {}
     CONFIG = "config"  # data: {"changed", "restart_needed", "error", "key"} — the config file was reloaded

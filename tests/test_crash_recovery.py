@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from daemon.config import Config
-from daemon.jobs.models import JobState
+from daemon.jobs.models import JobState, Recovery
 from daemon.jobs.recovery import published_file
 from daemon.jobs.store import JobStore
 from daemon.pipeline import publish
@@ -556,12 +556,13 @@ def test_find_published_matches_bytes_not_names(tmp_path: Path) -> None:
     assert publish.find_published(tmp_path / "gone.safetensors", dest, "Hero") is None
 
 
-def test_a_version_2_database_gains_the_descendants_column(tmp_path: Path) -> None:
+def test_a_version_2_database_gains_the_descendants_and_recovery_columns(tmp_path: Path) -> None:
     path = tmp_path / "v2.sqlite3"
     store = JobStore(path)
     store.close()
     with contextlib.closing(sqlite3.connect(path)) as db:
-        db.executescript("ALTER TABLE jobs DROP COLUMN descendants; PRAGMA user_version=2;")
+        db.executescript("ALTER TABLE jobs DROP COLUMN descendants; ALTER TABLE jobs DROP COLUMN recovery;"
+                         " PRAGMA user_version=2;")
         db.execute("INSERT INTO jobs (id, name, trigger, class_token, base_model, params, image_count, state,"
                    " progress, created_at, updated_at, pid, pid_started) VALUES"
                    " ('j', 'n', 't', 'c', 'm', '{}', 8, 'training', '{}', 1, 1, 4242, 12.5)")
@@ -573,6 +574,11 @@ def test_a_version_2_database_gains_the_descendants_column(tmp_path: Path) -> No
     store.set_process("j", None, None)
     store.set_descendants("j", {1: 1.0})  # no trainer recorded: nothing to remember
     assert store.process_of("j") is None
+    job = store.get("j")
+    assert job is not None and job.recovery == Recovery()  # a job from before issue 9 has none
+    job.recovery.resumes = 1
+    store.save(job)
+    assert store.get("j").recovery.resumes == 1
     store.close()
     with contextlib.closing(sqlite3.connect(path)) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 4

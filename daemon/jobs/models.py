@@ -75,6 +75,33 @@ class JobError:
         return cls(kind=str(data["kind"]), message=str(data["message"]), hint=str(data.get("hint", "")))
 
 
+@dataclass
+class Recovery:
+    """How a job survived crashes and out-of-memory failures (issue 9); saved with the job."""
+
+    resumes: int = 0  # times the job continued from a saved kohya state (by hand or at start-up)
+    # of those, started by the daemon at start-up (capped: a job that kills the daemon must not loop)
+    auto_resumes: int = 0
+    # out-of-memory retries, oldest first: {"attempt", "from_tier", "to_tier", "from_batch", "to_batch", "at_step",
+    # "message"}
+    retries: list[dict[str, Any]] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)  # one sentence per recovery action, for the tab
+    state_epoch: int | None = None  # epoch of the newest complete saved state on disk; None: nothing to resume from
+    state_bytes: int = 0  # disk used by the job's kohya state folders now
+    resume_next: bool = False  # the job's next run continues from the saved state (set by resume, cleared at start)
+    # optimisation steps done before the current kohya launch: kohya's bar restarts at 0 after --resume
+    step_offset: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> Recovery:
+        if not data:
+            return cls()
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
 def interrupted_error() -> JobError:
     """Why a job that was running when the daemon stopped is not done."""
     return JobError("interrupted", "The daemon stopped while this job was running.",
@@ -99,6 +126,12 @@ class Job:
     updated_at: float = 0.0
     logs: list[str] = field(default_factory=list)
     samples: list[str] = field(default_factory=list)  # preview pictures kohya made, oldest first
+    recovery: Recovery = field(default_factory=Recovery)
+
+    @property
+    def resumable(self) -> bool:
+        """POST /jobs/{id}/resume is allowed: from the saved state when there is one, else from the start."""
+        return self.state is JobState.INTERRUPTED
 
     def sample_url(self, file: str) -> str:
         return f"/jobs/{self.id}/samples/{file}"
@@ -128,6 +161,8 @@ class Job:
             "artifact": self.artifact,
             "lora_id": self.lora_id,
             "error": self.error.to_json() if self.error else None,
+            "recovery": self.recovery.to_json(),
+            "resumable": self.resumable,
             "created_at": self.created_at,
             "updated_at": self.updated_at,
         }

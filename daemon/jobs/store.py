@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from daemon.events import Event
-from daemon.jobs.models import Job, JobError, JobState, Progress
+from daemon.jobs.models import Job, JobError, JobState, Progress, Recovery
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 LOG_TAIL = 60  # lines in a job's JSON (GET /jobs, the WebSocket snapshot)
 LOG_RING = 2000  # lines kept per job; the job's trainer.log keeps every line
 
@@ -63,6 +63,8 @@ MIGRATIONS: dict[int, str] = {
     1: "ALTER TABLE jobs ADD COLUMN samples TEXT NOT NULL DEFAULT '[]'",
     # the trainer's descendants as {pid: create time}, so a restart can stop the orphans of a crash
     2: "ALTER TABLE jobs ADD COLUMN descendants TEXT NOT NULL DEFAULT '{}'",
+    # resumes, out-of-memory retries and saved-state disk use (models.Recovery)
+    3: "ALTER TABLE jobs ADD COLUMN recovery TEXT NOT NULL DEFAULT '{}'",
 }
 
 
@@ -123,11 +125,12 @@ class JobStore:
         job.updated_at = time.time()
         with self._lock:
             self._db.execute(
-                "UPDATE jobs SET state=?, progress=?, artifact=?, lora_id=?, error=?, samples=?, updated_at=?"
-                " WHERE id=?",
+                "UPDATE jobs SET state=?, progress=?, artifact=?, lora_id=?, error=?, samples=?, recovery=?,"
+                " updated_at=? WHERE id=?",
                 (
                     job.state.value, json.dumps(job.progress.to_json()), job.artifact, job.lora_id,
-                    _dump_error(job.error), json.dumps(job.samples), job.updated_at, job.id,
+                    _dump_error(job.error), json.dumps(job.samples), json.dumps(job.recovery.to_json()),
+                    job.updated_at, job.id,
                 ),
             )
 
@@ -248,6 +251,7 @@ class JobStore:
             updated_at=row["updated_at"],
             logs=logs,
             samples=json.loads(row["samples"]),
+            recovery=Recovery.from_json(json.loads(row["recovery"] or "{}")),
         )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import math
 import os
@@ -24,7 +25,7 @@ from daemon.config import Config
 from daemon.errors import DaemonError
 from daemon.events import EventType
 from daemon.hub import EventHub
-from daemon.jobs.models import Job, JobError, JobState, Progress, interrupted_error
+from daemon.jobs.models import Job, JobError, JobState, Progress, Recovery, interrupted_error
 from daemon.jobs.store import LOG_RING, JobStore
 from daemon.pipeline import buckets, dataset, kohya, publish
 from daemon.pipeline.env_check import GpuInfo, check_script, check_workspace, prepare_tokenizers
@@ -165,7 +166,8 @@ class JobReporter:
 
     def saver(self) -> Callable[[], None]:
         # A copy: the store writes in a worker thread while this job keeps changing on the loop.
-        job = replace(self.job, progress=replace(self.job.progress), samples=list(self.job.samples))
+        job = replace(self.job, progress=replace(self.job.progress), samples=list(self.job.samples),
+                      recovery=Recovery.from_json(copy.deepcopy(self.job.recovery.to_json())))
         return partial(self._store.save, job)
 
     async def state(self, state: JobState) -> None:
