@@ -289,3 +289,20 @@ async def test_a_job_that_keeps_taking_the_daemon_down_is_not_resumed_forever(si
     assert note in job["logs"]
     status, _ = await call(site, "POST", f"/jobs/{job_id}/resume")  # by hand it still can
     assert status == 202
+
+
+async def test_a_job_found_published_after_a_crash_is_done_and_its_states_are_gone(site: Site) -> None:
+    daemon = await site.start({**FAST, "KOHYA_DOUBLE_LORA_MB": "40"})  # a big LoRA: the kill lands while it copies
+    job_id = await site.submit(train_form(8, name="Just Made It", params=json.dumps(
+        {"epochs": 2, "repeats": 1, "save_every_n_epochs": 1, "sample_every_n_epochs": 0})))
+    final = site.config.ed_lora_dir / "Just_Made_It.safetensors"
+    end = time.monotonic() + 30
+    while not final.exists():
+        assert time.monotonic() < end, (await site.job(job_id))["state"]
+        await asyncio.sleep(0.001)
+    site.sigkill(daemon)
+    await site.start(FAST)
+    job = await site.job(job_id)
+    assert job["state"] == "done" and job["artifact"] == str(final)
+    assert job["recovery"]["state_bytes"] == 0 and job["recovery"]["state_epoch"] is None
+    assert not list((site.config.data_dir / "jobs" / job_id / "output").glob("*-state"))
