@@ -1074,6 +1074,7 @@ def train(args: argparse.Namespace, datasets: list[Dataset], console: Console, m
         if every and epoch % every == 0 and epoch < run.epochs and fail != "no_output":
             save_lora(args, run, output_dir / f"{name}-{epoch:06d}.safetensors", epoch, step)
             if args.save_state:
+                console.log("")  # kohya logs an empty line first (train_util.py L5941), ending the bar's line
                 console.log(f"saving state at epoch {epoch}")
                 save_state(args, console, output_dir / f"{name}-{epoch:06d}-state", epoch, step)
                 keep = args.save_last_n_epochs_state or args.save_last_n_epochs
@@ -1088,6 +1089,7 @@ def train(args: argparse.Namespace, datasets: list[Dataset], console: Console, m
     if fail == "no_output":
         return
     if args.save_state or args.save_state_on_train_end:
+        console.log("")  # train_util.py L5989, as above
         console.log("saving last state.")
         save_state(args, console, output_dir / f"{name}-state", run.epochs, step)
     save_lora(args, run, output_dir / f"{name}.safetensors", run.epochs, step)
