@@ -27,7 +27,7 @@ from daemon.events import EventType
 from daemon.hub import EventHub
 from daemon.jobs.models import Job, JobError, JobState, Progress, Recovery, interrupted_error
 from daemon.jobs.store import LOG_RING, JobStore
-from daemon.pipeline import buckets, dataset, kohya, publish
+from daemon.pipeline import buckets, dataset, kohya, oom_retry, publish
 from daemon.pipeline.env_check import GpuInfo, check_script, check_workspace, prepare_tokenizers
 from daemon.pipeline.failure import classify_failure
 from daemon.pipeline.model_arch import ARCH_LABELS, TRAINABLE_ARCHS, detect_arch
@@ -281,7 +281,17 @@ class JobRunner:
                 await reporter.finish(JobState.CANCELLED)
                 return
             await reporter.state(JobState.TRAINING)
-            result = await self._train(job, params, paths, cpu, reporter, cancel)
+            tried: list[TrainParams] = []  # the settings of each attempt that ran out of GPU memory
+            while True:
+                try:
+                    result = await self._train(job, params, paths, cpu, reporter, cancel)
+                    break
+                except JobFailed as failed:
+                    # raises `failed`, or the final out-of-memory error, when there is nothing to retry
+                    params = await self._retry_after_oom(job, params, failed, tried, paths, cpu, reporter)
+                if cancel.is_set():
+                    await reporter.finish(JobState.CANCELLED)
+                    return
             if cancel.is_set():
                 await reporter.finish(JobState.CANCELLED)
                 return
@@ -310,6 +320,46 @@ class JobRunner:
             await reporter.finish(JobState.ERROR, error=JobError(
                 "internal", f"The daemon hit an unexpected error: {type(exc).__name__}: {exc}",
                 "See the daemon's console output; please report this."))
+
+    async def _retry_after_oom(self, job: Job, params: TrainParams, failed: JobFailed, tried: list[TrainParams],
+                               paths: JobPaths, cpu: bool, reporter: JobReporter) -> TrainParams:
+        """The next attempt's settings after kohya ran out of GPU memory: one memory tier lower
+        (daemon/pipeline/oom_retry.py), stored with the job, announced (a notice event and a log line) and in
+        the dataset config. Raises `failed` when it was not GPU memory or retries are off, and the final
+        out_of_memory error, naming what was tried, when the retries are used up or nothing lower is left."""
+        if not oom_retry.gpu_out_of_memory(failed.error.kind, job_tail(paths.trainer_log), cpu=cpu):
+            raise failed
+        limit = self._config.oom_retries
+        if limit == 0:
+            raise failed
+        tried.append(params)
+        gpu = await self._gpu()
+        # RESUME (i9-resume): continue from the saved state when there is one. Once train_state and
+        # _train(..., resume=) exist this becomes: state = train_state.find_resume_state(paths.output,
+        # output_name(job)); state_epoch = state.epoch if state else None; and the loop passes resume=state.
+        state_epoch: int | None = None
+        plan = None
+        if len(tried) <= limit:
+            plan = oom_retry.plan_retry(params, gpu, attempt=len(tried), limit=limit, state_epoch=state_epoch)
+        if plan is None:
+            message, hint = oom_retry.final_error(tried, gpu, limit=limit)
+            raise JobFailed(JobError(failed.error.kind, message, hint)) from failed
+        job.params = plan.params.to_json()  # a new dict: a saver's copy of the job may still hold the old one
+        job.recovery.retries.append({
+            "attempt": len(tried), "from_tier": plan.from_tier, "to_tier": plan.to_tier,
+            "from_batch": params.batch_size, "to_batch": plan.params.batch_size, "at_step": job.progress.step,
+            "message": plan.message,
+        })
+        job.recovery.notices.append(plan.message)
+        log.warning("job %s: %s", job.id, plan.message)
+        # batch_size lives in the dataset config; the pictures stay (a retry never changes the resolution)
+        config = kohya.dataset_config(image_dir=str(paths.images), class_tokens=job.class_token, params=plan.params)
+        await asyncio.to_thread(kohya.write_dataset_config, paths.dataset_config, config)
+        await reporter.log_lines([f"trainer exited: {failed.error.message}", plan.message], force=True)
+        await self._hub.emit(EventType.NOTICE, job.id, {
+            "kind": "oom_retry", "message": plan.message, "recovery": job.recovery.to_json()},
+            persist=reporter.saver())
+        return plan.params
 
     def _record_artifact(self, job: Job, final: Path) -> None:
         job.artifact = str(final)
