@@ -222,3 +222,34 @@ async def test_cancel_during_the_retry(gpu_daemon: Callable[..., Any], monkeypat
     assert job["state"] == "cancelled" and job["error"] is None and job["artifact"] is None
     assert len(job["recovery"]["retries"]) == 1 and len(runs(config, job_id)) == 2
     assert "model saved." not in job_paths(config, job_id).trainer_log.read_text(encoding="utf-8")
+
+
+async def test_a_retry_continues_from_the_saved_state(gpu_daemon: Callable[..., Any], monkeypatch: pytest.MonkeyPatch,
+                                                      tmp_path: Path) -> None:
+    # batch 8: 25 steps an epoch, a state saved after each; the first step of epoch 3 runs out of memory
+    monkeypatch.setenv("KOHYA_DOUBLE_OOM_ABOVE_BATCH", "4")
+    monkeypatch.setenv("KOHYA_DOUBLE_OOM_AT_STEP", "51")
+    record = tmp_path / "argv.json"
+    monkeypatch.setenv("KOHYA_DOUBLE_RECORD", str(record))
+    client, config = await gpu_daemon()
+    job_id, job = await train(client, '{"epochs": 4, "save_every_n_epochs": 1}')
+    assert job["state"] == "done", job["error"]
+    message = ("Ran out of GPU memory at batch 8; retrying with batch 4, from the state saved after epoch 2 "
+               "(retry 1 of 2).")
+    assert job["recovery"]["notices"] == [message]
+    assert job["recovery"]["retries"][0]["at_step"] == 50
+    argv = json.loads(record.read_text())
+    assert Path(argv[argv.index("--resume") + 1]).name == "Test_Hero-000002-state"
+    assert argv[argv.index("--initial_epoch") + 1] == "3"
+    # kohya restores the optimizer and its learning rates from the state: the stored params say so
+    p = job["params"]
+    assert (p["batch_size"], p["optimizer"], p["unet_lr"]) == (4, "AdamW", 2e-4)
+    # epochs 1-2 at batch 8 (50 steps), 3-4 at batch 4 (100 steps): the bar ends on the resumed run's own total
+    first_run, second_run = runs(config, job_id)
+    assert (first_run["batch"], second_run["batch"], second_run["steps"]) == (8, 4, 200)
+    assert job["progress"]["step"] == job["progress"]["total"] == 200
+    output = job_paths(config, job_id).output
+    assert sorted(f.name for f in output.glob("*.safetensors")) == [
+        "Test_Hero-000001.safetensors", "Test_Hero-000002.safetensors", "Test_Hero-000003.safetensors",
+        "Test_Hero.safetensors"]
+    assert not list(output.glob("*-state"))  # dropped when the job ended
