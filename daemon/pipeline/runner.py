@@ -30,9 +30,10 @@ from daemon.jobs.store import LOG_RING, JobStore
 from daemon.pipeline import buckets, dataset, kohya, publish
 from daemon.pipeline.env_check import GpuInfo, check_script, check_workspace, prepare_tokenizers
 from daemon.pipeline.failure import classify_failure
+from daemon.pipeline.fast_start import FastStart
 from daemon.pipeline.model_arch import ARCH_LABELS, TRAINABLE_ARCHS, detect_arch
 from daemon.pipeline.params import TrainParams, total_steps
-from daemon.pipeline.process import OutputChunk, TrainerProcess, start_trainer
+from daemon.pipeline.process import OutputChunk, TrainerProcess
 from daemon.pipeline.progress import (
     CheckpointSaved,
     EpochStarted,
@@ -264,6 +265,7 @@ class JobRunner:
         self._store = store
         self._hub = hub
         self._gpu = gpu
+        self._fast = FastStart(config, store)
 
     async def run(self, job: Job, cancel: asyncio.Event) -> None:
         reporter = JobReporter(job, self._store, self._hub)
@@ -276,7 +278,9 @@ class JobRunner:
             await reporter.state(JobState.PREPPING)
             params = TrainParams.from_json(job.params)
             cpu = await self._device(job)
-            await asyncio.to_thread(self._prepare, job, params, paths, cpu)
+            await self._fast.prepare(partial(asyncio.to_thread, self._prepare, job, params, paths, cpu), job_id=job.id,
+                                     base_model=job.base_model, arch=params.arch, job_root=paths.root,
+                                     images=paths.images, cpu=cpu, cancel=cancel)
             if cancel.is_set():
                 await reporter.finish(JobState.CANCELLED)
                 return
@@ -424,7 +428,7 @@ class JobRunner:
     async def _train(self, job: Job, params: TrainParams, paths: JobPaths, cpu: bool,
                      reporter: JobReporter, cancel: asyncio.Event) -> Path:
         launch = self._launch(job, params, paths, cpu)
-        argv = kohya.build_command(params, launch)
+        argv = self._fast.argv(kohya.build_command(params, launch))
         env = kohya.build_env(os.environ, tokenizer_cache_dir=launch.tokenizer_cache_dir, cpu=cpu)
         plan = training_plan(params, Path(launch.script_path).name, cpu=cpu)
         log.info("job %s: %s", job.id, plan)
@@ -440,7 +444,7 @@ class JobRunner:
         try:
             await samples.start()  # before the trainer, so not even its first picture is missed
             try:
-                proc = await start_trainer(argv, cwd=launch.workspace, env=env)
+                proc = await self._fast.start(argv, cwd=launch.workspace, env=env, job_id=job.id)
             except OSError as exc:
                 raise JobFailed(JobError("setup", f"The trainer could not be started: {exc}",
                                          "Check kohya.python / kohya.accelerate_bin in the daemon config.")) from exc
