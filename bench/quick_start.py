@@ -10,8 +10,9 @@ until the first training step is reported; then the job is cancelled and the dae
         [--data DIR] [--images N] [--resolution PX] [--repeats N] [--modes off,on,...] [--budget-s S] \
         [--out FILE.json] [--work DIR] [--no-cold]
 
-Modes: off (fast_start: false: the daemon before issue 9), on (fast_start: true: every cut), and one cut alone:
-warm, prestart, latent_cache (only a rerun reuses latents: on a first click it costs nothing and saves nothing).
+Modes: off (fast_start: false: the daemon before issue 9), on (fast_start: true: every cut), or some cuts joined by
+'+' (warm, prestart, latent_cache, model_hash; e.g. warm+prestart). latent_cache pays only on a rerun of the same job
+(a first click has no latents to reuse); model_hash needs warm and prestart.
 Prints a progress line per event (flushed), then a table (median per mode, its ratio to the first mode) and
 writes everything to --out. Ends within --budget-s: a run that would not fit is not started.
 """
@@ -36,8 +37,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 TOKEN = "bench-token-0123456789abcdef"
-CUT_MODES = ("warm", "prestart", "latent_cache")
-MODES = ("off", "on", *CUT_MODES)
+CUTS = ("warm", "prestart", "latent_cache", "model_hash")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # How the daemon is started for a mode that keeps only some cuts: fast_start.CUTS narrowed before it runs.
 LAUNCHER = ("import sys, runpy; import daemon.pipeline.fast_start as f; f.CUTS = frozenset(sys.argv.pop(1).split(','));"
@@ -46,19 +46,20 @@ LAUNCHER = ("import sys, runpy; import daemon.pipeline.fast_start as f; f.CUTS =
 
 def parse_modes(text: str) -> list[str]:
     modes = [m.strip() for m in text.split(",") if m.strip()]
-    bad = [m for m in modes if m not in MODES]
+    bad = [m for m in modes if m not in ("off", "on") and not set(m.split("+")) <= set(CUTS)]
     if not modes or bad or len(set(modes)) != len(modes):
-        raise argparse.ArgumentTypeError(f"modes must be distinct names from {', '.join(MODES)} (got {text!r})")
+        raise argparse.ArgumentTypeError(f"modes are distinct items, each off, on or cuts joined by '+' from "
+                                         f"{', '.join(CUTS)} (got {text!r})")
     return modes
 
 
 def mode_settings(mode: str) -> tuple[bool, str | None]:
-    """(config fast_start, the cuts to keep or None for all) of a mode."""
+    """(config fast_start, the cuts to keep, comma-separated, or None for all) of a mode."""
     if mode == "off":
         return False, None
     if mode == "on":
         return True, None
-    return True, mode
+    return True, mode.replace("+", ",")
 
 
 @dataclass
@@ -308,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--resolution", type=int, default=0, help="training resolution (default 512 on a GPU, 256 on CPU)")
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--modes", type=parse_modes, default=["off", "on"], help=f"comma list of {', '.join(MODES)}")
+    ap.add_argument("--modes", type=parse_modes, default=["off", "on"],
+                    help=f"comma list of off, on, or cuts joined by '+' ({', '.join(CUTS)})")
     ap.add_argument("--budget-s", type=float, default=1800, help="start no run that would end after this")
     ap.add_argument("--run-timeout-s", type=float, default=600, help="give up on one run after this")
     ap.add_argument("--cold", action=argparse.BooleanOptionalAction, default=True,

@@ -20,7 +20,7 @@ def test_cli_defaults_and_modes() -> None:
     assert args.budget_s == 420 and args.out == "r.json" and args.data == "/d"
 
 
-@pytest.mark.parametrize("bad", ["", "off,fast", "on,on"])
+@pytest.mark.parametrize("bad", ["", "off,fast", "on,on", "warm+fast"])
 def test_bad_modes_are_refused(bad: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError):
         parse_modes(bad)
@@ -30,6 +30,8 @@ def test_mode_settings() -> None:
     assert mode_settings("off") == (False, None)
     assert mode_settings("on") == (True, None)
     assert mode_settings("prestart") == (True, "prestart")
+    assert mode_settings("warm+prestart") == (True, "warm,prestart")
+    assert parse_modes("off, warm+prestart ,on") == ["off", "warm+prestart", "on"]
 
 
 def test_first_step_is_the_first_progress_frame_past_step_zero() -> None:

@@ -4,11 +4,13 @@ processes (the kohya double through daemon/pipeline/kohya_prestart.py) and real 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import sys
 import threading
 import time
+import types
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from aiohttp.test_utils import TestClient
 from daemon.config import Config
 from daemon.jobs.models import JobError
 from daemon.jobs.store import JobStore
-from daemon.pipeline import fast_start, kohya
+from daemon.pipeline import fast_start, kohya, kohya_prestart
 from daemon.pipeline.fast_start import FastStart, clean_latent_cache, go_document, warm_file, worth_warming
 from daemon.pipeline.runner import JobFailed, JobRunner
 from tests.conftest import train_form, wait_for_state
@@ -220,6 +222,9 @@ async def test_on_and_off_give_the_real_script_the_same_arguments(start_daemon, 
 
     assert same(on_argv, on, on_cfg) == kohya.with_latent_disk_cache(same(off_argv, off, off_cfg))
     assert "--cache_latents_to_disk" not in off_argv
+    # The warm-up read the checkpoint whole: its sha256 is where the go file told the prestarted kohya to look.
+    hashed = json.loads((on_cfg.jobs_dir / on["id"] / fast_start.MODEL_HASH_FILE).read_text())
+    assert hashed["sha256"] == hashlib.sha256(Path(str(on_cfg.base_model)).read_bytes()).hexdigest()
 
 
 async def test_a_cancel_during_prep_kills_the_prestarted_trainer_at_once(start_daemon, tmp_path: Path,
@@ -286,3 +291,42 @@ async def _until(check, timeout: float = 10.0) -> None:
         if time.monotonic() > end:
             raise AssertionError("timed out")
         await asyncio.sleep(0.02)
+
+
+# ------------------------------------------------------------------------------------------------ model hash
+def test_the_warm_up_hashes_the_checkpoint_once_per_daemon(tmp_path: Path) -> None:
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(os.urandom(2 * 1024 * 1024 + 5))
+    want = hashlib.sha256(model.read_bytes()).hexdigest()
+    first = fast_start.Warmer(model, hash_file=tmp_path / "a.json").start()
+    assert first.finished.wait(10)
+    entry = json.loads((tmp_path / "a.json").read_text())
+    assert entry == {"path": str(model.resolve()), "size": model.stat().st_size,
+                     "mtime_ns": model.stat().st_mtime_ns, "sha256": want}
+    again = fast_start.Warmer(model, hash_file=tmp_path / "b.json")
+    again.stop()  # reads nothing: the hash comes from what this daemon already read
+    assert again.start().finished.wait(10) and again.bytes_read == 0
+    assert json.loads((tmp_path / "b.json").read_text())["sha256"] == want
+
+
+def test_prestarted_kohya_takes_the_hash_only_for_the_unchanged_file(tmp_path: Path, monkeypatch) -> None:
+    model, other = tmp_path / "model.safetensors", tmp_path / "other.safetensors"
+    model.write_bytes(b"weights")
+    other.write_bytes(b"more weights")
+    hash_file = tmp_path / "model-sha256.json"
+    st = model.stat()
+    fast_start.write_json(hash_file, fast_start.hash_entry((str(model.resolve()), st.st_size, st.st_mtime_ns),
+                                                          "f" * 64))
+    # kohya's library.train_util at 48d368fa, reduced to the function replaced
+    train_util = types.ModuleType("library.train_util")
+    train_util.calculate_sha256 = lambda f: hashlib.sha256(Path(f).read_bytes()).hexdigest()  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "library.train_util", train_util)
+    assert kohya_prestart.use_known_hashes(str(hash_file))
+    assert train_util.calculate_sha256(str(model)) == "f" * 64  # from the daemon's file
+    assert train_util.calculate_sha256(str(other)) == hashlib.sha256(b"more weights").hexdigest()
+    os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # changed since: kohya hashes it itself
+    assert train_util.calculate_sha256(str(model)) == hashlib.sha256(b"weights").hexdigest()
+    hash_file.unlink()
+    assert kohya_prestart.known_sha256(str(hash_file), str(model)) is None
+    monkeypatch.delitem(sys.modules, "library.train_util")
+    assert not kohya_prestart.use_known_hashes(str(hash_file))  # no kohya there: nothing replaced

@@ -10,6 +10,12 @@ are the script's, so its output and exit code are unchanged. The second executio
 code finds every import done; at sd-scripts 48d368fa the rest of it is idempotent (setup_logging() returns when
 handlers exist, init_ipex()'s hijack skips itself).
 
+The go file may also name a "sha256_file", where the daemon writes the base checkpoint's sha256 once its warm-up has
+read the file whole ({"path", "size", "mtime_ns", "sha256"}). Then kohya's train_util.calculate_sha256 (the
+metadata's ss_new_sd_model_hash: a second full read of the checkpoint, ~10-20 s after go) returns that value for
+that file while its size and mtime are unchanged, and runs as before in every other case (not written yet,
+another file); at an sd-scripts without that function nothing is replaced.
+
 Anything that fails while importing is left for the real run to raise again, with its usual traceback: this
 wrapper prints nothing of its own unless it gives up waiting. It exits without running anything when the daemon
 that started it is gone (POSIX) or no go file came within --max-wait seconds.
@@ -50,6 +56,35 @@ def wait_for_go(go_file: str, max_wait_s: float, parent: int) -> dict[str, objec
     return None
 
 
+def known_sha256(hash_file: str, filename: str) -> str | None:
+    """The daemon's sha256 of `filename` from `hash_file`, when it is there and the file is unchanged since."""
+    try:
+        with open(hash_file, encoding="utf-8") as fh:
+            entry = json.load(fh)
+        st = os.stat(filename)
+        if (entry["path"] == os.path.realpath(filename) and entry["size"] == st.st_size
+                and entry["mtime_ns"] == st.st_mtime_ns):
+            return str(entry["sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def use_known_hashes(hash_file: str) -> bool:
+    """Serve kohya's calculate_sha256 from the daemon's `hash_file` where it can; True when it was replaced."""
+    train_util = sys.modules.get("library.train_util")
+    original = getattr(train_util, "calculate_sha256", None)
+    if not callable(original):
+        return False
+
+    def calculate_sha256(filename, *args, **kwargs):  # type: ignore[no-untyped-def]
+        known = known_sha256(hash_file, filename) if isinstance(filename, str) and not args and not kwargs else None
+        return known if known is not None else original(filename, *args, **kwargs)
+
+    train_util.calculate_sha256 = calculate_sha256  # type: ignore[union-attr]
+    return True
+
+
 def main() -> int:
     parent = os.getppid()
     ap = argparse.ArgumentParser(prog="kohya_prestart.py")
@@ -73,6 +108,8 @@ def main() -> int:
     if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
         print(f"kohya_prestart: bad go file {opts.go}", file=sys.stderr, flush=True)
         return 2
+    if isinstance(go.get("sha256_file"), str):
+        use_known_hashes(str(go["sha256_file"]))
     sys.path[0] = os.path.dirname(run_script)
     sys.argv = [run_script, *args]
     runpy.run_path(run_script, run_name="__main__")
