@@ -25,6 +25,7 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 import socket
 import statistics
@@ -34,6 +35,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from bench.startup_phases import MARKERS
 
 REPO = Path(__file__).resolve().parent.parent
 TOKEN = "bench-token-0123456789abcdef"
@@ -73,6 +76,9 @@ class RunResult:
     error: str | None = None
     load_before: float | None = None  # 1-min load average when the run started
     events: list[str] = field(default_factory=list)
+    # click → the log frame carrying kohya's first line of each phase (bench.startup_phases.MARKERS' labels name
+    # the phase that ENDS there); the daemon sends log lines in batches at most 0.3 s apart
+    marks: dict[str, float] = field(default_factory=dict)
 
 
 def summarize(runs: list[RunResult], modes: list[str]) -> dict[str, dict[str, Any]]:
@@ -102,6 +108,26 @@ def table(summary: dict[str, dict[str, Any]]) -> str:
         each = ", ".join(num(v) for v in s["runs"]) or "-"
         lines.append(f"| {mode} | {each} | {num(s['median_s'])} | {num(s['ratio'], '×{:.2f}')} | "
                      f"{num(s['saved_s'])} | {num(s['median_to_training_s'])} |")
+    return "\n".join(lines)
+
+
+def mark_lines(marks: dict[str, float], lines: list[str], now: float) -> None:
+    """Note `now` for each kohya phase marker first seen in `lines`."""
+    for label, rx in MARKERS:
+        if label not in marks and any(re.search(rx, line.encode("utf-8", "replace")) for line in lines):
+            marks[label] = now
+
+
+def phase_table(runs: list[RunResult], modes: list[str]) -> str:
+    """Median click → each of kohya's phase ends, per mode (cumulative seconds)."""
+    lines = ["| click → kohya's line ending the phase (median s) | " + " | ".join(modes) + " |",
+             "|---|" + "---|" * len(modes)]
+    for label, _ in MARKERS:
+        row = []
+        for mode in modes:
+            got = [r.marks[label] for r in runs if r.mode == mode and label in r.marks]
+            row.append(f"{statistics.median(got):.2f}" if got else "-")
+        lines.append(f"| {label} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
@@ -199,7 +225,7 @@ async def one_run(args: argparse.Namespace, mode: str, repeat: int, pics: list[t
                 evict(Path(args.model))
             async with session.ws_connect(f"{url}/ws?token={TOKEN}") as ws:
                 form = aiohttp.FormData()
-                form.add_field("name", f"Quick {mode} {repeat}")
+                form.add_field("name", f"Quick {mode.replace('+', '-')} {repeat}")  # names allow no +
                 form.add_field("trigger", "zkchar")
                 form.add_field("params", json.dumps(params))
                 for name, data in pics:
@@ -237,6 +263,8 @@ async def one_run(args: argparse.Namespace, mode: str, repeat: int, pics: list[t
                             result.state = state
                             result.error = (frame["data"].get("error") or {}).get("message")
                             break
+                    elif frame["type"] == "log":
+                        mark_lines(result.marks, frame["data"].get("lines") or [], now)
                     elif first_step_at(frame):
                         result.first_step_s = now
                         result.state = "training"
@@ -325,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     report = asyncio.run(bench(args))
     print(table(report["summary"]), flush=True)
+    print(phase_table([RunResult(**r) for r in report["runs"]], report["modes"]), flush=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2), encoding="utf-8")

@@ -57,3 +57,18 @@ def test_a_mode_without_a_finished_run_has_no_ratio() -> None:
     s = summarize([RunResult("off", 1, first_step_s=10.0), RunResult("on", 1, error="boom")], ["off", "on"])
     assert s["on"]["median_s"] is None and s["on"]["ratio"] is None
     assert "| on | - | - | - | - | - |" in table(s)
+
+
+def test_kohya_phase_lines_are_timed_once_and_tabled() -> None:
+    from bench.quick_start import mark_lines, phase_table
+
+    marks: dict[str, float] = {}
+    mark_lines(marks, ["INFO load tokenizer from cache: /tok", "other"], 4.5)
+    mark_lines(marks, ["Using v1 tokenizer", "INFO loading model for process 0/1"], 5.0)
+    assert marks == {"python + imports (torch, diffusers, transformers, bitsandbytes...)": 4.5,
+                     "tokenizer + dataset scan + Accelerator()": 5.0}
+    runs = [RunResult("off", 1, marks=marks), RunResult("off", 2, marks={**marks, "tokenizer + dataset scan + "
+                                                                        "Accelerator()": 6.0})]
+    text = phase_table(runs, ["off", "on"])
+    assert "| python + imports (torch, diffusers, transformers, bitsandbytes...) | 4.50 | - |" in text
+    assert "| tokenizer + dataset scan + Accelerator() | 5.50 | - |" in text
