@@ -88,6 +88,16 @@ def build_command(params: TrainParams, launch: KohyaLaunch) -> list[str]:
     return [*_launcher(params, launch), launch.script_path, *_script_args(params, launch)]
 
 
+def with_latent_disk_cache(argv: list[str]) -> list[str]:
+    """`argv` with `--cache_latents_to_disk` after `--cache_latents` (fast start): kohya also writes each picture's
+    latents beside it (`<picture>_<WxH>_sd.npz`) and a rerun of the same pictures loads them instead of encoding
+    them again (train_util.py L4575; reused when the file exists and matches the bucket size)."""
+    if "--cache_latents" not in argv or "--cache_latents_to_disk" in argv:
+        return argv
+    at = argv.index("--cache_latents") + 1
+    return [*argv[:at], "--cache_latents_to_disk", *argv[at:]]
+
+
 def caches_text_encoder_outputs(params: TrainParams) -> bool:
     """SDXL with --cache_text_encoder_outputs (train_network.py has no such option: SD 1.x ignores the field)."""
     return params.arch == "sdxl" and params.cache_text_encoder_outputs

@@ -30,9 +30,10 @@ from daemon.jobs.store import LOG_RING, JobStore
 from daemon.pipeline import buckets, dataset, kohya, oom_retry, publish, train_state
 from daemon.pipeline.env_check import GpuInfo, check_script, check_workspace, prepare_tokenizers
 from daemon.pipeline.failure import classify_failure
+from daemon.pipeline.fast_start import FastStart
 from daemon.pipeline.model_arch import ARCH_LABELS, TRAINABLE_ARCHS, detect_arch
 from daemon.pipeline.params import TrainParams, total_steps
-from daemon.pipeline.process import OutputChunk, TrainerProcess, start_trainer
+from daemon.pipeline.process import OutputChunk, TrainerProcess
 from daemon.pipeline.progress import (
     CheckpointSaved,
     EpochStarted,
@@ -283,6 +284,7 @@ class JobRunner:
         self._store = store
         self._hub = hub
         self._gpu = gpu
+        self._fast = FastStart(config, store)
 
     async def run(self, job: Job, cancel: asyncio.Event, *, resumed: str | None = None) -> None:
         """`resumed`: "resumed" (by hand) or "auto_resumed" (at start-up) when the job was queued again after
@@ -300,7 +302,9 @@ class JobRunner:
             resume = await self._resume_point(job, params, reporter, resumed)
             await reporter.state(JobState.PREPPING)
             cpu = await self._device(job)
-            await asyncio.to_thread(self._prepare, job, params, paths, cpu, resume)
+            await self._fast.prepare(partial(asyncio.to_thread, self._prepare, job, params, paths, cpu, resume),
+                                     job_id=job.id, base_model=job.base_model, arch=params.arch, job_root=paths.root,
+                                     images=paths.images, cpu=cpu, cancel=cancel)
             if cancel.is_set():
                 await self._finish(reporter, JobState.CANCELLED)
                 return
@@ -562,7 +566,7 @@ class JobRunner:
                      reporter: JobReporter, cancel: asyncio.Event, resume: SavedState | None = None) -> Path:
         """`resume`: continue from this saved state (--resume, --initial_epoch); progress counts on from it."""
         launch = self._launch(job, params, paths, cpu, resume)
-        argv = kohya.build_command(params, launch)
+        argv = self._fast.argv(kohya.build_command(params, launch))
         env = kohya.build_env(os.environ, tokenizer_cache_dir=launch.tokenizer_cache_dir, cpu=cpu)
         plan = training_plan(params, Path(launch.script_path).name, cpu=cpu)
         log.info("job %s: %s", job.id, plan)
@@ -583,7 +587,7 @@ class JobRunner:
         try:
             await samples.start()  # before the trainer, so not even its first picture is missed
             try:
-                proc = await start_trainer(argv, cwd=launch.workspace, env=env)
+                proc = await self._fast.start(argv, cwd=launch.workspace, env=env, job_id=job.id)
             except OSError as exc:
                 raise JobFailed(JobError("setup", f"The trainer could not be started: {exc}",
                                          "Check kohya.python / kohya.accelerate_bin in the daemon config.")) from exc
