@@ -1327,3 +1327,120 @@ def test_a_gpu_daemon_picks_the_tier_by_memory_and_advanced_overrides_it(gpu_env
     # the tier's reason, and the lever the user changed by hand
     assert page.get_attribute("[data-clora=job-settings]", "title") == used["fit_reason"]
     assert used["fit_reason"] == small["reason"] + "; set by hand: batch_size 4"
+
+
+# ---- recovery (issue 9): Resume, out-of-memory retries, saved state on disk
+
+
+def recovery_json(**fields: Any) -> dict[str, Any]:
+    """A job's `recovery` record as the daemon writes it (daemon/jobs/models.py Recovery.to_json)."""
+    from daemon.jobs.models import Recovery
+
+    return Recovery(**fields).to_json()
+
+
+def fed_job(job_id: str, state: str, **fields: Any) -> dict[str, Any]:
+    """A job JSON of the daemon's shape (Job.to_json), for view checks of states a short test cannot reach."""
+    from daemon.jobs.models import Job, JobState
+
+    job = Job(id=job_id, name="Fed Hero", trigger="f3d", class_token="woman", base_model="/m/tiny-sd15.safetensors",
+              params={"arch": "sd1", "resolution": 512, "memory_tier": "24gb", "batch_size": 8, "epochs": 10,
+                      "mixed_precision": "bf16"},
+              image_count=8, state=JobState(state), created_at=time.time(), updated_at=time.time())
+    return {**job.to_json(), **fields}
+
+
+FEED = """async (frames) => {
+    const { handleFrame } = await import("/character-lora/ui/events.js")
+    const { renderAll } = await import("/character-lora/ui/store.js")
+    for (const f of frames) handleFrame(f)
+    renderAll()
+}"""
+
+
+def feed(page: Any, *frames: dict[str, Any]) -> None:
+    page.evaluate(FEED, list(frames))
+
+
+def test_recovery_views_from_the_job_json_and_notice_frames(env: Env, page: Any) -> None:
+    """What the panel shows for each recovery record, fed as the daemon's frames (states a run here cannot reach:
+    a 10-epoch job interrupted after epoch 2, a GPU out-of-memory retry); Resume asks the real daemon."""
+    open_tab(page, env.ed_url)
+    page.wait_for_selector("[data-clora=conn][data-status=live]", timeout=30000)
+
+    # interrupted after epoch 2 of 10 with 84 MB of saved state: Resume says where it continues, and the size shows
+    gone = fed_job("fedinterrupted", "interrupted",
+                   recovery=recovery_json(state_epoch=2, state_bytes=84_000_000, step_offset=0),
+                   error={"kind": "interrupted", "message": "The daemon stopped while this job was running.",
+                          "hint": "Start the job again with the same pictures."})
+    assert gone["resumable"] is True
+    feed(page, {"type": "job_created", "job_id": gone["id"], "data": gone})
+    page.evaluate("async (id) => (await import('/character-lora/ui/store.js')).selectJob(id)", gone["id"])
+    assert page.inner_text("[data-clora=job-state]") == "Interrupted"
+    assert page.is_visible("[data-clora=resume]")
+    assert page.inner_text("[data-clora=resume-plan]") == \
+        "Resume continues from epoch 3 of 10 (the state saved after epoch 2)."
+    assert page.inner_text("[data-clora=state-size]") == "saved state: 84 MB"
+    assert "Fix:" not in page.inner_text("[data-clora=result]")  # the hint to start again is what Resume does
+    page.screenshot(path=str(artifacts_dir() / "recovery-interrupted.png"), full_page=True)
+    # the daemon does not know this job: its 4xx sentence shows under the job, and the button is usable again
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        daemon_json(env, "POST", f"/jobs/{gone['id']}/resume")
+    assert 400 <= refused.value.code < 500
+    sentence = json.loads(refused.value.read())["error"]
+    page.click("[data-clora=resume]")
+    page.wait_for_function("document.querySelector('[data-clora=resume-error]').textContent !== ''")
+    assert page.inner_text("[data-clora=resume-error]").startswith("Could not resume: " + sentence)
+    assert page.is_enabled("[data-clora=resume]") and page.inner_text("[data-clora=resume]").strip() == "Resume"
+
+    # nothing saved yet: Resume trains again from the first step
+    fresh = fed_job("fedfresh", "interrupted", recovery=recovery_json())
+    feed(page, {"type": "job_created", "job_id": fresh["id"], "data": fresh})
+    page.evaluate("async (id) => (await import('/character-lora/ui/store.js')).selectJob(id)", fresh["id"])
+    assert page.inner_text("[data-clora=resume-plan]") == \
+        "Resume starts again from the first step with the same pictures."
+    assert page.is_hidden("[data-clora=recovery]")  # no state on disk, no notices: nothing to say
+
+    # a GPU job runs out of memory at batch 8: the notice frame's sentence stands out while the retry runs, and the
+    # settings line follows the params of the retried run
+    running = fed_job("fedoom", "training", progress={"step": 3, "total": 40, "epoch": 1, "epochs": 10, "rate": 2.0,
+                                                    "eta_s": 18.5, "loss": 0.1})
+    feed(page, {"type": "job_created", "job_id": running["id"], "data": running})
+    page.evaluate("async (id) => (await import('/character-lora/ui/store.js')).selectJob(id)", running["id"])
+    assert page.inner_text("[data-clora=job-settings]").endswith("batch 8, bf16")
+    sentence = ("Ran out of GPU memory at batch 8; retrying with batch 4 and gradient checkpointing "
+                "(retry 1 of 2).")
+    retried = recovery_json(retries=[{"attempt": 1, "from_tier": "24gb", "to_tier": "16gb", "from_batch": 8,
+                                      "to_batch": 4, "at_step": 3, "message": sentence}], notices=[sentence])
+    feed(page, {"type": "notice", "job_id": running["id"],
+                "data": {"kind": "oom_retry", "message": sentence, "recovery": retried,
+                         "params": {**running["params"], "batch_size": 4, "gradient_checkpointing": True}}})
+    assert page.inner_text("[data-clora=oom-retry]").strip() == sentence
+    assert page.locator("[data-clora=notice]").count() == 0  # said once, prominently
+    assert page.inner_text("[data-clora=job-settings]").endswith("batch 4, bf16, gradient checkpointing")
+    page.screenshot(path=str(artifacts_dir() / "recovery-oom-retry.png"), full_page=True)
+    # done: the retry is history, listed with the other recovery sentences
+    feed(page, {"type": "result", "job_id": running["id"],
+                "data": {"state": "done", "artifact": None, "lora_id": None, "error": None}})
+    assert page.locator("[data-clora=oom-retry]").count() == 0
+    assert page.locator("[data-clora=notice]").all_inner_texts() == [sentence]
+
+    # a resumed run: kohya's bar restarts at 0 but the daemon adds the steps done before, so the count goes on from
+    # 8 / 12; the time left counts the 4 steps really left, not tqdm's 12 - n
+    resumed = fed_job("fedresumed", "training",
+                      progress={"step": 8, "total": 12, "epoch": 3, "epochs": 3, "rate": 2.0, "eta_s": 10.0},
+                      recovery=recovery_json(resumes=1, step_offset=8, notices=["Resumed from the state saved after "
+                                                                                "epoch 2 of 3."]))
+    feed(page, {"type": "job_created", "job_id": resumed["id"], "data": resumed})
+    page.evaluate("async (id) => (await import('/character-lora/ui/store.js')).selectJob(id)", resumed["id"])
+    assert page.inner_text("[data-clora=stat-step]") == "8 / 12"
+    assert page.get_attribute("[data-clora=progress]", "aria-valuenow") == "67"
+    assert page.inner_text("[data-clora=stat-eta]") == "2s"
+    assert page.locator("[data-clora=notice]").all_inner_texts() == ["Resumed from the state saved after epoch 2 of 3."]
+    feed(page, {"type": "progress", "job_id": resumed["id"], "data": {"step": 10, "rate": 2.0, "eta_s": 1.0}})
+    assert page.inner_text("[data-clora=stat-step]") == "10 / 12"
+    assert page.inner_text("[data-clora=stat-eta]") == "1s"
+
+    # these jobs are not the daemon's: a reload of the list (as after a reconnect) drops them again
+    page.evaluate("async () => (await import('/character-lora/ui/connection.js')).refreshJobs()")
+    assert page.locator("[data-job-id^=fed]").count() == 0

@@ -1,4 +1,4 @@
-// The daemon's WebSocket events applied to the state (job, progress, sample, log, snapshot frames).
+// The daemon's WebSocket events applied to the state (job, progress, sample, log, notice, snapshot frames).
 import { MAX_LOG_LINES } from "./constants.js"
 import { isFinished } from "./format.js"
 import { client, state, upsertJob, mergeSamples, scheduleRender } from "./store.js"
@@ -54,14 +54,23 @@ export function handleFrame(frame) {
         case "result": {
             const job = jobOrFetch(id)
             if (!job) break
-            for (const k of ["state", "error", "artifact", "lora_id"]) if (k in data) job[k] = data[k]
+            for (const k of ["state", "error", "artifact", "lora_id", "resumable"]) if (k in data) job[k] = data[k]
+            // the daemon's rule (Job.resumable) for a `state` frame that does not carry it
+            if ("state" in data && !("resumable" in data)) job.resumable = data.state === "interrupted"
             if (frame.ts) job.updated_at = frame.ts
-            if (frame.type === "result" || isFinished(job)) onFinished(job, true)
+            if (frame.type === "result" || isFinished(job)) {
+                onFinished(job, true)
+                refreshDetails(job.id) // a finished job's saved state is deleted: its size goes
+            }
             break
         }
         case "progress": {
             const job = jobOrFetch(id)
-            if (job) job.progress = Object.assign({}, job.progress || {}, data)
+            if (!job) break
+            const epoch = job.progress && job.progress.epoch
+            job.progress = Object.assign({}, job.progress || {}, data)
+            // a new epoch starts after kohya saved the last one's state: its size is known now
+            if (epoch && data.epoch && data.epoch !== epoch) refreshDetails(id)
             break
         }
         case "log": {
@@ -74,6 +83,21 @@ export function handleFrame(frame) {
         case "checkpoint": {
             const job = jobOrFetch(id)
             if (job) job.checkpoints = (job.checkpoints || []).concat([data.file])
+            if (job) refreshDetails(id) // kohya saves its state with the epoch's LoRA: the state's size changed
+            break
+        }
+        case "notice": {
+            // a recovery action (resumed, auto_resumed, oom_retry): the record it carries replaces ours
+            const job = jobOrFetch(id)
+            if (!job) break
+            if (data.recovery) job.recovery = data.recovery
+            else if (data.message) {
+                const r = Object.assign({ notices: [] }, job.recovery || {})
+                r.notices = (r.notices || []).concat([data.message])
+                job.recovery = r
+            }
+            if (data.params) job.params = data.params
+            else if (data.kind === "oom_retry") refreshDetails(id) // the retry runs with other params
             break
         }
         case "sample": {
@@ -107,6 +131,19 @@ export function jobOrFetch(id) {
             .catch(() => {})
     }
     return null
+}
+/** Fetch a job's params and recovery record (which no frame but `notice` carries) and merge them in; the rest
+ * of the job keeps following the frames, which may be newer than this answer. */
+export function refreshDetails(id) {
+    client
+        .request("GET", "/jobs/" + encodeURIComponent(id) + "/status")
+        .then((j) => {
+            const job = state.jobs.get(id)
+            if (!job || !j) return
+            for (const k of ["params", "recovery"]) if (k in j) job[k] = j[k]
+            scheduleRender()
+        })
+        .catch(() => {}) // the next frame or snapshot brings them
 }
 /** A full list of jobs (WebSocket snapshot or GET /jobs): the daemon's word replaces ours. */
 export function mergeSnapshot(jobs) {
