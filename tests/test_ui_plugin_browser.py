@@ -1443,4 +1443,5 @@ def test_recovery_views_from_the_job_json_and_notice_frames(env: Env, page: Any)
 
     # these jobs are not the daemon's: a reload of the list (as after a reconnect) drops them again
     page.evaluate("async () => (await import('/character-lora/ui/connection.js')).refreshJobs()")
-    assert page.locator("[data-job-id^=fed]").count() == 0
+    page.wait_for_function("!document.querySelector('[data-job-id^=fed]')", timeout=10000)
+
