@@ -1,5 +1,5 @@
 // The daemon's WebSocket events applied to the state (job, progress, sample, log, notice, snapshot frames).
-import { MAX_LOG_LINES } from "./constants.js"
+import { DETAILS_EVERY_MS, MAX_LOG_LINES } from "./constants.js"
 import { isFinished } from "./format.js"
 import { client, state, upsertJob, mergeSamples, scheduleRender } from "./store.js"
 import { connect, refreshJobs } from "./connection.js"
@@ -67,10 +67,9 @@ export function handleFrame(frame) {
         case "progress": {
             const job = jobOrFetch(id)
             if (!job) break
-            const epoch = job.progress && job.progress.epoch
             job.progress = Object.assign({}, job.progress || {}, data)
-            // a new epoch starts after kohya saved the last one's state: its size is known now
-            if (epoch && data.epoch && data.epoch !== epoch) refreshDetails(id)
+            // the daemon stores the saved state's size as kohya writes it, without a frame of its own
+            refreshDetailsEvery(id, DETAILS_EVERY_MS)
             break
         }
         case "log": {
@@ -83,13 +82,13 @@ export function handleFrame(frame) {
         case "checkpoint": {
             const job = jobOrFetch(id)
             if (job) job.checkpoints = (job.checkpoints || []).concat([data.file])
-            if (job) refreshDetails(id) // kohya saves its state with the epoch's LoRA: the state's size changed
             break
         }
         case "notice": {
             // a recovery action (resumed, auto_resumed, oom_retry): the record it carries replaces ours
             const job = jobOrFetch(id)
             if (!job) break
+            framed.set(id, (framed.get(id) || 0) + 1)
             if (data.recovery) job.recovery = data.recovery
             else if (data.message) {
                 const r = Object.assign({ notices: [] }, job.recovery || {})
@@ -132,14 +131,25 @@ export function jobOrFetch(id) {
     }
     return null
 }
+const lastDetails = new Map() // job id -> Date.now() of its last refreshDetails
+const framed = new Map() // job id -> notice frames seen, so that an older answer does not undo one
+/** refreshDetails at most once per `ms` for a job. */
+export function refreshDetailsEvery(id, ms) {
+    const now = Date.now()
+    if (now - (lastDetails.get(id) || 0) < ms) return
+    lastDetails.set(id, now)
+    refreshDetails(id)
+}
 /** Fetch a job's params and recovery record (which no frame but `notice` carries) and merge them in; the rest
  * of the job keeps following the frames, which may be newer than this answer. */
 export function refreshDetails(id) {
+    const seen = framed.get(id) || 0
     client
         .request("GET", "/jobs/" + encodeURIComponent(id) + "/status")
         .then((j) => {
             const job = state.jobs.get(id)
-            if (!job || !j) return
+            // a notice frame that came meanwhile is newer than this answer
+            if (!job || !j || (framed.get(id) || 0) !== seen) return
             for (const k of ["params", "recovery"]) if (k in j) job[k] = j[k]
             scheduleRender()
         })
