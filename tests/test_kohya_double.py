@@ -131,7 +131,9 @@ def test_happy_path_output_and_files(job: Job) -> None:
     assert out.rstrip("\n").endswith("model saved.")
     assert f"\rsteps: 100%|██████████| {steps}/{steps} [" in res.stderr
     assert "avr_loss=" in res.stderr
-    assert sorted(p.name for p in job.out.iterdir()) == [epoch_file.name, final.name]
+    # with the epoch file, kohya's saved state (--save_state), and the final state (FACTS.md §3)
+    assert sorted(p.name for p in job.out.iterdir()) == [
+        "Test_Hero-000001-state", epoch_file.name, "Test_Hero-state", final.name]
     assert json.loads(record.read_text()) == argv[3:]
 
 

@@ -60,6 +60,9 @@ class KohyaLaunch:
     trigger: str
     job_id: str
     sample_prompts: str | None = None  # kohya prompt file; previews are made only when this is set
+    # A run that continues from a saved state (train_state.py): the state folder and the first epoch to train.
+    resume_state: str | None = None
+    initial_epoch: int | None = None
 
 
 def script_for(arch: str, train_network: Path) -> Path:
@@ -162,7 +165,15 @@ def _script_args(params: TrainParams, launch: KohyaLaunch) -> list[str]:
     args += ["--lr_scheduler", "cosine", "--lr_warmup_steps", LR_WARMUP_FRACTION]
     args += ["--max_train_epochs", str(params.epochs)]
     if params.save_every_n_epochs > 0:
-        args += ["--save_every_n_epochs", str(params.save_every_n_epochs)]
+        # With each epoch file kohya also saves its training state (optimizer, scheduler, RNG), the point a
+        # run can be resumed from; only the newest is kept, so the disk holds one state during the run
+        # (tests/fixtures/kohya_resume/FACTS.md §1-3). kohya also writes a final `<name>-state`.
+        args += ["--save_every_n_epochs", str(params.save_every_n_epochs),
+                 "--save_state", "--save_last_n_epochs_state", "1"]
+    if launch.resume_state is not None:
+        # --initial_epoch always: a state written by a resumed run records a relative step count, from which
+        # kohya alone would pick the wrong epoch to start (FACTS §4.4.2, runs f and g).
+        args += ["--resume", launch.resume_state, "--initial_epoch", str(launch.initial_epoch)]
     if params.sample_every_n_epochs > 0 and launch.sample_prompts:
         args += [
             "--sample_prompts",

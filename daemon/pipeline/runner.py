@@ -27,7 +27,7 @@ from daemon.events import EventType
 from daemon.hub import EventHub
 from daemon.jobs.models import Job, JobError, JobState, Progress, Recovery, interrupted_error
 from daemon.jobs.store import LOG_RING, JobStore
-from daemon.pipeline import buckets, dataset, kohya, publish
+from daemon.pipeline import buckets, dataset, kohya, publish, train_state
 from daemon.pipeline.env_check import GpuInfo, check_script, check_workspace, prepare_tokenizers
 from daemon.pipeline.failure import classify_failure
 from daemon.pipeline.model_arch import ARCH_LABELS, TRAINABLE_ARCHS, detect_arch
@@ -47,6 +47,7 @@ from daemon.pipeline.progress import (
     prep_phase,
 )
 from daemon.pipeline.samples import SampleWatcher
+from daemon.pipeline.train_state import SavedState
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ OUTPUT_DRAIN_S = 5.0  # after the trainer exits, how long what it started may ke
 # a backlog (a chatty trainer's last megabytes) is always read to the end.
 OUTPUT_STALL_S = 10.0
 DESCENDANT_SCAN_TICKS = 13  # ~2 s
+STATE_SCAN_TICKS = 13  # how often the saved training states are looked at while kohya runs (~2 s)
+RESUME_KINDS = ("resumed", "auto_resumed")
 LOG_FLUSH_INTERVAL_S = 0.3
 # What one log batch (saved in the job's ring, sent on the WebSocket) may hold; a chatty trainer's
 # surplus is counted and named in the batch instead. trainer.log keeps every line.
@@ -163,6 +166,8 @@ class JobReporter:
         self._skipped_logs = 0
         self._last_log_flush = 0.0
         self.preview_step: int | None = None  # the step kohya's current preview was started at
+        # epochs done before this kohya launch when it resumed from a saved state: its bar restarts at 0
+        self.resumed_epochs: int | None = None
 
     def saver(self) -> Callable[[], None]:
         # A copy: the store writes in a worker thread while this job keeps changing on the loop.
@@ -239,9 +244,23 @@ class JobReporter:
             await self.log_lines([], force=True)
 
     async def sample(self, path: Path) -> None:
+        if path.name in self.job.samples:  # a resumed job's folder still holds the previews of its earlier runs
+            return
         self.job.samples.append(path.name)
         await self._hub.emit(EventType.SAMPLE, self.job.id, {"file": path.name, "url": self.job.sample_url(path.name)},
                              persist=self.saver())
+
+    async def notice(self, kind: str, message: str) -> None:
+        """A recovery action, said once: kept in the job (recovery.notices, log) and sent as a NOTICE event."""
+        self.job.recovery.notices.append(message)
+        await self.log_lines([message], force=True)
+        await self._hub.emit(EventType.NOTICE, self.job.id,
+                             {"kind": kind, "message": message, "recovery": self.job.recovery.to_json()},
+                             persist=self.saver())
+
+    async def recovery_changed(self) -> None:
+        """Saved-state bookkeeping changed (a state appeared or was removed): stored with the job."""
+        await asyncio.to_thread(self.saver())
 
     async def checkpoint(self, path: str) -> None:
         await self._hub.emit(EventType.CHECKPOINT, self.job.id, {"file": Path(path).name})
@@ -265,25 +284,30 @@ class JobRunner:
         self._hub = hub
         self._gpu = gpu
 
-    async def run(self, job: Job, cancel: asyncio.Event) -> None:
+    async def run(self, job: Job, cancel: asyncio.Event, *, resumed: str | None = None) -> None:
+        """`resumed`: "resumed" (by hand) or "auto_resumed" (at start-up) when the job was queued again after
+        it was interrupted; it then continues from its saved state, or trains again from the first step."""
         reporter = JobReporter(job, self._store, self._hub)
         paths = job_paths(self._config, job.id)
         copying: asyncio.Future[Path] | None = None
+        if resumed is None and job.recovery.resume_next:
+            resumed = "resumed"  # queued again by hand, then the daemon restarted before it ran
         try:
             if cancel.is_set():  # cancelled between the queue handing it over and now
-                await reporter.finish(JobState.CANCELLED)
+                await self._finish(reporter, JobState.CANCELLED)
                 return
-            await reporter.state(JobState.PREPPING)
             params = TrainParams.from_json(job.params)
+            resume = await self._resume_point(job, params, reporter, resumed)
+            await reporter.state(JobState.PREPPING)
             cpu = await self._device(job)
-            await asyncio.to_thread(self._prepare, job, params, paths, cpu)
+            await asyncio.to_thread(self._prepare, job, params, paths, cpu, resume)
             if cancel.is_set():
-                await reporter.finish(JobState.CANCELLED)
+                await self._finish(reporter, JobState.CANCELLED)
                 return
             await reporter.state(JobState.TRAINING)
-            result = await self._train(job, params, paths, cpu, reporter, cancel)
+            result = await self._train(job, params, paths, cpu, reporter, cancel, resume=resume)
             if cancel.is_set():
-                await reporter.finish(JobState.CANCELLED)
+                await self._finish(reporter, JobState.CANCELLED)
                 return
             await reporter.state(JobState.COPYING)
             # A thread cannot be stopped: on shutdown the copy still finishes, and is recorded (below).
@@ -293,11 +317,11 @@ class JobRunner:
             # LoRA reached ED's folder, so the job is never recorded as failed.
             await asyncio.to_thread(reporter.saver())
             await reporter.log_lines([f"LoRA published: {job.artifact}"], force=True)
-            await reporter.finish(JobState.DONE)
+            await self._finish(reporter, JobState.DONE)
         except JobFailed as exc:
-            await reporter.finish(JobState.ERROR, error=exc.error)
+            await self._finish(reporter, JobState.ERROR, error=exc.error)
         except DaemonError as exc:
-            await reporter.finish(JobState.ERROR, error=JobError("setup", exc.message, exc.hint or ""))
+            await self._finish(reporter, JobState.ERROR, error=JobError("setup", exc.message, exc.hint or ""))
         except asyncio.CancelledError:
             await reporter.stop_timers()
             await self._interrupted(job, copying)
@@ -305,11 +329,63 @@ class JobRunner:
         except Exception as exc:
             log.exception("job %s failed unexpectedly", job.id)
             if job.artifact is not None:  # published: the user has the LoRA, whatever failed afterwards
-                await reporter.finish(JobState.DONE)
+                await self._finish(reporter, JobState.DONE)
                 return
-            await reporter.finish(JobState.ERROR, error=JobError(
+            await self._finish(reporter, JobState.ERROR, error=JobError(
                 "internal", f"The daemon hit an unexpected error: {type(exc).__name__}: {exc}",
                 "See the daemon's console output; please report this."))
+
+    async def _resume_point(self, job: Job, params: TrainParams, reporter: JobReporter,
+                            resumed: str | None) -> SavedState | None:
+        """For a resumed job: its newest complete saved state (None: it trains again from the first step), and
+        the NOTICE saying which. A job's first run has none."""
+        if resumed is None:
+            return None
+        paths = job_paths(self._config, job.id)
+        state = await asyncio.to_thread(train_state.find_resume_state, paths.output, output_name(job))
+        rec = job.recovery
+        rec.resume_next = False
+        rec.resumes += 1
+        if resumed == "auto_resumed":
+            rec.auto_resumes += 1
+        rec.state_epoch = state.epoch if state is not None else None
+        if state is None:
+            rec.step_offset = 0
+            message = "There was no saved state to continue from: training again from the first step."
+        else:
+            total = job.progress.total
+            rec.step_offset = train_state.step_offset(state.epoch, total, params.epochs) if total else 0
+            when = "automatically after the daemon restarted, " if resumed == "auto_resumed" else ""
+            message = f"Resumed {when}from the state saved after epoch {state.epoch} of {params.epochs}."
+        # the bar starts where the saved state is, not where the interrupted run got to
+        job.progress = Progress(step=rec.step_offset, total=job.progress.total, epoch=state.epoch if state else 0,
+                                epochs=params.epochs)
+        await reporter.notice(resumed if resumed in RESUME_KINDS else "resumed", message)
+        return state
+
+    async def _finish(self, reporter: JobReporter, state: JobState, *, error: JobError | None = None) -> None:
+        """The job's end; a finished job cannot be resumed, so its saved training states go (they are ~3x the
+        LoRA's size each)."""
+        job = reporter.job
+        paths = job_paths(self._config, job.id)
+        try:
+            await asyncio.to_thread(train_state.remove_states, paths.output, output_name(job))
+        except OSError as exc:
+            log.warning("job %s: could not remove its training states: %s", job.id, exc)
+        rec = job.recovery
+        rec.state_epoch, rec.resume_next = None, False
+        rec.state_bytes = await asyncio.to_thread(train_state.states_bytes, paths.output, output_name(job))
+        await reporter.finish(state, error=error)
+
+    async def _scan_states(self, reporter: JobReporter, paths: JobPaths) -> None:
+        """recovery.state_epoch / state_bytes as kohya saves (and prunes) its states."""
+        job = reporter.job
+        found, size = await asyncio.to_thread(_states_now, paths.output, output_name(job))
+        rec = job.recovery
+        epoch = found.epoch if found is not None else None
+        if (epoch, size) != (rec.state_epoch, rec.state_bytes):
+            rec.state_epoch, rec.state_bytes = epoch, size
+            await reporter.recovery_changed()
 
     def _record_artifact(self, job: Job, final: Path) -> None:
         job.artifact = str(final)
@@ -326,6 +402,10 @@ class JobRunner:
                 job.error = JobError("publish_failed", str(exc), "Start the job again.")
         else:
             job.state, job.error = JobState.INTERRUPTED, interrupted_error()
+            # kept: the saved state is what the job resumes from
+            paths = job_paths(self._config, job.id)
+            found, job.recovery.state_bytes = await asyncio.to_thread(_states_now, paths.output, output_name(job))
+            job.recovery.state_epoch = found.epoch if found is not None else None
         await asyncio.to_thread(self._store.save, job)
 
     async def _device(self, job: Job) -> bool:
@@ -339,7 +419,8 @@ class JobRunner:
             "no_gpu", f"No CUDA GPU was found ({gpu.error or 'torch sees no CUDA device'}).",
             "Install a CUDA build of torch in the kohya venv, or set allow_cpu: true in the daemon config."))
 
-    def _prepare(self, job: Job, params: TrainParams, paths: JobPaths, cpu: bool) -> None:
+    def _prepare(self, job: Job, params: TrainParams, paths: JobPaths, cpu: bool,
+                 resume: SavedState | None = None) -> None:
         for check in (check_script(self._config), check_workspace(self._config)):
             if not check.ok:
                 raise JobFailed(JobError("setup", f"kohya is not set up: {check.detail}.", check.fix))
@@ -365,9 +446,12 @@ class JobRunner:
                 kohya.sample_prompt_file(trigger=job.trigger, class_token=job.class_token, params=params, cpu=cpu),
                 encoding="utf-8",
             )
-        if paths.output.exists():
-            shutil.rmtree(paths.output)
-        paths.output.mkdir(parents=True)
+        if resume is not None:
+            # kohya continues in the same folder: the epoch files and the state are what it continues from
+            train_state.remove_incomplete(paths.output, output_name(job))
+        else:
+            # from the first step; a job trained again after an interruption keeps its earlier previews
+            train_state.clear_output(paths.output, keep=(paths.samples.name,))
         paths.logs.mkdir(parents=True, exist_ok=True)
 
     def _check_family(self, job: Job, params: TrainParams) -> None:
@@ -400,7 +484,8 @@ class JobRunner:
                 raise JobFailed(JobError("tokenizer_missing", f"SDXL's tokenizers are not ready: {check.detail}.",
                                          check.fix))
 
-    def _launch(self, job: Job, params: TrainParams, paths: JobPaths, cpu: bool) -> kohya.KohyaLaunch:
+    def _launch(self, job: Job, params: TrainParams, paths: JobPaths, cpu: bool,
+                resume: SavedState | None = None) -> kohya.KohyaLaunch:
         k = self._config.kohya
         assert k.script_path is not None and k.workspace is not None  # checked in _prepare
         return kohya.KohyaLaunch(
@@ -419,11 +504,14 @@ class JobRunner:
             trigger=job.trigger,
             job_id=job.id,
             sample_prompts=str(paths.sample_prompts) if paths.sample_prompts.is_file() else None,
+            resume_state=str(resume.path) if resume is not None else None,
+            initial_epoch=resume.epoch + 1 if resume is not None else None,
         )
 
     async def _train(self, job: Job, params: TrainParams, paths: JobPaths, cpu: bool,
-                     reporter: JobReporter, cancel: asyncio.Event) -> Path:
-        launch = self._launch(job, params, paths, cpu)
+                     reporter: JobReporter, cancel: asyncio.Event, resume: SavedState | None = None) -> Path:
+        """`resume`: continue from this saved state (--resume, --initial_epoch); progress counts on from it."""
+        launch = self._launch(job, params, paths, cpu, resume)
         argv = kohya.build_command(params, launch)
         env = kohya.build_env(os.environ, tokenizer_cache_dir=launch.tokenizer_cache_dir, cpu=cpu)
         plan = training_plan(params, Path(launch.script_path).name, cpu=cpu)
@@ -434,6 +522,11 @@ class JobRunner:
         parser = OutputParser()
         meter = _OutputMeter()
         progress = Progress(epochs=params.epochs)
+        reporter.resumed_epochs = resume.epoch if resume is not None else None
+        if resume is None:
+            job.recovery.step_offset = 0
+        else:
+            progress = replace(job.progress)
         proc: TrainerProcess | None = None
         watcher = ticker = reader = None
         stop_ticking = asyncio.Event()
@@ -447,7 +540,7 @@ class JobRunner:
             # Recorded so a restart after a daemon crash can kill a trainer left running.
             await asyncio.to_thread(self._store.set_process, job.id, proc.pid, proc.started)
             watcher = asyncio.create_task(self._kill_on_cancel(proc, cancel))
-            ticker = asyncio.create_task(self._tick(reporter, proc, stop_ticking))
+            ticker = asyncio.create_task(self._tick(reporter, proc, stop_ticking, paths))
             reader = asyncio.create_task(self._read_output(proc, paths, parser, progress, reporter, meter))
             exit_code = await proc.wait()
             if not await _finished_within(reader, OUTPUT_DRAIN_S):
@@ -472,6 +565,7 @@ class JobRunner:
                 await samples.stop()
                 await asyncio.to_thread(self._store.set_process, job.id, None, None)
         await reporter.progress(progress, force=True)
+        await self._scan_states(reporter, paths)
         final = paths.output / f"{output_name(job)}.safetensors"
         tracker = parser.tracker
         failure = classify_failure(
@@ -509,16 +603,22 @@ class JobRunner:
                 changed = True
             elif isinstance(event, TotalSteps):
                 progress.total = event.total
+                _offset_steps(reporter, progress)
                 changed = True
             elif isinstance(event, EpochStarted):
                 progress.epoch, progress.epochs = event.epoch, event.epochs
                 changed = True
             elif isinstance(event, StepProgress):
-                progress.step, progress.total = event.step, event.total
+                progress.total = event.total
+                offset = _offset_steps(reporter, progress)
+                progress.step = offset + event.step
                 # tqdm's rate already leaves the previews out: sd-scripts calls progress_bar.unpause()
                 # after sample_images, which takes the pause out of the bar's elapsed time (see
                 # test_progress::test_real_rate_leaves_the_preview_time_out).
                 progress.rate, progress.eta_s = event.rate, event.eta_s
+                if offset and event.rate:
+                    # a resumed bar's total counts the steps done before it too
+                    progress.eta_s = max(0, event.total - progress.step) / event.rate
                 if event.loss is not None and math.isfinite(event.loss):
                     progress.loss = event.loss
                 changed = True
@@ -542,13 +642,15 @@ class JobRunner:
                 await self._consume(parsed, progress, reporter)
             await self._consume(await asyncio.to_thread(parser.finish), progress, reporter)
 
-    async def _tick(self, reporter: JobReporter, proc: TrainerProcess, stop: asyncio.Event) -> None:
+    async def _tick(self, reporter: JobReporter, proc: TrainerProcess, stop: asyncio.Event, paths: JobPaths) -> None:
         ticks = 0
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), LOG_FLUSH_INTERVAL_S / 2)
             await reporter.tick()
             ticks += 1
+            if ticks % STATE_SCAN_TICKS == 0:
+                await self._scan_states(reporter, paths)
             if ticks % DESCENDANT_SCAN_TICKS == 0 and await asyncio.to_thread(proc.remember_descendants):
                 # saved, so a restart after a crash can stop them even once they left the trainer's session
                 await asyncio.to_thread(self._store.set_descendants, reporter.job.id, proc.descendants)
@@ -564,6 +666,18 @@ class JobRunner:
             return publish.publish(result, self._config.ed_lora_dir, output_name(job))
         except publish.PublishError as exc:
             raise JobFailed(JobError("publish_failed", exc.message, exc.hint or "")) from exc
+
+
+def _offset_steps(reporter: JobReporter, progress: Progress) -> int:
+    """recovery.step_offset for a resumed launch, from kohya's own total (its bar restarts at 0)."""
+    rec = reporter.job.recovery
+    if reporter.resumed_epochs is not None and progress.total and progress.epochs:
+        rec.step_offset = train_state.step_offset(reporter.resumed_epochs, progress.total, progress.epochs)
+    return rec.step_offset
+
+
+def _states_now(output_dir: Path, name: str) -> tuple[SavedState | None, int]:
+    return train_state.find_resume_state(output_dir, name), train_state.states_bytes(output_dir, name)
 
 
 @dataclass

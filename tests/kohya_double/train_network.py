@@ -22,6 +22,14 @@ script's observable contract, as recorded from sd-scripts 48d368fa in /work/shar
   `<output_dir>/<output_name>.safetensors`: a small LoRA with kohya's real key layout and `ss_*` /
   `modelspec.*` metadata, written before `model saved.` is printed;
 - SIGTERM kills it (no handler: exit -15 / 143, nothing saved), like the real one;
+- `--save_state`: with each epoch file a `<name>-<epoch:06d>-state/` folder with the real file names, written in
+  accelerate's order (`train_state.json` first, `random_states_0.pkl` last; `train_state.json` holds the
+  launch's own step count), the state `--save_last_n_epochs_state` epochs back removed (`removing old state:`),
+  and a final `<name>-state` (`saving last state.`); `--resume DIR` as sd-scripts does it (a missing folder:
+  accelerate's ValueError, exit 1; a missing model/optimizer/scheduler file: FileNotFoundError, exit 1; no
+  random states: `Could not load random states` and on), `--initial_epoch` overriding the state's step, the
+  start epoch = steps // batches per epoch, the bar from 0 with the full total, `ss_steps` of the launch only,
+  and the assert when nothing is left to train (tests/fixtures/kohya_resume/FACTS.md, runs b-h);
 - given an SDXL checkpoint (header keys `conditioner.embedders.*`) it fails at the model load like the real one
   (`RuntimeError: Error(s) in loading state_dict for UNet2DConditionModel:`, run 11 of kohya-logs/cpu-sdxl).
 
@@ -44,6 +52,8 @@ Knobs (environment):
                              takes them (a chatty trainer), then train and save as usual
   KOHYA_DOUBLE_CACHE_SECONDS=<s>   time each picture takes while latents are cached (default 0): the unnamed
                              caching bar is redrawn once per picture, as kohya's is
+  KOHYA_DOUBLE_STATE_SECONDS=<s>   time saving one state takes, between its model and its last file (default 0),
+                             so tests can kill the trainer while a state is half written
   KOHYA_DOUBLE_SAMPLE_SECONDS=<s>  time each preview picture takes (default 0): its 4-step sampler bar is
                              drawn over that time, as kohya's inference bar is; the steps bar is unpaused
                              after the previews, as sd-scripts does, so they do not count in its rate
@@ -57,6 +67,7 @@ import json
 import math
 import os
 import random
+import shutil
 import struct
 import subprocess
 import sys
@@ -146,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--save_every_n_steps", type=int, default=None)
     add("--save_last_n_epochs", type=int, default=None)
     add("--save_state", **flag)
+    add("--save_state_on_train_end", **flag)
+    add("--save_last_n_epochs_state", type=int, default=None)
+    add("--resume", type=str, default=None)
+    add("--initial_epoch", type=int, default=None)
+    add("--initial_step", type=int, default=None)
+    add("--skip_until_initial_step", **flag)
     add("--save_model_as", type=str, default="safetensors", choices=[None, "ckpt", "pt", "safetensors"])
     add("--train_batch_size", type=int, default=1)
     add("--max_token_length", type=int, default=None, choices=[None, 150, 225])
@@ -1017,6 +1034,7 @@ def train(args: argparse.Namespace, datasets: list[Dataset], console: Console, m
         console.log(
             f"override steps. steps for {run.epochs} epochs is / 指定エポックまでのステップ数: {run.total_steps}"
         )
+    first_epoch = resume_start(args, run, console) if args.resume else 1
     print(
         "running training / 学習開始\n"
         f"  num train images * repeats / 学習画像の数×繰り返し回数: {run.images}\n"
@@ -1039,7 +1057,7 @@ def train(args: argparse.Namespace, datasets: list[Dataset], console: Console, m
     step, loss_sum = 0, 0.0
     output_dir = Path(args.output_dir or ".")
     name = args.output_name or "last"
-    for epoch in range(1, run.epochs + 1):
+    for epoch in range(first_epoch, run.epochs + 1):
         print(f"\nepoch {epoch}/{run.epochs}\n", flush=True)
         console.log(f"epoch is incremented. current_epoch: {epoch - 1}, epoch: {epoch}")
         for _ in range(run.batches_per_epoch):
@@ -1055,14 +1073,78 @@ def train(args: argparse.Namespace, datasets: list[Dataset], console: Console, m
         every = args.save_every_n_epochs
         if every and epoch % every == 0 and epoch < run.epochs and fail != "no_output":
             save_lora(args, run, output_dir / f"{name}-{epoch:06d}.safetensors", epoch, step)
+            if args.save_state:
+                console.log(f"saving state at epoch {epoch}")
+                save_state(args, console, output_dir / f"{name}-{epoch:06d}-state", epoch, step)
+                keep = args.save_last_n_epochs_state or args.save_last_n_epochs
+                old = epoch - every * keep if keep else 0
+                if old > 0 and (output_dir / f"{name}-{old:06d}-state").is_dir():
+                    console.log(f"removing old state: {output_dir / f'{name}-{old:06d}-state'}")
+                    shutil.rmtree(output_dir / f"{name}-{old:06d}-state")
         if args.sample_every_n_epochs and epoch % args.sample_every_n_epochs == 0:
             sample_images(args, console, output_dir, name, epoch, step)
             bar.unpause()
     bar.close()
     if fail == "no_output":
         return
+    if args.save_state or args.save_state_on_train_end:
+        console.log("saving last state.")
+        save_state(args, console, output_dir / f"{name}-state", run.epochs, step)
     save_lora(args, run, output_dir / f"{name}.safetensors", run.epochs, step)
     console.log("model saved.")
+
+
+# ------------------------------------------------------------------------------------- saved state
+STATE_FILES = ("model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl")
+
+
+def save_state(args: argparse.Namespace, console: Console, folder: Path, epoch: int, step: int) -> None:
+    """accelerator.save_state as kohya calls it: its train_state.json hook first, random states last."""
+    folder.mkdir(parents=True, exist_ok=True)
+    console.log(f"Saving current state to {folder}")
+    (folder / "train_state.json").write_text(json.dumps({"current_epoch": epoch, "current_step": step}),
+                                             encoding="utf-8")
+    size = 4096 * (args.network_dim or 4)
+    (folder / "model.safetensors").write_bytes(b"\0" * size)
+    (folder / "optimizer.bin").write_bytes(b"\0" * 2 * size)  # Adam's two moments: twice the network
+    (folder / "scheduler.bin").write_bytes(b"\0" * 1465)
+    time.sleep(float(os.environ.get("KOHYA_DOUBLE_STATE_SECONDS", "0")))
+    (folder / "random_states_0.pkl").write_bytes(b"\0" * 14497)
+
+
+def resume_start(args: argparse.Namespace, run: Run, console: Console) -> int:
+    """train_network.py L968-1273 with --resume: load the state, then the epoch to start from (1-based)."""
+    folder = Path(args.resume)
+    console.log(f"resume training from local state: {folder}")
+    frames = [script_frame(1913, "<module>", "trainer.train(args)"),
+              script_frame(975, "train", "train_util.resume_from_local_or_hf_if_specified(accelerator, args)")]
+    if not folder.is_dir():
+        traceback_exit(frames, f"ValueError: Tried to find {folder} but folder does not exist")
+    console.log(f"Loading states from {folder}")
+    recorded = {"current_step": 0}
+    if (folder / "train_state.json").is_file():  # kohya's load hook reads it only when it is there
+        recorded = json.loads((folder / "train_state.json").read_text(encoding="utf-8"))
+        console.log(f"load train state from {folder / 'train_state.json'}: {recorded}")
+    for file, what in zip(STATE_FILES[:3], ("model weights", "optimizer states", "scheduler states"), strict=True):
+        if not (folder / file).is_file():
+            traceback_exit(frames, f"FileNotFoundError: [Errno 2] No such file or directory: '{folder / file}'")
+        console.log(f"All {what} loaded successfully")
+    if not (folder / STATE_FILES[3]).is_file():
+        console.log("Could not load random states")
+    initial_step = int(recorded["current_step"])
+    if args.initial_step is not None or args.initial_epoch is not None:
+        console.log("steps from the state is ignored because initial_step is specified / "
+                    "initial_stepが指定されているため、stateからのステップ数は無視されます", "WARNING")
+        initial_step = (args.initial_step if args.initial_step is not None
+                        else (args.initial_epoch - 1) * run.batches_per_epoch)
+    if run.total_steps <= initial_step:
+        traceback_exit(
+            [script_frame(1913, "<module>", "trainer.train(args)"),
+             script_frame(1254, "train", "args.max_train_steps > initial_step")],
+            "AssertionError: max_train_steps should be greater than initial step / "
+            f"max_train_stepsは初期ステップより大きい必要があります: {run.total_steps} vs {initial_step}",
+        )
+    return initial_step // run.batches_per_epoch + 1
 
 
 def flood(console: Console, megabytes: float) -> None:
