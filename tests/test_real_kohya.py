@@ -228,3 +228,133 @@ async def test_real_kohya_sdxl_trains_through_the_daemon(start_daemon, tmp_path:
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
     assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
     assert meta.get("modelspec.trigger_phrase") == "sksxl"
+
+
+# ------------------------------------------------------------------------------------------------ resume
+# What differs between a killed-and-resumed LoRA and an uninterrupted one of the same job, by kohya's design
+# (tests/fixtures/kohya_resume/FACTS.md §4.3), plus what names the job (the two jobs have different names/ids).
+RESUME_DIFFERS = {"ss_steps", "ss_training_started_at", "ss_session_id", "ss_training_finished_at", "modelspec.date",
+                  "sshs_model_hash", "sshs_legacy_hash", "ss_output_name", "modelspec.title", "ss_training_comment"}
+
+
+@needs(*ENV)
+async def test_real_kohya_resumes_after_the_daemon_and_trainer_are_killed(tmp_path: Path) -> None:
+    """The issue's proof: a CPU run killed (daemon and trainer, SIGKILL) after its first saved epoch, the daemon
+    started again, the job resumed automatically and finished; compared with a run that was never stopped.
+    With KOHYA_RESUME_RECORD=<dir> what it saw is written there (tests/fixtures/real_kohya_resume/)."""
+    import asyncio
+    import contextlib
+    import sys
+
+    import psutil
+    import yaml
+
+    from tests.conftest import train_form
+    from tests.helpers import TOKEN
+    from tests.test_crash_recovery import Site
+
+    sd = Path(os.environ["KOHYA_SD"])
+    kohya = {"python": os.environ["KOHYA_PYTHON"], "script_path": str(sd / "train_network.py"), "workspace": str(sd),
+             "tokenizer_cache_dir": os.environ["KOHYA_TOKENIZER_CACHE"]}
+    cfg = make_config(tmp_path, port=free_port(), base_model=os.environ["KOHYA_MODEL"], kohya=kohya)
+    raw = {"port": cfg.port, "token": TOKEN, "data_dir": str(cfg.data_dir), "ed_lora_dir": str(cfg.ed_lora_dir),
+           "ed_models_dir": str(cfg.ed_models_dir), "base_model": os.environ["KOHYA_MODEL"], "allow_cpu": True,
+           "kohya": kohya}
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    cfg.ed_lora_dir.mkdir(parents=True, exist_ok=True)
+    site = Site(tmp_path, cfg, config_path)
+    # one bucket, 2 steps per epoch, 3 epochs: a state after epochs 1 and 2
+    params = json.dumps({"resolution": 256, "epochs": 3, "repeats": 1, "batch_size": 4, "network_dim": 4,
+                         "network_alpha": 2, "save_every_n_epochs": 1, "sample_every_n_epochs": 0})
+    try:
+        daemon = await site.start({})
+        job_id = await site.submit(train_form(8, name="Resumed Real", params=params))
+        end = asyncio.get_running_loop().time() + 900
+        while (job := await site.job(job_id))["recovery"]["state_epoch"] is None:
+            assert job["state"] in ("queued", "prepping", "training"), (job["error"], job["logs"][-20:])
+            assert asyncio.get_running_loop().time() < end, "no state was saved in 15 minutes"
+            await asyncio.sleep(0.5)
+        killed_at = dict(job)
+        tree = site.sigkill(daemon)
+        for pid, _ in tree:  # the trainer too: a power cut takes everything
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(pid).kill()
+        output = cfg.data_dir / "jobs" / job_id / "output"
+        after_kill = sorted(p.name for p in output.iterdir())
+
+        await site.start({})  # auto_resume (the default) continues the job from its saved state
+        resumed = await site.wait_for(job_id, {"done", "error", "interrupted"}, timeout=900)
+        assert resumed["state"] == "done", (resumed["error"], resumed["logs"][-30:])
+        other_id = await site.submit(train_form(8, name="Never Stopped", params=params))
+        other = await site.wait_for(other_id, {"done", "error"}, timeout=900)
+        assert other["state"] == "done", (other["error"], other["logs"][-30:])
+        argv_lines = [ln for ln in await _all_logs(site, job_id) if ln.startswith("$ ")]
+    finally:
+        for d in site.daemons:
+            if d.proc.poll() is None:
+                d.proc.terminate()
+                d.proc.wait(30)
+
+    epoch = killed_at["recovery"]["state_epoch"]
+    assert epoch == 1 and f"Resumed_Real-{epoch:06d}-state" in after_kill
+    total = other["progress"]["total"]
+    assert total == 6 and resumed["progress"]["total"] == total
+    assert resumed["progress"]["step"] == other["progress"]["step"] == total
+    assert resumed["recovery"]["notices"] == [
+        "Resumed automatically after the daemon restarted, from the state saved after epoch 1 of 3."]
+    assert resumed["recovery"]["step_offset"] == 2 and resumed["recovery"]["state_bytes"] == 0
+
+    def files(job: dict[str, object]) -> list[str]:
+        folder = cfg.data_dir / "jobs" / str(job["id"]) / "output"
+        return sorted(p.name.split("-", 1)[1] if "-" in p.name else "final" for p in folder.iterdir())
+
+    assert files(resumed) == files(other) == ["000001.safetensors", "000002.safetensors", "final"]
+    assert len(argv_lines) == 2 and "--resume" not in argv_lines[0]
+    assert f"--resume {job_paths(cfg, job_id).output / 'Resumed_Real-000001-state'} --initial_epoch 2" in argv_lines[1]
+    log = job_paths(cfg, job_id).trainer_log.read_text(encoding="utf-8")
+    second = log[log.index("resume training from local state"):]
+    assert "steps from the state is ignored because initial_step is specified" in second
+    assert "epoch 2/3" in second and "epoch 3/3" in second and "epoch 1/3" not in second
+
+    def metadata(path: str) -> dict[str, str]:
+        with safe_open(path, framework="numpy") as fh:
+            return dict(fh.metadata())
+
+    compared: dict[str, dict[str, dict[str, str]]] = {}
+    for stem in ("000002", None):
+        a = metadata(str(job_paths(cfg, job_id).output / (f"Resumed_Real-{stem}.safetensors" if stem
+                                                         else "Resumed_Real.safetensors")))
+        b = metadata(str(job_paths(cfg, other_id).output / (f"Never_Stopped-{stem}.safetensors" if stem
+                                                           else "Never_Stopped.safetensors")))
+        assert set(a) == set(b)
+        differ = {k for k in a if a[k] != b[k]}
+        assert differ <= RESUME_DIFFERS, {k: (a[k], b[k]) for k in differ - RESUME_DIFFERS}
+        assert a["ss_epoch"] == b["ss_epoch"] and a["ss_max_train_steps"] == b["ss_max_train_steps"] == str(total)
+        # kohya's ss_steps counts the resumed launch only (FACTS §4.3); the job's progress has the whole count
+        assert int(a["ss_steps"]) == int(b["ss_steps"]) - 2
+        compared[stem or "final"] = {k: {"resumed": a[k], "uninterrupted": b[k]} for k in sorted(differ)}
+
+    record = os.environ.get("KOHYA_RESUME_RECORD")
+    if record:
+        out = Path(record)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "argv.txt").write_text("\n\n".join(argv_lines) + "\n", encoding="utf-8")
+        (out / "trainer_resumed_job.log").write_text(log, encoding="utf-8")
+        (out / "trainer_uninterrupted_job.log").write_text(job_paths(cfg, other_id).trainer_log.read_text(
+            encoding="utf-8"), encoding="utf-8")
+        (out / "metadata_comparison.json").write_text(json.dumps(compared, indent=1) + "\n", encoding="utf-8")
+        summary = {"killed_at": {k: killed_at[k] for k in ("progress", "recovery")}, "output_after_kill": after_kill,
+                   "resumed": {k: resumed[k] for k in ("progress", "recovery")},
+                   "uninterrupted": {k: other[k] for k in ("progress", "recovery")},
+                   "files": files(resumed), "python": sys.version.split()[0]}
+        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+
+
+async def _all_logs(site: object, job_id: str) -> list[str]:
+    from tests.test_crash_recovery import Site
+
+    assert isinstance(site, Site)
+    async with aiohttp.ClientSession(headers=site.headers) as http, \
+            http.get(f"{site.config.url}/jobs/{job_id}/logs") as resp:
+        return list((await resp.json())["lines"])

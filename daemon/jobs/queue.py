@@ -1,4 +1,4 @@
-"""The FIFO of jobs: one trains at a time; cancel, delete, and recovery after a restart."""
+"""The FIFO of jobs: one trains at a time; cancel, delete, resume, and recovery after a restart."""
 
 from __future__ import annotations
 
@@ -16,11 +16,14 @@ from daemon.hub import EventHub
 from daemon.jobs.models import Job, JobError, JobState
 from daemon.jobs.recovery import recover_job
 from daemon.jobs.store import JobStore
-from daemon.pipeline.runner import JobRunner, job_paths
+from daemon.pipeline import train_state
+from daemon.pipeline.runner import JobRunner, job_paths, output_name
 
 log = logging.getLogger(__name__)
 
 _ACTIVE = (JobState.PREPPING, JobState.TRAINING, JobState.COPYING)
+# Automatic resumes a job may have in all: one that takes the daemon down each time it runs must not loop.
+MAX_AUTO_RESUMES = 3
 
 
 class JobQueue:
@@ -37,6 +40,7 @@ class JobQueue:
         self._current: str | None = None
         self._worker: asyncio.Task[None] | None = None
         self._submitting = asyncio.Lock()
+        self._resuming: dict[str, str] = {}  # job id -> "resumed" | "auto_resumed", until its run starts
 
     @property
     def current(self) -> str | None:
@@ -46,6 +50,9 @@ class JobQueue:
         await asyncio.to_thread(self._recover)
         for job_id in await asyncio.to_thread(self._store.ids_in_states, [JobState.QUEUED]):
             self._pending.put_nowait(job_id)
+        if self._live.current.auto_resume:
+            for job_id in await asyncio.to_thread(self._store.ids_in_states, [JobState.INTERRUPTED]):
+                await self._auto_resume(job_id)
         self._worker = asyncio.create_task(self._work(), name="job-worker")
 
     async def stop(self) -> None:
@@ -60,6 +67,51 @@ class JobQueue:
         taken = {Path(artifact) for artifact in self._store.artifacts()}
         for job_id in self._store.ids_in_states(_ACTIVE):
             recover_job(self._live.current, self._store, job_id, taken)
+
+    async def _auto_resume(self, job_id: str) -> None:
+        """At start-up: a job a crash or shutdown interrupted continues from its saved state, if it has one."""
+        job = await self._get(job_id)
+        state = await asyncio.to_thread(self._saved_state, job)
+        if state is None:
+            return  # nothing to continue from: it waits for the user (POST /jobs/{id}/resume trains it again)
+        if job.recovery.auto_resumes >= MAX_AUTO_RESUMES:
+            note = (f"Not resumed automatically: it was already resumed automatically {job.recovery.auto_resumes} "
+                    "times and the daemon stopped each time. Resume it by hand when the cause is fixed.")
+            if not job.recovery.notices or job.recovery.notices[-1] != note:
+                job.recovery.notices.append(note)
+                log.warning("job %s: %s", job_id, note)
+                await asyncio.to_thread(self._store.save, job)
+                await asyncio.to_thread(self._store.append_logs, job_id, [note])
+            return
+        log.info("job %s: resuming automatically from the state saved after epoch %d", job_id, state.epoch)
+        await self._requeue(job, state, "auto_resumed")
+
+    async def resume(self, job_id: str) -> Job:
+        """POST /jobs/{id}/resume: an interrupted job is queued again, to continue from its saved state (or
+        from the first step when there is none). It keeps its id, logs, previews and progress."""
+        async with self._submitting:
+            job = await self._get(job_id)
+            if job.state is not JobState.INTERRUPTED or self._current == job_id:
+                raise Conflict(f"Job {job_id} is {job.state.value}; only an interrupted job can be resumed.")
+            await self.check_room()
+            state = await asyncio.to_thread(self._saved_state, job)
+            await self._requeue(job, state, "resumed")
+        return job
+
+    def _saved_state(self, job: Job) -> train_state.SavedState | None:
+        """The job's resume point now, with its bookkeeping (recovery.state_epoch / state_bytes) brought up to date."""
+        output = job_paths(self._live.current, job.id).output
+        state = train_state.find_resume_state(output, output_name(job))
+        job.recovery.state_epoch = state.epoch if state is not None else None
+        job.recovery.state_bytes = train_state.states_bytes(output, output_name(job))
+        return state
+
+    async def _requeue(self, job: Job, state: train_state.SavedState | None, kind: str) -> None:
+        job.state, job.error = JobState.QUEUED, None
+        job.recovery.resume_next = state is not None
+        self._resuming[job.id] = kind
+        await self._hub.emit(EventType.STATE, job.id, job.state_data(), persist=partial(self._store.save, job))
+        self._pending.put_nowait(job.id)
 
     async def check_room(self) -> None:
         """TooMany when `max_queued_jobs` jobs already wait; /train asks before it stores any picture."""
@@ -85,6 +137,11 @@ class JobQueue:
         self._cancels.setdefault(job_id, asyncio.Event()).set()
         if job.state is JobState.QUEUED and self._current != job_id:
             job.state = JobState.CANCELLED
+            self._resuming.pop(job_id, None)
+            # a resumed job waiting to run: cancelled, it can no longer be resumed, so its states go
+            output = job_paths(self._live.current, job_id).output
+            await asyncio.to_thread(train_state.remove_states, output, output_name(job))
+            job.recovery.state_epoch, job.recovery.state_bytes, job.recovery.resume_next = None, 0, False
             await self._hub.emit(EventType.STATE, job.id, job.state_data(), persist=partial(self._store.save, job))
             await self._hub.emit(EventType.RESULT, job.id, job.state_data())
         return job
@@ -133,7 +190,7 @@ class JobQueue:
                 job = await asyncio.to_thread(self._store.get, job_id)
                 if job is None or job.state is not JobState.QUEUED:
                     continue
-                await self._runner(self._live.current).run(job, cancel)
+                await self._runner(self._live.current).run(job, cancel, resumed=self._resuming.pop(job_id, None))
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -143,6 +200,7 @@ class JobQueue:
             finally:
                 self._current = None
                 self._cancels.pop(job_id, None)
+                self._resuming.pop(job_id, None)
 
     async def _mark_failed(self, job_id: str) -> None:
         try:

@@ -12,7 +12,7 @@ from pathlib import Path
 from daemon.config import Config
 from daemon.jobs.models import Job, JobState, interrupted_error
 from daemon.jobs.store import JobStore
-from daemon.pipeline import publish
+from daemon.pipeline import publish, train_state
 from daemon.pipeline.leftovers import ProcInfo, TrainerRecord, kill_leftovers
 from daemon.pipeline.runner import job_paths, output_name
 
@@ -84,6 +84,12 @@ def recover_job(config: Config, store: JobStore, job_id: str, taken: set[Path]) 
         notes.append(f"The daemon stopped while this job was {was}; the LoRA had been published: {published}")
     else:
         job.state, job.error = JobState.INTERRUPTED, interrupted_error()
+        # its saved training state is kept: the job resumes from it (by hand, or at start-up with auto_resume)
+        output = job_paths(config, job_id).output
+        state = train_state.find_resume_state(output, stem)
+        job.recovery.state_epoch = state.epoch if state is not None else None
+        job.recovery.state_bytes = train_state.states_bytes(output, stem)
+        job.recovery.resume_next = False
         log.warning("job %s was %s when the daemon stopped: interrupted", job_id, was)
     store.save(job)
     store.append_logs(job_id, notes)

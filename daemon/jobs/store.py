@@ -121,16 +121,17 @@ class JobStore:
             )
 
     def save(self, job: Job) -> None:
-        """Write the mutable part of a job (state, progress, result)."""
+        """Write the mutable part of a job (state, progress, result, recovery, params)."""
         job.updated_at = time.time()
         with self._lock:
             self._db.execute(
                 "UPDATE jobs SET state=?, progress=?, artifact=?, lora_id=?, error=?, samples=?, recovery=?,"
-                " updated_at=? WHERE id=?",
+                " params=?, updated_at=? WHERE id=?",
                 (
                     job.state.value, json.dumps(job.progress.to_json()), job.artifact, job.lora_id,
                     _dump_error(job.error), json.dumps(job.samples), json.dumps(job.recovery.to_json()),
-                    job.updated_at, job.id,
+                    # an out-of-memory retry runs the job one memory tier lower: its params change
+                    json.dumps(job.params), job.updated_at, job.id,
                 ),
             )
 

@@ -27,7 +27,7 @@ from daemon.events import EventType
 from daemon.hub import EventHub
 from daemon.jobs.models import Job, JobError, JobState, Progress, Recovery, interrupted_error
 from daemon.jobs.store import LOG_RING, JobStore
-from daemon.pipeline import buckets, dataset, kohya, publish, train_state
+from daemon.pipeline import buckets, dataset, kohya, oom_retry, publish, train_state
 from daemon.pipeline.env_check import GpuInfo, check_script, check_workspace, prepare_tokenizers
 from daemon.pipeline.failure import classify_failure
 from daemon.pipeline.model_arch import ARCH_LABELS, TRAINABLE_ARCHS, detect_arch
@@ -305,7 +305,17 @@ class JobRunner:
                 await self._finish(reporter, JobState.CANCELLED)
                 return
             await reporter.state(JobState.TRAINING)
-            result = await self._train(job, params, paths, cpu, reporter, cancel, resume=resume)
+            tried: list[TrainParams] = []  # the settings of each attempt that ran out of GPU memory
+            while True:
+                try:
+                    result = await self._train(job, params, paths, cpu, reporter, cancel, resume=resume)
+                    break
+                except JobFailed as failed:
+                    # raises `failed`, or the final out-of-memory error, when there is nothing to retry
+                    params, resume = await self._retry_after_oom(job, params, failed, tried, paths, cpu, reporter)
+                if cancel.is_set():
+                    await self._finish(reporter, JobState.CANCELLED)
+                    return
             if cancel.is_set():
                 await self._finish(reporter, JobState.CANCELLED)
                 return
@@ -334,6 +344,46 @@ class JobRunner:
             await self._finish(reporter, JobState.ERROR, error=JobError(
                 "internal", f"The daemon hit an unexpected error: {type(exc).__name__}: {exc}",
                 "See the daemon's console output; please report this."))
+
+    async def _retry_after_oom(self, job: Job, params: TrainParams, failed: JobFailed, tried: list[TrainParams],
+                               paths: JobPaths, cpu: bool,
+                               reporter: JobReporter) -> tuple[TrainParams, SavedState | None]:
+        """The next attempt after kohya ran out of GPU memory: its settings one memory tier lower
+        (daemon/pipeline/oom_retry.py), stored with the job, announced (a notice event and a log line) and in
+        the dataset config, and the saved state it continues from (None: from the first step). Raises `failed`
+        when it was not GPU memory or retries are off, and the final out_of_memory error, naming what was
+        tried, when the retries are used up or nothing lower is left."""
+        if not oom_retry.gpu_out_of_memory(failed.error.kind, job_tail(paths.trainer_log), cpu=cpu):
+            raise failed
+        limit = self._config.oom_retries
+        if limit == 0:
+            raise failed
+        tried.append(params)
+        gpu = await self._gpu()
+        state = await asyncio.to_thread(train_state.find_resume_state, paths.output, output_name(job))
+        plan = None
+        if len(tried) <= limit:
+            plan = oom_retry.plan_retry(params, gpu, attempt=len(tried), limit=limit,
+                                        state_epoch=state.epoch if state is not None else None)
+        if plan is None:
+            message, hint = oom_retry.final_error(tried, gpu, limit=limit)
+            raise JobFailed(JobError(failed.error.kind, message, hint)) from failed
+        job.params = plan.params.to_json()  # a new dict: a saver's copy of the job may still hold the old one
+        job.recovery.retries.append({
+            "attempt": len(tried), "from_tier": plan.from_tier, "to_tier": plan.to_tier,
+            "from_batch": params.batch_size, "to_batch": plan.params.batch_size, "at_step": job.progress.step,
+            "message": plan.message,
+        })
+        log.warning("job %s: %s", job.id, plan.message)
+        # batch_size lives in the dataset config; the pictures stay (a retry never changes the resolution)
+        config = kohya.dataset_config(image_dir=str(paths.images), class_tokens=job.class_token, params=plan.params)
+        await asyncio.to_thread(kohya.write_dataset_config, paths.dataset_config, config)
+        await reporter.log_lines([f"trainer exited: {failed.error.message}"], force=True)
+        await reporter.notice("oom_retry", plan.message)
+        # the failed attempt's bar was for the old batch: the next one counts from the start, or on from the
+        # state's epoch (_train works out its step offset once kohya prints the new total)
+        job.progress = Progress(epoch=state.epoch if state is not None else 0, epochs=plan.params.epochs)
+        return plan.params, state
 
     async def _resume_point(self, job: Job, params: TrainParams, reporter: JobReporter,
                             resumed: str | None) -> SavedState | None:

@@ -354,6 +354,13 @@ async def cancel_job(request: web.Request) -> web.Response:
     return web.json_response(job.to_json(), status=200 if job.state.finished else 202)
 
 
+@routes.post("/jobs/{job_id}/resume")
+async def resume_job(request: web.Request) -> web.Response:
+    """An interrupted job is queued again: from its saved kohya state when it has one, else from the first step."""
+    job = await request.app[QUEUE].resume(request.match_info["job_id"])
+    return web.json_response(job.to_json(), status=202)
+
+
 @routes.delete("/jobs/{job_id}")
 async def delete_job(request: web.Request) -> web.Response:
     job_id = request.match_info["job_id"]

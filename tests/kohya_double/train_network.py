@@ -41,6 +41,13 @@ Knobs (environment):
   KOHYA_DOUBLE_FAIL          oom   -> the CUDA out-of-memory traceback mid-training, exit 1
                              crash -> a generic traceback mid-training, exit 1
                              no_output -> trains, then exits 0 without saving anything
+  KOHYA_DOUBLE_OOM_ABOVE_BATCH=N   run out of memory when the batch size (the dataset's batch_size) is above N
+  KOHYA_DOUBLE_OOM_WITHOUT_CHECKPOINTING=1  run out of memory unless --gradient_checkpointing is given
+                             (the two may be combined: either condition is enough). On a GPU run it is torch's
+                             CUDA out-of-memory traceback, on a CPU run (ACCELERATE_USE_CPU) torch's
+                             DefaultCPUAllocator one; both exit 1, at the first optimisation step, where a real
+                             run reaches its peak memory, or at step KOHYA_DOUBLE_OOM_AT_STEP=<n> (default 1,
+                             counted in this process), so a test can run out after an epoch was saved
   KOHYA_DOUBLE_RECORD=<path> write the arguments (sys.argv[1:]) as a JSON list before parsing anything
   KOHYA_DOUBLE_SPAWN_CHILD=1 start a sleeping grandchild in the same process group and print
                              `double child pid: N`, so tests can prove the whole tree gets killed
@@ -1065,6 +1072,7 @@ def train(args: argparse.Namespace, datasets: list[Dataset], console: Console, m
                 break
             time.sleep(step_seconds)
             step += 1
+            out_of_memory_knobs(args, run, step)
             if fail and fail != "no_output" and step >= fail_at:
                 fail_now(fail)
             loss_sum += 0.12 + 0.05 * run.rng.random()
@@ -1223,6 +1231,37 @@ def fail_now(kind: str) -> NoReturn:
             "Memory Management  (https://pytorch.org/docs/stable/notes/cuda.html#environment-variables)",
         )
     traceback_exit(frames, "RuntimeError: kohya double: simulated trainer crash")
+
+
+def out_of_memory_knobs(args: argparse.Namespace, run: Run, step: int) -> None:
+    """KOHYA_DOUBLE_OOM_*: die like torch does when these settings need more memory than the card has."""
+    if step != int(os.environ.get("KOHYA_DOUBLE_OOM_AT_STEP", "1")):
+        return
+    above = os.environ.get("KOHYA_DOUBLE_OOM_ABOVE_BATCH")
+    too_big = above is not None and run.batch_size > int(above)
+    checkpointing_needed = os.environ.get("KOHYA_DOUBLE_OOM_WITHOUT_CHECKPOINTING") == "1"
+    no_checkpointing = checkpointing_needed and not args.gradient_checkpointing
+    if not (too_big or no_checkpointing):
+        return
+    sys.stderr.write("\n")
+    frames = [
+        script_frame(1913, "<module>", "trainer.train(args)"),
+        script_frame(1475, "train", "accelerator.backward(loss)"),
+    ]
+    if os.environ.get("ACCELERATE_USE_CPU"):
+        # torch's CPU allocator (RAM), as a CPU run dies when the machine has too little
+        traceback_exit(frames, "RuntimeError: [enforce fail at alloc_cpu.cpp:114] data. DefaultCPUAllocator: not "
+                               f"enough memory: you tried to allocate {run.batch_size * 536870912} bytes.")
+    # the activations of one more picture do not fit: what a batch too big for the card asks for
+    traceback_exit(
+        frames,
+        f"torch.OutOfMemoryError: CUDA out of memory. Tried to allocate {run.batch_size * 160:.2f} MiB. GPU 0 has a "
+        "total capacity of 23.99 GiB of which 17.56 MiB is free. Including non-PyTorch memory, this process has "
+        "23.94 GiB memory in use. Of the allocated memory 23.10 GiB is allocated by PyTorch, and 421.12 MiB is "
+        "reserved by PyTorch but unallocated. If reserved but unallocated memory is large try setting "
+        "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.  See documentation for "
+        "Memory Management  (https://pytorch.org/docs/stable/notes/cuda.html#environment-variables)",
+    )
 
 
 # --------------------------------------------------------------------------------------------- main

@@ -1,0 +1,291 @@
+"""Resume (issue 9 §1) through a real `python -m daemon` process and the kohya double: the daemon and its trainer
+SIGKILLed after the first saved epoch, then started again; by hand and automatically; with and without a saved
+state. Plus the pure parts: which state folder a run continues from, their sizes, their removal."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+import yaml
+
+from daemon.pipeline import train_state
+from daemon.pipeline.train_state import SavedState, find_resume_state
+from tests.conftest import train_form
+from tests.helpers import TOKEN
+from tests.test_crash_recovery import Daemon, Site
+from tests.test_crash_recovery import site as site  # a fixture: pytest finds it by name
+
+# 8 pictures x 2 repeats, batch 2 (the CPU fit) -> a few steps per epoch; one state per epoch
+PARAMS = json.dumps({"epochs": 3, "repeats": 2, "save_every_n_epochs": 1, "sample_every_n_epochs": 1})
+SLOW = {"KOHYA_DOUBLE_STEP_SECONDS": "0.3"}
+FAST = {"KOHYA_DOUBLE_STEP_SECONDS": "0.01"}
+WATCHABLE = {"KOHYA_DOUBLE_STEP_SECONDS": "0.05"}
+
+
+# ------------------------------------------------------------------------------------------------ pure part
+def make_state(folder: Path, *, epoch: int, step: int, complete: bool = True) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "train_state.json").write_text(json.dumps({"current_epoch": epoch, "current_step": step}))
+    for name in ("model.safetensors", "optimizer.bin", "scheduler.bin"):
+        (folder / name).write_bytes(b"x" * 1000)
+    if complete:
+        (folder / "random_states_0.pkl").write_bytes(b"x" * 100)
+    return folder
+
+
+def test_the_newest_complete_epoch_state_is_the_resume_point(tmp_path: Path) -> None:
+    assert find_resume_state(tmp_path, "hero") is None
+    assert find_resume_state(tmp_path / "missing", "hero") is None
+    one = make_state(tmp_path / "hero-000001-state", epoch=1, step=4)
+    make_state(tmp_path / "hero-000002-state", epoch=2, step=4, complete=False)  # killed while saving
+    make_state(tmp_path / "hero-state", epoch=3, step=12)  # the final state: kohya asserts on it (FACTS run e)
+    make_state(tmp_path / "heroine-000005-state", epoch=5, step=20)  # another output name
+    (tmp_path / "hero-000009-state.txt").write_text("not a folder")
+    assert find_resume_state(tmp_path, "hero") == SavedState(one, 1, 4)
+    make_state(tmp_path / "hero-000003-state", epoch=3, step=4)
+    found = find_resume_state(tmp_path, "hero")
+    assert found is not None and (found.epoch, found.step) == (3, 4)  # the recorded step is the launch's own
+
+
+def test_sizes_and_removal_cover_every_state_folder_and_nothing_else(tmp_path: Path) -> None:
+    make_state(tmp_path / "hero-000001-state", epoch=1, step=4)
+    make_state(tmp_path / "hero-000002-state", epoch=2, step=4, complete=False)
+    make_state(tmp_path / "hero-state", epoch=3, step=12)
+    (tmp_path / "hero.safetensors").write_bytes(b"l" * 500)
+    (tmp_path / "sample").mkdir()
+    one = 3000 + 100 + len(json.dumps({"current_epoch": 1, "current_step": 4}))
+    assert train_state.folder_bytes(tmp_path / "hero-000001-state") == one
+    assert train_state.states_bytes(tmp_path, "hero") > 3 * 3000
+    train_state.remove_incomplete(tmp_path, "hero")
+    assert not (tmp_path / "hero-000002-state").exists() and (tmp_path / "hero-000001-state").is_dir()
+    freed = train_state.remove_states(tmp_path, "hero")
+    assert freed > 2 * 3000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hero.safetensors", "sample"]
+    assert train_state.states_bytes(tmp_path, "hero") == 0
+
+
+def test_clear_output_keeps_only_the_previews(tmp_path: Path) -> None:
+    make_state(tmp_path / "hero-000001-state", epoch=1, step=4)
+    (tmp_path / "hero-000001.safetensors").write_bytes(b"l")
+    (tmp_path / "sample").mkdir()
+    (tmp_path / "sample" / "p.png").write_bytes(b"p")
+    train_state.clear_output(tmp_path, keep=("sample",))
+    assert [p.name for p in tmp_path.iterdir()] == ["sample"] and (tmp_path / "sample" / "p.png").is_file()
+
+
+def test_step_offset_counts_whole_epochs() -> None:
+    assert train_state.step_offset(1, 12, 3) == 4
+    assert train_state.step_offset(2, 24, 3) == 16
+    assert train_state.step_offset(0, 24, 3) == 0
+
+
+# ------------------------------------------------------------------------------------------ through a daemon
+def set_config(site: Site, **values: Any) -> None:
+    raw = yaml.safe_load(site.config_path.read_text(encoding="utf-8"))
+    raw.update(values)
+    site.config_path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+
+
+def kill_all(site: Site, daemon: Daemon) -> None:
+    """A crash of the daemon and of its trainer: SIGKILL to every process, the daemon first."""
+    tree = site.sigkill(daemon)
+    for pid, _ in tree:
+        with contextlib.suppress(psutil.Error):
+            psutil.Process(pid).kill()
+
+
+async def wait_job(site: Site, job_id: str, ok: Any, timeout: float = 40) -> dict[str, Any]:
+    end = time.monotonic() + timeout
+    while True:
+        job = await site.job(job_id)
+        if ok(job):
+            return job
+        assert job["state"] not in ("done", "error", "cancelled") or time.monotonic() < end, job
+        if time.monotonic() > end:
+            raise AssertionError(f"job {job_id} never got there: {job['state']} {job['recovery']} {job['logs'][-6:]}")
+        await asyncio.sleep(0.03)
+
+
+async def call(site: Site, method: str, path: str, *, token: bool = True) -> tuple[int, Any]:
+    async with aiohttp.ClientSession(headers=site.headers if token else {}) as http, \
+            http.request(method, f"{site.config.url}{path}") as resp:
+        return resp.status, await resp.json()
+
+
+async def events(site: Site, job_id: str) -> list[dict[str, Any]]:
+    return list((await call(site, "GET", f"/jobs/{job_id}/events"))[1]["events"])
+
+
+def outputs(site: Site, job_id: str) -> list[str]:
+    """The job's files in its output folder, without the job's own name: comparable between jobs."""
+    folder = site.config.data_dir / "jobs" / job_id / "output"
+    return sorted(p.name.split("-", 1)[-1] if "-" in p.name else "final" for p in folder.iterdir()
+                  if p.name != "sample")
+
+
+async def watch_progress(site: Site, job_id: str, steps: list[int]) -> None:
+    """The progress steps the WebSocket sends for the job (progress is not kept in the event history)."""
+    async with aiohttp.ClientSession() as http, http.ws_connect(f"{site.config.url}/ws?token={TOKEN}") as ws:
+        async for msg in ws:
+            frame = json.loads(msg.data)
+            if frame["type"] == "progress" and frame["job_id"] == job_id:
+                steps.append(frame["data"]["step"])
+
+
+async def crash_after_first_state(site: Site, name: str = "Resumed Hero") -> tuple[str, dict[str, Any]]:
+    daemon = await site.start(SLOW)
+    job_id = await site.submit(train_form(8, name=name, params=PARAMS))
+    job = await wait_job(site, job_id, lambda j: j["recovery"]["state_epoch"] is not None)
+    assert job["state"] == "training" and job["recovery"]["state_bytes"] > 0
+    kill_all(site, daemon)
+    return job_id, job
+
+
+async def uninterrupted(site: Site) -> dict[str, Any]:
+    other = await site.submit(train_form(8, name="Never Stopped", params=PARAMS))
+    return await site.wait_for(other, {"done", "error"}, timeout=60)
+
+
+async def test_killed_after_the_first_saved_epoch_the_restart_resumes_it_to_the_same_end(site: Site) -> None:
+    job_id, before = await crash_after_first_state(site)
+    daemon = await site.start(WATCHABLE)  # auto_resume is on by default
+    steps: list[int] = []
+    watching = asyncio.create_task(watch_progress(site, job_id, steps))
+    done = await site.wait_for(job_id, {"done", "error", "interrupted"}, timeout=60)
+    watching.cancel()
+    await asyncio.gather(watching, return_exceptions=True)
+    assert done["state"] == "done", done["error"]
+    rec = done["recovery"]
+    assert rec["resumes"] == 1 and rec["auto_resumes"] == 1 and rec["resume_next"] is False
+    assert len(rec["notices"]) == 1
+    match = re.fullmatch(r"Resumed automatically after the daemon restarted, from the state saved after epoch "
+                         r"(\d) of 3\.", rec["notices"][0])
+    assert match is not None, rec["notices"]
+    epoch = int(match.group(1))
+    assert before["recovery"]["state_epoch"] <= epoch <= 2
+    # the states are gone once the job is done
+    assert rec["state_bytes"] == 0 and rec["state_epoch"] is None
+    assert not list((site.config.data_dir / "jobs" / job_id / "output").glob("*-state"))
+    # what an uninterrupted run of the same job gives: the same steps, epochs and files
+    other = await uninterrupted(site)
+    assert other["state"] == "done", other["error"]
+    assert (done["progress"]["step"], done["progress"]["total"]) == (other["progress"]["step"],
+                                                                      other["progress"]["total"])
+    assert done["progress"]["step"] == done["progress"]["total"] and done["progress"]["epoch"] == 3
+    assert outputs(site, job_id) == outputs(site, other["id"]) == ["000001.safetensors", "000002.safetensors",
+                                                                     "final"]
+    assert Path(done["artifact"]).is_file()
+    # the resumed run said so once, and its progress went on from the saved epoch, never back to the start
+    evs = await events(site, job_id)
+    notices = [e for e in evs if e["type"] == "notice"]
+    assert [n["data"]["kind"] for n in notices] == ["auto_resumed"]
+    assert notices[0]["data"]["recovery"]["auto_resumes"] == 1
+    offset = notices[0]["data"]["recovery"]["step_offset"]
+    assert offset == epoch * done["progress"]["total"] // 3 > 0
+    assert steps and min(steps) >= offset and steps == sorted(steps)
+    # kohya was told where to go on from
+    lines = (await call(site, "GET", f"/jobs/{job_id}/logs"))[1]["lines"]
+    state = site.config.data_dir / "jobs" / job_id / "output" / f"Resumed_Hero-{epoch:06d}-state"
+    assert any(f"--resume {state} --initial_epoch {epoch + 1}" in line for line in lines)
+    log = (site.config.data_dir / "jobs" / job_id / "trainer.log").read_text(encoding="utf-8")
+    assert f"resume training from local state: {state}" in log
+    assert "resuming automatically" in daemon.output()
+
+
+async def test_without_auto_resume_it_waits_for_post_resume(site: Site) -> None:
+    set_config(site, auto_resume=False)
+    job_id, _ = await crash_after_first_state(site)
+    await site.start(FAST)
+    await asyncio.sleep(1.0)  # long enough for an automatic resume to have begun
+    job = await site.job(job_id)
+    assert job["state"] == "interrupted" and job["resumable"] is True
+    assert job["recovery"]["state_epoch"] >= 1 and job["recovery"]["state_bytes"] > 0  # kept, and shown
+    assert job["recovery"]["resumes"] == 0
+    samples = [s["file"] for s in job["samples"]]
+
+    assert (await call(site, "POST", f"/jobs/{job_id}/resume", token=False))[0] == 401
+    status, body = await call(site, "POST", "/jobs/nosuchjob/resume")
+    assert status == 404 and "nosuchjob" in body["error"]
+    status, body = await call(site, "POST", f"/jobs/{job_id}/resume")
+    assert status == 202, body
+    assert body["id"] == job_id and body["state"] == "queued" and body["recovery"]["resume_next"] is True
+    status, body = await call(site, "POST", f"/jobs/{job_id}/resume")
+    assert status == 409 and body["error"].endswith("only an interrupted job can be resumed."), body
+
+    done = await site.wait_for(job_id, {"done", "error"}, timeout=60)
+    assert done["state"] == "done", done["error"]
+    assert done["recovery"]["resumes"] == 1 and done["recovery"]["auto_resumes"] == 0
+    assert done["recovery"]["notices"][0].startswith("Resumed from the state saved after epoch ")
+    assert done["progress"]["step"] == done["progress"]["total"]
+    assert [s["file"] for s in done["samples"]][:len(samples)] == samples  # the earlier previews are kept
+    for file in samples:
+        assert (await call_raw(site, f"/jobs/{job_id}/samples/{file}")) == 200
+    assert [e["data"]["kind"] for e in await events(site, job_id) if e["type"] == "notice"] == ["resumed"]
+    assert done["recovery"]["state_bytes"] == 0
+    status, body = await call(site, "POST", f"/jobs/{job_id}/resume")
+    assert status == 409 and body["error"] == f"Job {job_id} is done; only an interrupted job can be resumed."
+
+
+async def call_raw(site: Site, path: str) -> int:
+    async with aiohttp.ClientSession(headers=site.headers) as http, http.get(f"{site.config.url}{path}") as resp:
+        await resp.read()
+        return resp.status
+
+
+async def test_with_no_saved_state_resume_trains_again_from_the_first_step(site: Site) -> None:
+    daemon = await site.start(SLOW)
+    job_id = await site.submit(train_form(8, params=PARAMS))
+    await wait_job(site, job_id, lambda j: j["state"] == "training" and j["progress"]["step"] >= 1)
+    kill_all(site, daemon)
+    await site.start(FAST)
+    await asyncio.sleep(0.5)
+    job = await site.job(job_id)
+    # nothing saved: not resumed automatically, it waits for the user
+    assert job["state"] == "interrupted" and job["recovery"]["state_epoch"] is None
+    status, body = await call(site, "POST", f"/jobs/{job_id}/resume")
+    assert status == 202 and body["recovery"]["resume_next"] is False
+    done = await site.wait_for(job_id, {"done", "error"}, timeout=60)
+    assert done["state"] == "done", done["error"]
+    assert done["recovery"]["notices"] == [
+        "There was no saved state to continue from: training again from the first step."]
+    assert done["progress"]["step"] == done["progress"]["total"]
+    log = (site.config.data_dir / "jobs" / job_id / "trainer.log").read_text(encoding="utf-8")
+    assert "resume training from local state" not in log
+
+
+async def test_deleting_an_interrupted_job_deletes_its_states(site: Site) -> None:
+    set_config(site, auto_resume=False)
+    job_id, _ = await crash_after_first_state(site)
+    await site.start(FAST)
+    output = site.config.data_dir / "jobs" / job_id / "output"
+    assert list(output.glob("*-state"))
+    status, _ = await call(site, "DELETE", f"/jobs/{job_id}")
+    assert status == 200
+    assert not output.exists()
+    assert (await call(site, "POST", f"/jobs/{job_id}/resume"))[0] == 404
+
+
+async def test_a_job_that_keeps_taking_the_daemon_down_is_not_resumed_forever(site: Site) -> None:
+    job_id, _ = await crash_after_first_state(site)
+    for n in range(1, 4):  # each automatic resume is "crashed" again right after it starts training
+        daemon = await site.start(SLOW)
+        job = await wait_job(site, job_id, lambda j: j["state"] == "training")
+        assert job["recovery"]["auto_resumes"] == n
+        kill_all(site, daemon)
+    await site.start(FAST)
+    await asyncio.sleep(1.0)
+    job = await site.job(job_id)
+    assert job["state"] == "interrupted" and job["recovery"]["auto_resumes"] == 3
+    note = job["recovery"]["notices"][-1]
+    assert note.startswith("Not resumed automatically: it was already resumed automatically 3 times")
+    assert note in job["logs"]
+    status, _ = await call(site, "POST", f"/jobs/{job_id}/resume")  # by hand it still can
+    assert status == 202
