@@ -1445,3 +1445,87 @@ def test_recovery_views_from_the_job_json_and_notice_frames(env: Env, page: Any)
     page.evaluate("async () => (await import('/character-lora/ui/connection.js')).refreshJobs()")
     page.wait_for_function("!document.querySelector('[data-job-id^=fed]')", timeout=10000)
 
+
+SEEN_STEPS = """() => {
+    window.__seenSteps = []
+    const look = () => {
+        const s = document.querySelector('[data-clora=stat-step]')
+        const b = document.querySelector('[data-clora=job-state]')
+        if (s && b) {
+            const seen = b.textContent + ':' + s.textContent
+            if (window.__seenSteps[window.__seenSteps.length - 1] !== seen) window.__seenSteps.push(seen)
+        }
+        requestAnimationFrame(look)
+    }
+    look()
+}"""
+
+
+def start_short_job(page: Any, name: str, trigger: str, params: dict[str, str], start: int) -> None:
+    page.fill("#clora-name", name)
+    page.fill("#clora-trigger", trigger)
+    page.locator("[data-clora=advanced] summary").click()
+    for key, value in params.items():
+        page.fill(f"#clora-p-{key}", value)
+    drop_images(page, image_payload(8, start=start))
+    page.wait_for_function("!document.querySelector('[data-clora=start]').disabled", timeout=30000)
+    page.click("[data-clora=start]")
+
+
+def test_an_interrupted_job_resumes_from_the_tab_and_ends_like_an_uninterrupted_run(page: Any, tmp_path: Path) -> None:
+    """The daemon stops after epoch 2's state was saved (auto_resume off); the tab offers Resume, which continues
+    from epoch 3, counts its steps on from there, and ends Done; the saved state is then gone."""
+    ed_root, cfg, ed_port, port = _ed_with_own_daemon(tmp_path, "resume")
+    update_config_file(cfg, {"auto_resume": False})
+    url = f"http://127.0.0.1:{port}"
+    daemon = DaemonProcess(cfg, url, tmp_path / "resume.log")
+    token = yaml.safe_load(cfg.read_text())["token"]
+    own = Env(ed_root, cfg, token, daemon, "", FakeEd(ed_root, listen_port=ed_port), ed_root / "models" / "lora")
+    daemon.start()
+    try:
+        with ServerThread(own.fake.app(), ed_port) as server:
+            open_tab(page, server.url)
+            page.wait_for_selector("[data-clora=root][data-ready=true]", timeout=30000)
+            # 8 pictures x 2 repeats at batch 1: 16 steps an epoch, 64 in all; the balanced preset saves (LoRA and
+            # state) every 2 epochs
+            start_short_job(page, "Resume Hero", "r3sume", {"epochs": "4", "repeats": "2", "batch_size": "1",
+                                                            "resolution": "256", "sample_every_n_epochs": "0"},
+                            start=100)
+            page.wait_for_function("document.querySelector('[data-clora=stat-epoch]')?.textContent === '3 / 4'",
+                                   timeout=60000)
+            job_id = page.evaluate("window.CharacterLoRA.selectedJob().id")
+            daemon.stop()  # the running trainer is killed and the job recorded as interrupted
+            daemon.start()
+            stored = daemon_json(own, "GET", f"/jobs/{job_id}/status")
+            assert stored["state"] == "interrupted" and stored["resumable"] is True
+            assert stored["recovery"]["state_epoch"] == 2 and stored["recovery"]["state_bytes"] > 0
+
+            # the tab reconnects by itself and offers Resume, saying where it continues and what is kept on disk
+            page.wait_for_selector("[data-clora=conn][data-status=live]", timeout=45000)
+            page.wait_for_selector("[data-clora=resume]", timeout=30000)
+            assert page.inner_text("[data-clora=job-state]") == "Interrupted"
+            assert page.inner_text("[data-clora=resume-plan]") == \
+                "Resume continues from epoch 3 of 4 (the state saved after epoch 2)."
+            assert page.inner_text("[data-clora=state-size]").startswith("saved state: ")
+            page.screenshot(path=str(artifacts_dir() / "resume-offered.png"), full_page=True)
+            page.evaluate(SEEN_STEPS)
+            page.click("[data-clora=resume]")
+            wait_state(page, "Done", timeout=90000)
+            seen = page.evaluate("window.__seenSteps")
+            trained = [int(s.split(":")[1].split(" / ")[0]) for s in seen
+                       if s.startswith("Training:") and re.search(r":\d+ / 64$", s)]
+            # the count went on from the 32 steps of epochs 1-2, never back to the bar's own 0, and reached the total
+            assert trained and min(trained) >= 32 and max(trained) == 64, seen
+            assert page.inner_text("[data-clora=stat-step]") == "64 / 64"
+            page.wait_for_selector("[data-clora=use-it]:not([disabled])", timeout=30000)
+            done = daemon_json(own, "GET", f"/jobs/{job_id}/status")
+            assert done["id"] == job_id and done["progress"]["step"] == done["progress"]["total"] == 64
+            assert done["recovery"]["resumes"] == 1 and done["recovery"]["state_bytes"] == 0
+            assert (own.lora_dir / f"{done['lora_id']}.safetensors").is_file()
+            # the notice of the resume stays with the job, and the saved state's size is gone with the state
+            notices = page.locator("[data-clora=notice]").all_inner_texts()
+            assert notices == done["recovery"]["notices"] and any("epoch 2 of 4" in n for n in notices), notices
+            page.wait_for_selector("[data-clora=state-size]", state="detached", timeout=10000)
+            page.screenshot(path=str(artifacts_dir() / "resume-done.png"), full_page=True)
+    finally:
+        daemon.stop()
