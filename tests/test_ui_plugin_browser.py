@@ -1529,3 +1529,56 @@ def test_an_interrupted_job_resumes_from_the_tab_and_ends_like_an_uninterrupted_
             page.screenshot(path=str(artifacts_dir() / "resume-done.png"), full_page=True)
     finally:
         daemon.stop()
+
+
+def test_an_out_of_memory_retry_is_shown_while_it_runs_then_done(page: Any, tmp_path: Path) -> None:
+    """A daemon on an RTX 4090 (the torch double) whose trainer runs out of memory above batch 4: the tab shows the
+    retry's sentence while the retry trains, the settings line the retried run's params, then Done."""
+    ed_root, cfg, ed_port, port = _ed_with_own_daemon(tmp_path, "oom")
+    (tmp_path / "fake-torch").mkdir()
+    (tmp_path / "fake-torch" / "torch.py").write_text(FAKE_TORCH)
+    path = os.pathsep.join(p for p in (str(tmp_path / "fake-torch"), os.environ.get("PYTHONPATH")) if p)
+    daemon = DaemonProcess(cfg, f"http://127.0.0.1:{port}", tmp_path / "oom.log",
+                           extra_env={"PYTHONPATH": path, "KOHYA_DOUBLE_OOM_ABOVE_BATCH": "4"})
+    token = yaml.safe_load(cfg.read_text())["token"]
+    own = Env(ed_root, cfg, token, daemon, "", FakeEd(ed_root, listen_port=ed_port), ed_root / "models" / "lora")
+    daemon.start()
+    try:
+        with ServerThread(own.fake.app(), ed_port) as server:
+            open_tab(page, server.url)
+            page.wait_for_selector("[data-clora=root][data-ready=true]", timeout=30000)
+            fit = fit_json(own, base_model="tiny-sd15", preset="balanced", memory_tier="auto", images=8)
+            assert (fit["tier"], fit["params"]["batch_size"]) == ("24gb", 8)
+            wait_fit_line(page, fit["reason"])
+            # the tier's own batch (8): 80 views an epoch are 10 steps at batch 8, 20 at batch 4
+            start_short_job(page, "Oom Hero", "00mh3ro", {"epochs": "1", "repeats": "10", "resolution": "256",
+                                                          "sample_every_n_epochs": "0"}, start=120)
+            message = "Ran out of GPU memory at batch 8; retrying with batch 4 (retry 1 of 2)."
+            page.wait_for_selector("[data-clora=oom-retry]", timeout=60000)
+            assert page.inner_text("[data-clora=oom-retry]").strip() == message
+            assert page.inner_text("[data-clora=job-state]") == "Training"
+            # the retried run's params (fetched after the notice), not the ones /train stored first
+            page.wait_for_function(
+                "document.querySelector('[data-clora=job-settings]').textContent"
+                ".startsWith('SD 1.x · 256 px · memory tier 16 GB · batch 4')", timeout=15000)
+            page.screenshot(path=str(artifacts_dir() / "oom-retry-running.png"), full_page=True)
+
+            wait_state(page, "Done", timeout=90000)
+            page.wait_for_selector("[data-clora=use-it]:not([disabled])", timeout=30000)
+            job = daemon_json(own, "GET", f"/jobs/{page.evaluate('window.CharacterLoRA.selectedJob().id')}/status")
+            assert job["recovery"]["notices"] == [message]
+            assert (job["params"]["batch_size"], job["progress"]["step"], job["progress"]["total"]) == (4, 20, 20)
+            assert page.inner_text("[data-clora=stat-step]") == "20 / 20"
+            # the retry is over: listed with the job's recovery sentences, no longer standing out
+            assert page.locator("[data-clora=oom-retry]").count() == 0
+            assert page.locator("[data-clora=notice]").all_inner_texts() == [message]
+
+            # after a reload the job JSON brings it back
+            open_tab(page, server.url)
+            page.locator(f"[data-job-id='{job['id']}']").click()
+            page.wait_for_function("(m) => Array.from(document.querySelectorAll('[data-clora=notice]'))"
+                                   ".map((n) => n.textContent).join('|') === m", arg=message, timeout=30000)
+            assert page.inner_text("[data-clora=job-settings]").startswith("SD 1.x · 256 px · memory tier 16 GB · "
+                                                                           "batch 4")
+    finally:
+        daemon.stop()
