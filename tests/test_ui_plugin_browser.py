@@ -1425,17 +1425,17 @@ def test_recovery_views_from_the_job_json_and_notice_frames(env: Env, page: Any)
     assert page.locator("[data-clora=oom-retry]").count() == 0
     assert page.locator("[data-clora=notice]").all_inner_texts() == [sentence]
 
-    # a resumed run: kohya's bar restarts at 0 but the daemon adds the steps done before, so the count goes on from
-    # 8 / 12; the time left counts the 4 steps really left, not tqdm's 12 - n
+    # a resumed run: the daemon counts on from the saved epoch (step = offset + kohya's bar), so the bar and the list
+    # start at 8 / 12, not at 0
     resumed = fed_job("fedresumed", "training",
-                      progress={"step": 8, "total": 12, "epoch": 3, "epochs": 3, "rate": 2.0, "eta_s": 10.0},
+                      progress={"step": 8, "total": 12, "epoch": 3, "epochs": 3, "rate": 2.0, "eta_s": 2.0},
                       recovery=recovery_json(resumes=1, step_offset=8, notices=["Resumed from the state saved after "
                                                                                 "epoch 2 of 3."]))
     feed(page, {"type": "job_created", "job_id": resumed["id"], "data": resumed})
     page.evaluate("async (id) => (await import('/character-lora/ui/store.js')).selectJob(id)", resumed["id"])
     assert page.inner_text("[data-clora=stat-step]") == "8 / 12"
     assert page.get_attribute("[data-clora=progress]", "aria-valuenow") == "67"
-    assert page.inner_text("[data-clora=stat-eta]") == "2s"
+    assert page.locator(f"[data-job-id={resumed['id']}] td").nth(2).inner_text() == "66%"  # the list's Result
     assert page.locator("[data-clora=notice]").all_inner_texts() == ["Resumed from the state saved after epoch 2 of 3."]
     feed(page, {"type": "progress", "job_id": resumed["id"], "data": {"step": 10, "rate": 2.0, "eta_s": 1.0}})
     assert page.inner_text("[data-clora=stat-step]") == "10 / 12"

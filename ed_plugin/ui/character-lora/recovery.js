@@ -84,12 +84,3 @@ export function listedNotices(job) {
     return i < 0 ? notices : notices.slice(0, i).concat(notices.slice(i + 1))
 }
 
-/** Seconds left. kohya's bar restarts at 0 after --resume yet keeps the full total, so its own ETA counts the
- * steps done before the crash again; with an offset the time left is reckoned from the steps really left. */
-export function remainingSeconds(job) {
-    const pr = (job && job.progress) || {}
-    if (recoveryOf(job).step_offset && pr.rate > 0 && pr.total > 0) {
-        return Math.max(0, (pr.total - (pr.step || 0)) / pr.rate)
-    }
-    return pr.eta_s
-}

@@ -7,7 +7,7 @@ import { ui } from "./ui.js"
 import { finishing, useLora } from "../use-lora.js"
 import { pruneSamples, updateSamples, closeViewer } from "./gallery.js"
 import { jobSettingsText } from "../job-info.js"
-import { activeRetry, canResume, listedNotices, remainingSeconds, resumePlan, stateSizeText } from "../recovery.js"
+import { activeRetry, canResume, listedNotices, resumePlan, stateSizeText } from "../recovery.js"
 
 export let samplesJobId = null
 export let renderedJobKey = null
@@ -201,7 +201,8 @@ export function updateJobPanel(job) {
     p.rate.dataset.phase = previewing ? "preview" : starting ? pr.phase : "training"
     p.rate.title = previewing ? "kohya is drawing the preview pictures; training goes on after them"
         : starting ? "kohya gets ready before its first training step" : ""
-    p.eta.textContent = isFinished(job) ? "–" : fmtDuration(remainingSeconds(job))
+    // a resumed run's step and time left count from where it continues: the daemon adds the offset
+    p.eta.textContent = isFinished(job) ? "–" : fmtDuration(pr.eta_s)
     updateRecovery(job, p)
     updateSamples(job, p)
     const lines = job.logs || []
