@@ -289,3 +289,50 @@ async def test_a_job_that_keeps_taking_the_daemon_down_is_not_resumed_forever(si
     assert note in job["logs"]
     status, _ = await call(site, "POST", f"/jobs/{job_id}/resume")  # by hand it still can
     assert status == 202
+
+
+async def test_a_job_found_published_after_a_crash_is_done_and_its_states_are_gone(site: Site) -> None:
+    daemon = await site.start({**FAST, "KOHYA_DOUBLE_LORA_MB": "40"})  # a big LoRA: the kill lands while it copies
+    job_id = await site.submit(train_form(8, name="Just Made It", params=json.dumps(
+        {"epochs": 2, "repeats": 1, "save_every_n_epochs": 1, "sample_every_n_epochs": 0})))
+    final = site.config.ed_lora_dir / "Just_Made_It.safetensors"
+    end = time.monotonic() + 30
+    while not final.exists():
+        assert time.monotonic() < end, (await site.job(job_id))["state"]
+        await asyncio.sleep(0.001)
+    site.sigkill(daemon)
+    await site.start(FAST)
+    job = await site.job(job_id)
+    assert job["state"] == "done" and job["artifact"] == str(final)
+    assert job["recovery"]["state_bytes"] == 0 and job["recovery"]["state_epoch"] is None
+    assert not list((site.config.data_dir / "jobs" / job_id / "output").glob("*-state"))
+
+
+async def test_a_resumed_bar_counts_on_from_the_saved_epoch(tmp_path: Path) -> None:
+    """kohya's bar restarts at 0 of the full total after --resume (FACTS §4.2): shown = offset + n, and the time
+    left is for the steps really left."""
+    from daemon.hub import EventHub
+    from daemon.jobs.models import Job, Progress
+    from daemon.jobs.store import JobStore
+    from daemon.pipeline.progress import StepProgress, TotalSteps
+    from daemon.pipeline.runner import JobReporter, JobRunner
+
+    store = JobStore(tmp_path / "jobs.db")
+    job = Job(id="j1", name="Hero", trigger="ohwx", class_token="person", base_model="m", params={}, image_count=8)
+    store.insert(job)
+    reporter = JobReporter(job, store, EventHub(store))
+    reporter.resumed_epochs = 1
+    progress = Progress(epochs=3)
+    await JobRunner._apply([TotalSteps(12)], progress, reporter)
+    assert job.recovery.step_offset == 4 and progress.step == 0
+    await JobRunner._apply([StepProgress(step=2, total=12, rate=0.5, elapsed_s=4.0, eta_s=20.0, loss=0.1)],
+                           progress, reporter)
+    assert (progress.step, progress.total) == (6, 12)
+    assert progress.eta_s == 12.0  # 6 steps left at 0.5/s, not kohya's 20 s for 10
+    reporter.resumed_epochs = None  # a first run: no offset, kohya's numbers as they are
+    job.recovery.step_offset = 0
+    await JobRunner._apply([StepProgress(step=2, total=12, rate=0.5, elapsed_s=4.0, eta_s=20.0, loss=0.1)],
+                           progress, reporter)
+    assert (progress.step, progress.eta_s) == (2, 20.0)
+    await reporter.stop_timers()
+    store.close()

@@ -80,6 +80,9 @@ def recover_job(config: Config, store: JobStore, job_id: str, taken: set[Path]) 
         with contextlib.suppress(ValueError):
             job.lora_id = publish.lora_id(published, config.ed_lora_dir)
         taken.add(published)
+        # done: nothing will resume from its saved training states
+        train_state.remove_states(job_paths(config, job_id).output, stem)
+        job.recovery.state_epoch, job.recovery.state_bytes, job.recovery.resume_next = None, 0, False
         log.warning("job %s was %s when the daemon stopped; its LoRA %s is complete: done", job_id, was, published)
         notes.append(f"The daemon stopped while this job was {was}; the LoRA had been published: {published}")
     else:
