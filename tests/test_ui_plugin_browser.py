@@ -1424,6 +1424,13 @@ def test_recovery_views_from_the_job_json_and_notice_frames(env: Env, page: Any)
                 "data": {"state": "done", "artifact": None, "lora_id": None, "error": None}})
     assert page.locator("[data-clora=oom-retry]").count() == 0
     assert page.locator("[data-clora=notice]").all_inner_texts() == [sentence]
+    # a job that was retried, then interrupted and resumed: the run now going is the resume, not the retry
+    later = fed_job("fedoomresumed", "training", recovery={**retried, "notices": [sentence, "Resumed from the state "
+                                                                                 "saved after epoch 2 of 10."]})
+    feed(page, {"type": "job_created", "job_id": later["id"], "data": later})
+    page.evaluate("async (id) => (await import('/character-lora/ui/store.js')).selectJob(id)", later["id"])
+    assert page.locator("[data-clora=oom-retry]").count() == 0
+    assert page.locator("[data-clora=notice]").all_inner_texts() == later["recovery"]["notices"]
 
     # a resumed run: the daemon counts on from the saved epoch (step = offset + kohya's bar), so the bar and the list
     # start at 8 / 12, not at 0

@@ -2,18 +2,14 @@
 // disk. Pure functions of the job JSON (job.recovery, job.resumable), so the panel and the tests read the same words.
 import { ACTIVE } from "./constants.js"
 
-/** The job's recovery record, with the defaults of an older daemon that has none. */
+/** The parts of the job's recovery record the tab shows, with the defaults of an older daemon that has none. */
 export function recoveryOf(job) {
     const r = (job && job.recovery) || {}
     return {
-        resumes: r.resumes || 0,
-        auto_resumes: r.auto_resumes || 0,
         retries: Array.isArray(r.retries) ? r.retries : [],
         notices: Array.isArray(r.notices) ? r.notices.filter((n) => typeof n === "string" && n) : [],
         state_epoch: typeof r.state_epoch === "number" ? r.state_epoch : null,
         state_bytes: r.state_bytes > 0 ? r.state_bytes : 0,
-        resume_next: !!r.resume_next,
-        step_offset: r.step_offset > 0 ? r.step_offset : 0,
     }
 }
 
@@ -59,20 +55,14 @@ export function stateSizeText(job) {
     return r.state_bytes ? "saved state: " + fmtBytes(r.state_bytes) : ""
 }
 
-/** The out-of-memory retry the job runs now (the newest one while the job is still going), else null. */
+/** The out-of-memory retry the job runs now, else null: the newest retry while the job is still going and nothing
+ * happened since (a later resume after a crash is another run). */
 export function activeRetry(job) {
     if (!job || !ACTIVE.includes(job.state)) return null
-    const r = recoveryOf(job)
-    const last = r.retries[r.retries.length - 1]
-    if (!last) return null
-    return { ...last, message: last.message || retrySentence(last) }
-}
-
-/** The daemon's sentence is the one shown; this is for a retry entry that lacks it. */
-function retrySentence(retry) {
-    const from = retry.from_batch ? " at batch " + retry.from_batch : ""
-    const to = retry.to_batch ? " with batch " + retry.to_batch : " with less memory"
-    return "Ran out of GPU memory" + from + "; retrying" + to + "."
+    const { retries, notices } = recoveryOf(job)
+    const last = retries[retries.length - 1]
+    if (!last || typeof last.message !== "string" || !last.message) return null
+    return !notices.length || notices[notices.length - 1] === last.message ? last : null
 }
 
 /** The recovery sentences to list under the job, oldest first, less the one shown on its own (activeRetry). */
