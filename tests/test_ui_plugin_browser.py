@@ -1480,12 +1480,14 @@ def start_short_job(page: Any, name: str, trigger: str, params: dict[str, str], 
 
 
 def test_an_interrupted_job_resumes_from_the_tab_and_ends_like_an_uninterrupted_run(page: Any, tmp_path: Path) -> None:
-    """The daemon stops after epoch 2's state was saved (auto_resume off); the tab offers Resume, which continues
-    from epoch 3, counts its steps on from there, and ends Done; the saved state is then gone."""
+    """The tab shows the saved state's size while the job trains; the daemon stops then (auto_resume off); the tab
+    offers Resume, which continues after the saved epoch, counts its steps on from there, and ends Done; the saved
+    state is then gone."""
     ed_root, cfg, ed_port, port = _ed_with_own_daemon(tmp_path, "resume")
     update_config_file(cfg, {"auto_resume": False})
     url = f"http://127.0.0.1:{port}"
-    daemon = DaemonProcess(cfg, url, tmp_path / "resume.log")
+    # slower steps: the state's size (stored as kohya writes it, fetched every few seconds) shows while it trains
+    daemon = DaemonProcess(cfg, url, tmp_path / "resume.log", extra_env={"KOHYA_DOUBLE_STEP_SECONDS": "0.2"})
     token = yaml.safe_load(cfg.read_text())["token"]
     own = Env(ed_root, cfg, token, daemon, "", FakeEd(ed_root, listen_port=ed_port), ed_root / "models" / "lora")
     daemon.start()
@@ -1493,45 +1495,49 @@ def test_an_interrupted_job_resumes_from_the_tab_and_ends_like_an_uninterrupted_
         with ServerThread(own.fake.app(), ed_port) as server:
             open_tab(page, server.url)
             page.wait_for_selector("[data-clora=root][data-ready=true]", timeout=30000)
-            # 8 pictures x 2 repeats at batch 1: 16 steps an epoch, 64 in all; the balanced preset saves (LoRA and
+            # 8 pictures x 2 repeats at batch 1: 16 steps an epoch, 96 in all; the balanced preset saves (LoRA and
             # state) every 2 epochs
-            start_short_job(page, "Resume Hero", "r3sume", {"epochs": "4", "repeats": "2", "batch_size": "1",
+            start_short_job(page, "Resume Hero", "r3sume", {"epochs": "6", "repeats": "2", "batch_size": "1",
                                                             "resolution": "256", "sample_every_n_epochs": "0"},
                             start=100)
-            page.wait_for_function("document.querySelector('[data-clora=stat-epoch]')?.textContent === '3 / 4'",
-                                   timeout=60000)
+            page.wait_for_function("document.querySelector('[data-clora=job-state]')?.textContent === 'Training'"
+                                   " && /^saved state: \\d/.test(document.querySelector('[data-clora=state-size]')"
+                                   "?.textContent || '')", timeout=60000)
+            page.screenshot(path=str(artifacts_dir() / "resume-state-size.png"), full_page=True)
             job_id = page.evaluate("window.CharacterLoRA.selectedJob().id")
             daemon.stop()  # the running trainer is killed and the job recorded as interrupted
             daemon.start()
             stored = daemon_json(own, "GET", f"/jobs/{job_id}/status")
             assert stored["state"] == "interrupted" and stored["resumable"] is True
-            assert stored["recovery"]["state_epoch"] == 2 and stored["recovery"]["state_bytes"] > 0
+            saved = stored["recovery"]["state_epoch"]
+            assert saved in (2, 4) and 10_000 <= stored["recovery"]["state_bytes"] < 999_500  # the double's: KB
 
             # the tab reconnects by itself and offers Resume, saying where it continues and what is kept on disk
             page.wait_for_selector("[data-clora=conn][data-status=live]", timeout=45000)
             page.wait_for_selector("[data-clora=resume]", timeout=30000)
             assert page.inner_text("[data-clora=job-state]") == "Interrupted"
             assert page.inner_text("[data-clora=resume-plan]") == \
-                "Resume continues from epoch 3 of 4 (the state saved after epoch 2)."
-            assert page.inner_text("[data-clora=state-size]").startswith("saved state: ")
+                f"Resume continues from epoch {saved + 1} of 6 (the state saved after epoch {saved})."
+            page.wait_for_function("(t) => document.querySelector('[data-clora=state-size]')?.textContent === t",
+                                   arg=f"saved state: {stored['recovery']['state_bytes'] / 1000:.0f} KB")
             page.screenshot(path=str(artifacts_dir() / "resume-offered.png"), full_page=True)
             page.evaluate(SEEN_STEPS)
             page.click("[data-clora=resume]")
             wait_state(page, "Done", timeout=90000)
             seen = page.evaluate("window.__seenSteps")
             trained = [int(s.split(":")[1].split(" / ")[0]) for s in seen
-                       if s.startswith("Training:") and re.search(r":\d+ / 64$", s)]
-            # the count went on from the 32 steps of epochs 1-2, never back to the bar's own 0, and reached the total
-            assert trained and min(trained) >= 32 and max(trained) == 64, seen
-            assert page.inner_text("[data-clora=stat-step]") == "64 / 64"
+                       if s.startswith("Training:") and re.search(r":\d+ / 96$", s)]
+            # the count went on from the steps of the saved epochs, never back to the bar's own 0, to the total
+            assert trained and min(trained) >= 16 * saved and max(trained) == 96, seen
+            assert page.inner_text("[data-clora=stat-step]") == "96 / 96"
             page.wait_for_selector("[data-clora=use-it]:not([disabled])", timeout=30000)
             done = daemon_json(own, "GET", f"/jobs/{job_id}/status")
-            assert done["id"] == job_id and done["progress"]["step"] == done["progress"]["total"] == 64
+            assert done["id"] == job_id and done["progress"]["step"] == done["progress"]["total"] == 96
             assert done["recovery"]["resumes"] == 1 and done["recovery"]["state_bytes"] == 0
             assert (own.lora_dir / f"{done['lora_id']}.safetensors").is_file()
             # the notice of the resume stays with the job, and the saved state's size is gone with the state
             notices = page.locator("[data-clora=notice]").all_inner_texts()
-            assert notices == done["recovery"]["notices"] and any("epoch 2 of 4" in n for n in notices), notices
+            assert notices == done["recovery"]["notices"] and any(f"epoch {saved} of 6" in n for n in notices)
             page.wait_for_selector("[data-clora=state-size]", state="detached", timeout=10000)
             page.screenshot(path=str(artifacts_dir() / "resume-done.png"), full_page=True)
     finally:
