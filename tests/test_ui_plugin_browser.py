@@ -1327,3 +1327,271 @@ def test_a_gpu_daemon_picks_the_tier_by_memory_and_advanced_overrides_it(gpu_env
     # the tier's reason, and the lever the user changed by hand
     assert page.get_attribute("[data-clora=job-settings]", "title") == used["fit_reason"]
     assert used["fit_reason"] == small["reason"] + "; set by hand: batch_size 4"
+
+
+# ---- recovery (issue 9): Resume, out-of-memory retries, saved state on disk
+
+
+def recovery_json(**fields: Any) -> dict[str, Any]:
+    """A job's `recovery` record as the daemon writes it (daemon/jobs/models.py Recovery.to_json)."""
+    from daemon.jobs.models import Recovery
+
+    return Recovery(**fields).to_json()
+
+
+def fed_job(job_id: str, state: str, **fields: Any) -> dict[str, Any]:
+    """A job JSON of the daemon's shape (Job.to_json), for view checks of states a short test cannot reach."""
+    from daemon.jobs.models import Job, JobState
+
+    job = Job(id=job_id, name="Fed Hero", trigger="f3d", class_token="woman", base_model="/m/tiny-sd15.safetensors",
+              params={"arch": "sd1", "resolution": 512, "memory_tier": "24gb", "batch_size": 8, "epochs": 10,
+                      "mixed_precision": "bf16"},
+              image_count=8, state=JobState(state), created_at=time.time(), updated_at=time.time())
+    return {**job.to_json(), **fields}
+
+
+FEED = """async (frames) => {
+    const { handleFrame } = await import("/character-lora/ui/events.js")
+    const { renderAll } = await import("/character-lora/ui/store.js")
+    for (const f of frames) handleFrame(f)
+    renderAll()
+}"""
+
+
+def feed(page: Any, *frames: dict[str, Any]) -> None:
+    page.evaluate(FEED, list(frames))
+
+
+def test_recovery_views_from_the_job_json_and_notice_frames(env: Env, page: Any) -> None:
+    """What the panel shows for each recovery record, fed as the daemon's frames (states a run here cannot reach:
+    a 10-epoch job interrupted after epoch 2, a GPU out-of-memory retry); Resume asks the real daemon."""
+    open_tab(page, env.ed_url)
+    page.wait_for_selector("[data-clora=conn][data-status=live]", timeout=30000)
+
+    # interrupted after epoch 2 of 10 with 84 MB of saved state: Resume says where it continues, and the size shows
+    gone = fed_job("fedinterrupted", "interrupted",
+                   recovery=recovery_json(state_epoch=2, state_bytes=84_000_000, step_offset=0),
+                   error={"kind": "interrupted", "message": "The daemon stopped while this job was running.",
+                          "hint": "Start the job again with the same pictures."})
+    assert gone["resumable"] is True
+    feed(page, {"type": "job_created", "job_id": gone["id"], "data": gone})
+    page.evaluate("async (id) => (await import('/character-lora/ui/store.js')).selectJob(id)", gone["id"])
+    assert page.inner_text("[data-clora=job-state]") == "Interrupted"
+    assert page.is_visible("[data-clora=resume]")
+    assert page.inner_text("[data-clora=resume-plan]") == \
+        "Resume continues from epoch 3 of 10 (the state saved after epoch 2)."
+    assert page.inner_text("[data-clora=state-size]") == "saved state: 84 MB"
+    assert "Fix:" not in page.inner_text("[data-clora=result]")  # the hint to start again is what Resume does
+    page.screenshot(path=str(artifacts_dir() / "recovery-interrupted.png"), full_page=True)
+    # the daemon does not know this job: its 4xx sentence shows under the job, and the button is usable again
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        daemon_json(env, "POST", f"/jobs/{gone['id']}/resume")
+    assert 400 <= refused.value.code < 500
+    sentence = json.loads(refused.value.read())["error"]
+    page.click("[data-clora=resume]")
+    page.wait_for_function("document.querySelector('[data-clora=resume-error]').textContent !== ''")
+    assert page.inner_text("[data-clora=resume-error]").startswith("Could not resume: " + sentence)
+    assert page.is_enabled("[data-clora=resume]") and page.inner_text("[data-clora=resume]").strip() == "Resume"
+
+    # nothing saved yet: Resume trains again from the first step
+    fresh = fed_job("fedfresh", "interrupted", recovery=recovery_json())
+    feed(page, {"type": "job_created", "job_id": fresh["id"], "data": fresh})
+    page.evaluate("async (id) => (await import('/character-lora/ui/store.js')).selectJob(id)", fresh["id"])
+    assert page.inner_text("[data-clora=resume-plan]") == \
+        "Resume starts again from the first step with the same pictures."
+    assert page.is_hidden("[data-clora=recovery]")  # no state on disk, no notices: nothing to say
+
+    # a GPU job runs out of memory at batch 8: the notice frame's sentence stands out while the retry runs, and the
+    # settings line follows the params of the retried run
+    running = fed_job("fedoom", "training", progress={"step": 3, "total": 40, "epoch": 1, "epochs": 10, "rate": 2.0,
+                                                    "eta_s": 18.5, "loss": 0.1})
+    feed(page, {"type": "job_created", "job_id": running["id"], "data": running})
+    page.evaluate("async (id) => (await import('/character-lora/ui/store.js')).selectJob(id)", running["id"])
+    assert page.inner_text("[data-clora=job-settings]").endswith("batch 8, bf16")
+    sentence = ("Ran out of GPU memory at batch 8; retrying with batch 4 and gradient checkpointing "
+                "(retry 1 of 2).")
+    retried = recovery_json(retries=[{"attempt": 1, "from_tier": "24gb", "to_tier": "16gb", "from_batch": 8,
+                                      "to_batch": 4, "at_step": 3, "message": sentence}], notices=[sentence])
+    feed(page, {"type": "notice", "job_id": running["id"],
+                "data": {"kind": "oom_retry", "message": sentence, "recovery": retried,
+                         "params": {**running["params"], "batch_size": 4, "gradient_checkpointing": True}}})
+    assert page.inner_text("[data-clora=oom-retry]").strip() == sentence
+    assert page.locator("[data-clora=notice]").count() == 0  # said once, prominently
+    assert page.inner_text("[data-clora=job-settings]").endswith("batch 4, bf16, gradient checkpointing")
+    page.screenshot(path=str(artifacts_dir() / "recovery-oom-retry.png"), full_page=True)
+    # done: the retry is history, listed with the other recovery sentences
+    feed(page, {"type": "result", "job_id": running["id"],
+                "data": {"state": "done", "artifact": None, "lora_id": None, "error": None}})
+    assert page.locator("[data-clora=oom-retry]").count() == 0
+    assert page.locator("[data-clora=notice]").all_inner_texts() == [sentence]
+    # a job that was retried, then interrupted and resumed: the run now going is the resume, not the retry
+    later = fed_job("fedoomresumed", "training", recovery={**retried, "notices": [sentence, "Resumed from the state "
+                                                                                 "saved after epoch 2 of 10."]})
+    feed(page, {"type": "job_created", "job_id": later["id"], "data": later})
+    page.evaluate("async (id) => (await import('/character-lora/ui/store.js')).selectJob(id)", later["id"])
+    assert page.locator("[data-clora=oom-retry]").count() == 0
+    assert page.locator("[data-clora=notice]").all_inner_texts() == later["recovery"]["notices"]
+
+    # a resumed run: the daemon counts on from the saved epoch (step = offset + kohya's bar), so the bar and the list
+    # start at 8 / 12, not at 0
+    resumed = fed_job("fedresumed", "training",
+                      progress={"step": 8, "total": 12, "epoch": 3, "epochs": 3, "rate": 2.0, "eta_s": 2.0},
+                      recovery=recovery_json(resumes=1, step_offset=8, notices=["Resumed from the state saved after "
+                                                                                "epoch 2 of 3."]))
+    feed(page, {"type": "job_created", "job_id": resumed["id"], "data": resumed})
+    page.evaluate("async (id) => (await import('/character-lora/ui/store.js')).selectJob(id)", resumed["id"])
+    assert page.inner_text("[data-clora=stat-step]") == "8 / 12"
+    assert page.get_attribute("[data-clora=progress]", "aria-valuenow") == "67"
+    assert page.locator(f"[data-job-id={resumed['id']}] td").nth(2).inner_text() == "66%"  # the list's Result
+    assert page.locator("[data-clora=notice]").all_inner_texts() == ["Resumed from the state saved after epoch 2 of 3."]
+    feed(page, {"type": "progress", "job_id": resumed["id"], "data": {"step": 10, "rate": 2.0, "eta_s": 1.0}})
+    assert page.inner_text("[data-clora=stat-step]") == "10 / 12"
+    assert page.inner_text("[data-clora=stat-eta]") == "1s"
+
+    # these jobs are not the daemon's: a reload of the list (as after a reconnect) drops them again
+    page.evaluate("async () => (await import('/character-lora/ui/connection.js')).refreshJobs()")
+    page.wait_for_function("!document.querySelector('[data-job-id^=fed]')", timeout=10000)
+
+
+SEEN_STEPS = """() => {
+    window.__seenSteps = []
+    const look = () => {
+        const s = document.querySelector('[data-clora=stat-step]')
+        const b = document.querySelector('[data-clora=job-state]')
+        if (s && b) {
+            const seen = b.textContent + ':' + s.textContent
+            if (window.__seenSteps[window.__seenSteps.length - 1] !== seen) window.__seenSteps.push(seen)
+        }
+        requestAnimationFrame(look)
+    }
+    look()
+}"""
+
+
+def start_short_job(page: Any, name: str, trigger: str, params: dict[str, str], start: int) -> None:
+    page.fill("#clora-name", name)
+    page.fill("#clora-trigger", trigger)
+    page.locator("[data-clora=advanced] summary").click()
+    for key, value in params.items():
+        page.fill(f"#clora-p-{key}", value)
+    drop_images(page, image_payload(8, start=start))
+    page.wait_for_function("!document.querySelector('[data-clora=start]').disabled", timeout=30000)
+    page.click("[data-clora=start]")
+
+
+def test_an_interrupted_job_resumes_from_the_tab_and_ends_like_an_uninterrupted_run(page: Any, tmp_path: Path) -> None:
+    """The tab shows the saved state's size while the job trains; the daemon stops then (auto_resume off); the tab
+    offers Resume, which continues after the saved epoch, counts its steps on from there, and ends Done; the saved
+    state is then gone."""
+    ed_root, cfg, ed_port, port = _ed_with_own_daemon(tmp_path, "resume")
+    update_config_file(cfg, {"auto_resume": False})
+    url = f"http://127.0.0.1:{port}"
+    # slower steps: the state's size (stored as kohya writes it, fetched every few seconds) shows while it trains
+    daemon = DaemonProcess(cfg, url, tmp_path / "resume.log", extra_env={"KOHYA_DOUBLE_STEP_SECONDS": "0.2"})
+    token = yaml.safe_load(cfg.read_text())["token"]
+    own = Env(ed_root, cfg, token, daemon, "", FakeEd(ed_root, listen_port=ed_port), ed_root / "models" / "lora")
+    daemon.start()
+    try:
+        with ServerThread(own.fake.app(), ed_port) as server:
+            open_tab(page, server.url)
+            page.wait_for_selector("[data-clora=root][data-ready=true]", timeout=30000)
+            # 8 pictures x 2 repeats at batch 1: 16 steps an epoch, 96 in all; the balanced preset saves (LoRA and
+            # state) every 2 epochs
+            start_short_job(page, "Resume Hero", "r3sume", {"epochs": "6", "repeats": "2", "batch_size": "1",
+                                                            "resolution": "256", "sample_every_n_epochs": "0"},
+                            start=100)
+            page.wait_for_function("document.querySelector('[data-clora=job-state]')?.textContent === 'Training'"
+                                   " && /^saved state: \\d/.test(document.querySelector('[data-clora=state-size]')"
+                                   "?.textContent || '')", timeout=60000)
+            page.screenshot(path=str(artifacts_dir() / "resume-state-size.png"), full_page=True)
+            job_id = page.evaluate("window.CharacterLoRA.selectedJob().id")
+            daemon.stop()  # the running trainer is killed and the job recorded as interrupted
+            daemon.start()
+            stored = daemon_json(own, "GET", f"/jobs/{job_id}/status")
+            assert stored["state"] == "interrupted" and stored["resumable"] is True
+            saved = stored["recovery"]["state_epoch"]
+            assert saved in (2, 4) and 10_000 <= stored["recovery"]["state_bytes"] < 999_500  # the double's: KB
+
+            # the tab reconnects by itself and offers Resume, saying where it continues and what is kept on disk
+            page.wait_for_selector("[data-clora=conn][data-status=live]", timeout=45000)
+            page.wait_for_selector("[data-clora=resume]", timeout=30000)
+            assert page.inner_text("[data-clora=job-state]") == "Interrupted"
+            assert page.inner_text("[data-clora=resume-plan]") == \
+                f"Resume continues from epoch {saved + 1} of 6 (the state saved after epoch {saved})."
+            page.wait_for_function("(t) => document.querySelector('[data-clora=state-size]')?.textContent === t",
+                                   arg=f"saved state: {stored['recovery']['state_bytes'] / 1000:.0f} KB")
+            page.screenshot(path=str(artifacts_dir() / "resume-offered.png"), full_page=True)
+            page.evaluate(SEEN_STEPS)
+            page.click("[data-clora=resume]")
+            wait_state(page, "Done", timeout=90000)
+            seen = page.evaluate("window.__seenSteps")
+            trained = [int(s.split(":")[1].split(" / ")[0]) for s in seen
+                       if s.startswith("Training:") and re.search(r":\d+ / 96$", s)]
+            # the count went on from the steps of the saved epochs, never back to the bar's own 0, to the total
+            assert trained and min(trained) >= 16 * saved and max(trained) == 96, seen
+            assert page.inner_text("[data-clora=stat-step]") == "96 / 96"
+            page.wait_for_selector("[data-clora=use-it]:not([disabled])", timeout=30000)
+            done = daemon_json(own, "GET", f"/jobs/{job_id}/status")
+            assert done["id"] == job_id and done["progress"]["step"] == done["progress"]["total"] == 96
+            assert done["recovery"]["resumes"] == 1 and done["recovery"]["state_bytes"] == 0
+            assert (own.lora_dir / f"{done['lora_id']}.safetensors").is_file()
+            # the notice of the resume stays with the job, and the saved state's size is gone with the state
+            notices = page.locator("[data-clora=notice]").all_inner_texts()
+            assert notices == done["recovery"]["notices"] and any(f"epoch {saved} of 6" in n for n in notices)
+            page.wait_for_selector("[data-clora=state-size]", state="detached", timeout=10000)
+            page.screenshot(path=str(artifacts_dir() / "resume-done.png"), full_page=True)
+    finally:
+        daemon.stop()
+
+
+def test_an_out_of_memory_retry_is_shown_while_it_runs_then_done(page: Any, tmp_path: Path) -> None:
+    """A daemon on an RTX 4090 (the torch double) whose trainer runs out of memory above batch 4: the tab shows the
+    retry's sentence while the retry trains, the settings line the retried run's params, then Done."""
+    ed_root, cfg, ed_port, port = _ed_with_own_daemon(tmp_path, "oom")
+    (tmp_path / "fake-torch").mkdir()
+    (tmp_path / "fake-torch" / "torch.py").write_text(FAKE_TORCH)
+    path = os.pathsep.join(p for p in (str(tmp_path / "fake-torch"), os.environ.get("PYTHONPATH")) if p)
+    daemon = DaemonProcess(cfg, f"http://127.0.0.1:{port}", tmp_path / "oom.log",
+                           extra_env={"PYTHONPATH": path, "KOHYA_DOUBLE_OOM_ABOVE_BATCH": "4"})
+    token = yaml.safe_load(cfg.read_text())["token"]
+    own = Env(ed_root, cfg, token, daemon, "", FakeEd(ed_root, listen_port=ed_port), ed_root / "models" / "lora")
+    daemon.start()
+    try:
+        with ServerThread(own.fake.app(), ed_port) as server:
+            open_tab(page, server.url)
+            page.wait_for_selector("[data-clora=root][data-ready=true]", timeout=30000)
+            fit = fit_json(own, base_model="tiny-sd15", preset="balanced", memory_tier="auto", images=8)
+            assert (fit["tier"], fit["params"]["batch_size"]) == ("24gb", 8)
+            wait_fit_line(page, fit["reason"])
+            # the tier's own batch (8): 80 views an epoch are 10 steps at batch 8, 20 at batch 4
+            start_short_job(page, "Oom Hero", "00mh3ro", {"epochs": "1", "repeats": "10", "resolution": "256",
+                                                          "sample_every_n_epochs": "0"}, start=120)
+            message = "Ran out of GPU memory at batch 8; retrying with batch 4 (retry 1 of 2)."
+            page.wait_for_selector("[data-clora=oom-retry]", timeout=60000)
+            assert page.inner_text("[data-clora=oom-retry]").strip() == message
+            assert page.inner_text("[data-clora=job-state]") == "Training"
+            # the retried run's params (fetched after the notice), not the ones /train stored first
+            page.wait_for_function(
+                "document.querySelector('[data-clora=job-settings]').textContent"
+                ".startsWith('SD 1.x · 256 px · memory tier 16 GB · batch 4')", timeout=15000)
+            page.screenshot(path=str(artifacts_dir() / "oom-retry-running.png"), full_page=True)
+
+            wait_state(page, "Done", timeout=90000)
+            page.wait_for_selector("[data-clora=use-it]:not([disabled])", timeout=30000)
+            job = daemon_json(own, "GET", f"/jobs/{page.evaluate('window.CharacterLoRA.selectedJob().id')}/status")
+            assert job["recovery"]["notices"] == [message]
+            assert (job["params"]["batch_size"], job["progress"]["step"], job["progress"]["total"]) == (4, 20, 20)
+            assert page.inner_text("[data-clora=stat-step]") == "20 / 20"
+            # the retry is over: listed with the job's recovery sentences, no longer standing out
+            assert page.locator("[data-clora=oom-retry]").count() == 0
+            assert page.locator("[data-clora=notice]").all_inner_texts() == [message]
+
+            # after a reload the job JSON brings it back
+            open_tab(page, server.url)
+            page.locator(f"[data-job-id='{job['id']}']").click()
+            page.wait_for_function("(m) => Array.from(document.querySelectorAll('[data-clora=notice]'))"
+                                   ".map((n) => n.textContent).join('|') === m", arg=message, timeout=30000)
+            assert page.inner_text("[data-clora=job-settings]").startswith("SD 1.x · 256 px · memory tier 16 GB · "
+                                                                           "batch 4")
+    finally:
+        daemon.stop()

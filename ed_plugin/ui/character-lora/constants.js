@@ -12,6 +12,8 @@ export const BUCKET_STEP = 64 // kohya's bucket_reso_steps, as the daemon's data
 export const CONTROL_RE = /[\u0000-\u001f\u007f-\u009f\u200e\u200f\u2028-\u202e\u2066-\u2069\ufeff]/
 export const DEFAULT_LORA_WEIGHT = 0.8
 export const MAX_LOG_LINES = 300
+// while a job trains, how often its stored params and recovery record (saved state size) are fetched again
+export const DETAILS_EVERY_MS = 5000
 export const HANDLED_KEY = "characterLora.handledJobs"
 export const NAME_RE = /^[A-Za-z0-9 _-]{1,64}$/
 export const TRIGGER_RE = /^[^\s,]{1,32}$/

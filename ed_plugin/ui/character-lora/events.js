@@ -1,5 +1,5 @@
-// The daemon's WebSocket events applied to the state (job, progress, sample, log, snapshot frames).
-import { MAX_LOG_LINES } from "./constants.js"
+// The daemon's WebSocket events applied to the state (job, progress, sample, log, notice, snapshot frames).
+import { DETAILS_EVERY_MS, MAX_LOG_LINES } from "./constants.js"
 import { isFinished } from "./format.js"
 import { client, state, upsertJob, mergeSamples, scheduleRender } from "./store.js"
 import { connect, refreshJobs } from "./connection.js"
@@ -54,14 +54,22 @@ export function handleFrame(frame) {
         case "result": {
             const job = jobOrFetch(id)
             if (!job) break
-            for (const k of ["state", "error", "artifact", "lora_id"]) if (k in data) job[k] = data[k]
+            for (const k of ["state", "error", "artifact", "lora_id", "resumable"]) if (k in data) job[k] = data[k]
+            // the daemon's rule (Job.resumable) for a `state` frame that does not carry it
+            if ("state" in data && !("resumable" in data)) job.resumable = data.state === "interrupted"
             if (frame.ts) job.updated_at = frame.ts
-            if (frame.type === "result" || isFinished(job)) onFinished(job, true)
+            if (frame.type === "result" || isFinished(job)) {
+                onFinished(job, true)
+                refreshDetails(job.id) // a finished job's saved state is deleted: its size goes
+            }
             break
         }
         case "progress": {
             const job = jobOrFetch(id)
-            if (job) job.progress = Object.assign({}, job.progress || {}, data)
+            if (!job) break
+            job.progress = Object.assign({}, job.progress || {}, data)
+            // the daemon stores the saved state's size as kohya writes it, without a frame of its own
+            refreshDetailsEvery(id, DETAILS_EVERY_MS)
             break
         }
         case "log": {
@@ -74,6 +82,21 @@ export function handleFrame(frame) {
         case "checkpoint": {
             const job = jobOrFetch(id)
             if (job) job.checkpoints = (job.checkpoints || []).concat([data.file])
+            break
+        }
+        case "notice": {
+            // a recovery action (resumed, auto_resumed, oom_retry): the record it carries replaces ours
+            const job = jobOrFetch(id)
+            if (!job) break
+            framed.set(id, (framed.get(id) || 0) + 1)
+            if (data.recovery) job.recovery = data.recovery
+            else if (data.message) {
+                const r = Object.assign({ notices: [] }, job.recovery || {})
+                r.notices = (r.notices || []).concat([data.message])
+                job.recovery = r
+            }
+            if (data.params) job.params = data.params
+            else if (data.kind === "oom_retry") refreshDetails(id) // the retry runs with other params
             break
         }
         case "sample": {
@@ -107,6 +130,30 @@ export function jobOrFetch(id) {
             .catch(() => {})
     }
     return null
+}
+const lastDetails = new Map() // job id -> Date.now() of its last refreshDetails
+const framed = new Map() // job id -> notice frames seen, so that an older answer does not undo one
+/** refreshDetails at most once per `ms` for a job. */
+export function refreshDetailsEvery(id, ms) {
+    const now = Date.now()
+    if (now - (lastDetails.get(id) || 0) < ms) return
+    lastDetails.set(id, now)
+    refreshDetails(id)
+}
+/** Fetch a job's params and recovery record (which no frame but `notice` carries) and merge them in; the rest
+ * of the job keeps following the frames, which may be newer than this answer. */
+export function refreshDetails(id) {
+    const seen = framed.get(id) || 0
+    client
+        .request("GET", "/jobs/" + encodeURIComponent(id) + "/status")
+        .then((j) => {
+            const job = state.jobs.get(id)
+            // a notice frame that came meanwhile is newer than this answer
+            if (!job || !j || (framed.get(id) || 0) !== seen) return
+            for (const k of ["params", "recovery"]) if (k in j) job[k] = j[k]
+            scheduleRender()
+        })
+        .catch(() => {}) // the next frame or snapshot brings them
 }
 /** A full list of jobs (WebSocket snapshot or GET /jobs): the daemon's word replaces ours. */
 export function mergeSnapshot(jobs) {

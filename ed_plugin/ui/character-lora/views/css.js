@@ -77,6 +77,12 @@ background: var(--background-color3); color: var(--small-label-color, #aaa); tra
 .clora-job-title { display: flex; justify-content: space-between; align-items: center; gap: 8px; margin-bottom: 8px; }
 .clora-job-title b { font-size: 12pt; }
 .clora-job-settings { margin: -4px 0 8px 0; font-size: 9pt; color: var(--small-label-color, #999); }
+.clora-recovery { margin: -2px 0 8px 0; }
+.clora-recovery[hidden] { display: none; }
+.clora-retry { padding: 6px 8px; margin-bottom: 4px; border-radius: 5px; border-left: 3px solid var(--status-orange, orange); background: var(--background-color3); }
+.clora-retry i { color: var(--status-orange, orange); }
+.clora-notices { margin: 0 0 2px 0; padding-left: 18px; font-size: 9pt; color: var(--small-label-color, #999); }
+.clora-recovery .clora-small { font-size: 9pt; color: var(--small-label-color, #999); }
 .clora-bar { height: 14px; border-radius: 7px; background: var(--background-color4); overflow: hidden; }
 .clora-bar > div { height: 100%; width: 0; background: var(--accent-color); transition: width 0.4s; }
 .clora-bar[data-state="done"] > div { background: #2e7d32; }

@@ -1,4 +1,4 @@
-// The job panel: state, progress tiles, log, actions (Cancel, Use it) for the job in view.
+// The job panel: state, progress tiles, log, actions (Cancel, Resume, Use it) for the job in view.
 import { DEFAULT_LORA_WEIGHT, STATE_LABELS } from "../constants.js"
 import { el, icon, toast } from "../dom.js"
 import { fmtDuration, fmtRate, isFinished } from "../format.js"
@@ -7,6 +7,7 @@ import { ui } from "./ui.js"
 import { finishing, useLora } from "../use-lora.js"
 import { pruneSamples, updateSamples, closeViewer } from "./gallery.js"
 import { jobSettingsText } from "../job-info.js"
+import { activeRetry, canResume, listedNotices, resumePlan, stateSizeText } from "../recovery.js"
 
 export let samplesJobId = null
 export let renderedJobKey = null
@@ -47,6 +48,8 @@ export function buildJobPanel(job) {
     p.sampleNodes = new Map() // sample url -> {btn, img}
     p.samplesKey = null
     p.settings = el("div", { className: "clora-small clora-job-settings", attrs: { "data-clora": "job-settings" } })
+    p.recovery = el("div", { className: "clora-recovery", attrs: { "data-clora": "recovery", hidden: true } })
+    p.recoveryKey = null
     p.log = el("pre", { className: "clora-log", attrs: { "data-clora": "log", "aria-live": "off" } })
     p.actions = el("div", { className: "clora-actions" })
     if (!isFinished(job)) {
@@ -79,6 +82,11 @@ export function buildJobPanel(job) {
         p.actions.appendChild(cancel)
     }
     let result = null
+    const resumable = canResume(job)
+    if (resumable) {
+        p.resumeError = el("div", { className: "clora-err", attrs: { "data-clora": "resume-error", role: "alert" } })
+        p.actions.appendChild(resumeButton(job, p))
+    }
     if (job.state === "done") {
         const use = el("button", { className: "primaryButton", attrs: { type: "button", "data-clora": "use-it" }, on: { click: () => useLora(job) } }, icon("fa-wand-magic-sparkles"), " Use it")
         use.disabled = !job.lora_id || finishing.has(job.id)
@@ -95,7 +103,10 @@ export function buildJobPanel(job) {
             "div",
             { className: "clora-result clora-error", attrs: { "data-clora": "result" } },
             el("div", { text: err.message || (job.state === "cancelled" ? "Training was cancelled." : job.state === "interrupted" ? "Training was interrupted (the daemon stopped)." : "Training failed.") }),
-            err.hint ? el("div", { className: "clora-fix clora-small", text: "Fix: " + err.hint }) : null
+            // an interrupted job's hint ("start it again") is what Resume does: say what Resume will do instead
+            resumable ? el("div", { className: "clora-small", attrs: { "data-clora": "resume-plan" }, text: resumePlan(job) })
+                : err.hint ? el("div", { className: "clora-fix clora-small", text: "Fix: " + err.hint }) : null,
+            resumable ? p.resumeError : null
         )
     }
     ui.jobParts = p
@@ -103,6 +114,7 @@ export function buildJobPanel(job) {
         el("h4", {}, icon("fa-chart-line"), "Training"),
         el("div", { className: "clora-job-title" }, el("div", {}, el("b", { text: job.name }), " ", el("span", { className: "clora-small", text: "trigger “" + job.trigger + "”, " + (job.image_count || "?") + " pictures" })), p.badge),
         p.settings,
+        p.recovery,
         p.bar,
         p.stats,
         p.samples,
@@ -110,6 +122,50 @@ export function buildJobPanel(job) {
         ...(result ? [result] : []),
         p.actions
     )
+}
+/** Resume: POST /jobs/{id}/resume; the job is queued again and the panel follows it as any other run. */
+function resumeButton(job, p) {
+    const btn = el("button", { className: "primaryButton", attrs: { type: "button", "data-clora": "resume", title: resumePlan(job) } }, icon("fa-play"), " Resume")
+    btn.addEventListener("click", async () => {
+        const said = p.resumeError
+        said.textContent = ""
+        btn.disabled = true
+        btn.lastChild.textContent = " Resuming…"
+        try {
+            const j = await client.request("POST", "/jobs/" + encodeURIComponent(job.id) + "/resume", null, { timeoutMs: 30000 })
+            if (j && j.id) upsertJob(j)
+        } catch (e) {
+            // the daemon's sentence (e.g. the queue is full, the job is not interrupted any more) where it was asked
+            const text = "Could not resume: " + e.message + (e.hint ? " " + e.hint : "")
+            if (said.isConnected) said.textContent = text
+            else toast(text, true) // the panel shows another job by now
+            btn.disabled = false
+            btn.lastChild.textContent = " Resume"
+        }
+        scheduleRender()
+    })
+    return btn
+}
+/** Out-of-memory retry (prominent while it runs), the other recovery sentences, and the saved state's size. */
+function updateRecovery(job, p) {
+    const retry = activeRetry(job)
+    const notices = listedNotices(job)
+    const size = stateSizeText(job)
+    const key = JSON.stringify([retry && retry.message, notices, size])
+    if (key === p.recoveryKey) return
+    p.recoveryKey = key
+    const parts = []
+    if (retry) {
+        parts.push(el("div", { className: "clora-retry", attrs: { "data-clora": "oom-retry", role: "status" } }, icon("fa-triangle-exclamation"), " ", retry.message))
+    }
+    if (notices.length) {
+        parts.push(el("ul", { className: "clora-notices clora-small", attrs: { "data-clora": "notices" } }, notices.map((n) => el("li", { attrs: { "data-clora": "notice" }, text: n }))))
+    }
+    if (size) {
+        parts.push(el("div", { className: "clora-small", attrs: { "data-clora": "state-size", title: "Disk used by kohya's saved training state, kept so that the job can resume; deleted when the job ends or is removed" }, text: size }))
+    }
+    p.recovery.replaceChildren(...parts)
+    p.recovery.hidden = !parts.length
 }
 // The daemon's progress.phase values before the first step (daemon/pipeline/progress.py PREP_PHASES).
 const START_PHASES = {
@@ -145,7 +201,9 @@ export function updateJobPanel(job) {
     p.rate.dataset.phase = previewing ? "preview" : starting ? pr.phase : "training"
     p.rate.title = previewing ? "kohya is drawing the preview pictures; training goes on after them"
         : starting ? "kohya gets ready before its first training step" : ""
+    // a resumed run's step and time left count from where it continues: the daemon adds the offset
     p.eta.textContent = isFinished(job) ? "–" : fmtDuration(pr.eta_s)
+    updateRecovery(job, p)
     updateSamples(job, p)
     const lines = job.logs || []
     const text = lines.join("\n")
