@@ -151,6 +151,23 @@ def test_text_encoder_lr_zero_trains_the_unet_only() -> None:
 def test_final_only_omits_the_epoch_save_interval() -> None:
     argv = build_command(dataclasses.replace(GPU, save_every_n_epochs=0), launch())
     assert "--save_every_n_epochs" not in argv
+    assert "--save_state" not in argv  # no epoch saves, no states (kohya saves them together)
+
+
+def test_each_epoch_save_also_saves_the_newest_training_state_only() -> None:
+    argv = build_command(GPU, launch())
+    i = argv.index("--save_every_n_epochs")
+    assert argv[i:i + 5] == ["--save_every_n_epochs", "2", "--save_state", "--save_last_n_epochs_state", "1"]
+    assert "--resume" not in argv and "--initial_epoch" not in argv
+
+
+def test_a_resumed_launch_names_the_state_and_the_next_epoch() -> None:
+    # --initial_epoch always: a state written by a resumed launch records a relative step (FACTS.md runs f, g)
+    argv = build_command(GPU, launch(resume_state="/jobs/j1/output/Test_Hero-000004-state", initial_epoch=5))
+    i = argv.index("--resume")
+    assert argv[i:i + 4] == ["--resume", "/jobs/j1/output/Test_Hero-000004-state", "--initial_epoch", "5"]
+    assert "--skip_until_initial_step" not in argv  # no effect for epoch states (FACTS.md §5)
+    assert argv.count("--save_state") == 1
 
 
 def test_optional_dirs_are_left_out_when_unset() -> None:

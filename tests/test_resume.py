@@ -336,3 +336,16 @@ async def test_a_resumed_bar_counts_on_from_the_saved_epoch(tmp_path: Path) -> N
     assert (progress.step, progress.eta_s) == (2, 20.0)
     await reporter.stop_timers()
     store.close()
+
+
+async def test_resume_is_refused_with_429_when_the_queue_is_full(site: Site) -> None:
+    set_config(site, auto_resume=False, max_queued_jobs=1)
+    job_id, _ = await crash_after_first_state(site)
+    await site.start(SLOW)
+    running = await site.submit(train_form(8, name="Running", params=PARAMS))
+    await site.wait_for(running, {"training"})
+    await site.submit(train_form(8, name="Waiting", params=PARAMS))  # the one place in the queue
+    status, body = await call(site, "POST", f"/jobs/{job_id}/resume")
+    assert status == 429 and "The queue is full" in body["error"], body
+    job = await site.job(job_id)
+    assert job["state"] == "interrupted" and job["recovery"]["state_bytes"] > 0  # nothing lost

@@ -91,7 +91,7 @@ class JobQueue:
         from the first step when there is none). It keeps its id, logs, previews and progress."""
         async with self._submitting:
             job = await self._get(job_id)
-            if job.state is not JobState.INTERRUPTED or self._current == job_id:
+            if job.state is not JobState.INTERRUPTED:
                 raise Conflict(f"Job {job_id} is {job.state.value}; only an interrupted job can be resumed.")
             await self.check_room()
             state = await asyncio.to_thread(self._saved_state, job)
