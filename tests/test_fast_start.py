@@ -166,6 +166,16 @@ async def test_fast_start_off_starts_nothing_early(tmp_path: Path, store: JobSto
     assert fs.argv(["a", "--cache_latents"]) == ["a", "--cache_latents"]
 
 
+async def test_accelerate_launch_is_never_prestarted_nor_hashed_for(tmp_path: Path, store: JobStore) -> None:
+    cfg = make_config(tmp_path, port=free_port(), kohya={"python": None, "accelerate_bin": "accelerate"})
+    fs = FastStart(cfg, store)
+    await fs.prepare(_noop, job_id="j1", base_model=str(cfg.base_model), arch="sd1", job_root=tmp_path,
+                     images=tmp_path / "img", cpu=True, cancel=asyncio.Event())
+    assert fs.prestarted is None
+    assert fs.warmer is not None and fs.warmer.hash_file is None  # still warmed: kohya reads it either way
+    assert fs.warmer.finished.wait(10) and fs.warmer.bytes_read == Path(str(cfg.base_model)).stat().st_size
+
+
 def _alive(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE

@@ -225,7 +225,9 @@ class FastStart:
                       job_root: Path, images: Path, cpu: bool, cancel: asyncio.Event) -> None:
         """Run `prep` with the warm-up and the prestart alongside; a prep that fails (or a cancel) kills it."""
         if "warm" in self.cuts:
-            hash_file = job_root / MODEL_HASH_FILE if {"model_hash", "prestart"} <= self.cuts else None
+            # Only a prestarted kohya can take the hash (`accelerate launch` is never prestarted).
+            wanted = {"model_hash", "prestart"} <= self.cuts and self._config.kohya.python is not None
+            hash_file = job_root / MODEL_HASH_FILE if wanted else None
             if hash_file is not None:
                 hash_file.unlink(missing_ok=True)
             self.warmer = Warmer(Path(base_model), hash_file=hash_file).start()
