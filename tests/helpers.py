@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import socket
 import sys
 from pathlib import Path
@@ -87,3 +88,37 @@ def make_config(root: Path, *, port: int, **overrides: Any) -> Config:
         else:
             raw[key] = value
     return parse_config(raw, base_dir=root)
+
+
+# Test double of torch for the daemon's GPU probe, which runs `import torch` in the kohya python (the daemon itself
+# never imports torch, and neither does the kohya double): one card as torch describes it.
+_TORCH_DOUBLE = """
+__version__ = "2.4.0+fake"
+
+
+class _Props:
+    name = {name!r}
+    total_memory = {total_memory}
+    major, minor = {major}, {minor}
+
+
+class cuda:
+    @staticmethod
+    def is_available():
+        return True
+
+    @staticmethod
+    def get_device_properties(index):
+        return _Props()
+"""
+
+
+def torch_double_path(folder: Path, *, name: str = "NVIDIA GeForce RTX 4090", total_memory: int = 25_757_220_864,
+                      major: int = 8, minor: int = 9) -> str:
+    """Write the torch double into `folder`/fake-torch and return a PYTHONPATH that finds it first. The defaults are
+    an RTX 4090: 23.99 GiB as torch reports its 24 GB, compute capability 8.9 (native bf16)."""
+    site = folder / "fake-torch"
+    site.mkdir(parents=True, exist_ok=True)
+    (site / "torch.py").write_text(_TORCH_DOUBLE.format(name=name, total_memory=total_memory, major=major,
+                                                        minor=minor), encoding="utf-8")
+    return os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)

@@ -4,7 +4,6 @@ and the GPU probe's bf16 answer."""
 from __future__ import annotations
 
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from daemon.pipeline.fit import (
     tier_for,
     tiers_json,
 )
+from tests.helpers import torch_double_path
 
 MIB = 1 / 1024
 
@@ -187,25 +187,8 @@ def test_the_sdxl_memory_model_matches_kohyas_documented_minimum() -> None:
 @pytest.mark.parametrize(("major", "bf16"), [(6, False), (7, False), (8, True), (9, True)])
 def test_the_gpu_probe_reports_native_bf16_from_the_compute_capability(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                        major: int, bf16: bool) -> None:
-    # A stand-in torch: the daemon never imports torch; the probe runs in the kohya python.
-    fake = tmp_path / "torch"
-    fake.mkdir()
-    (fake / "__init__.py").write_text(textwrap.dedent(f"""
-        __version__ = "2.5.1+fake"
-        class _Props:
-            name = "Fake GPU"
-            total_memory = 12_626_493_440
-            major = {major}
-            minor = 5
-        class cuda:
-            @staticmethod
-            def is_available():
-                return True
-            @staticmethod
-            def get_device_properties(index):
-                return _Props()
-    """), encoding="utf-8")
-    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", torch_double_path(tmp_path, name="Fake GPU", total_memory=12_626_493_440,
+                                                       major=major, minor=5))
     info = probe_gpu(sys.executable)
     assert (info.cuda, info.name, info.vram_gb, info.bf16, info.error) == (True, "Fake GPU", 11.8, bf16, None)
     assert choose_fit("sd1", info).mixed_precision == ("bf16" if bf16 else "fp16")

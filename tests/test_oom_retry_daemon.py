@@ -5,7 +5,6 @@ out of memory above a batch size or without gradient checkpointing (KOHYA_DOUBLE
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -22,7 +21,7 @@ from daemon.pipeline.params import TrainParams, scaled_lr
 from daemon.pipeline.runner import job_paths
 from daemon.web.app import create_app
 from tests.conftest import train_form, wait_for_state
-from tests.helpers import TOKEN, free_port, make_config
+from tests.helpers import TOKEN, free_port, make_config, torch_double_path
 from tests.test_crash_recovery import Site
 from tests.test_crash_recovery import site as site  # a fixture: pytest finds it by name
 
@@ -258,34 +257,8 @@ async def test_a_retry_continues_from_the_saved_state(gpu_daemon: Callable[..., 
     assert not list(output.glob("*-state"))  # dropped when the job ended
 
 
-# Test double of torch for the GPU probe of a `python -m daemon` process (a subprocess of the kohya python, which
-# imports torch): an RTX 4090 as torch describes it (as tests/test_ui_plugin_browser.py's). The kohya double
-# never imports torch.
-FAKE_TORCH = '''
-__version__ = "2.4.0+fake"
-
-
-class _Props:
-    name = "NVIDIA GeForce RTX 4090"
-    total_memory = 25_757_220_864
-    major, minor = 8, 9
-
-
-class cuda:
-    @staticmethod
-    def is_available():
-        return True
-
-    @staticmethod
-    def get_device_properties(index):
-        return _Props()
-'''
-
-
 async def test_a_daemon_process_on_a_gpu_retries_and_finishes(site: Site) -> None:
-    (site.root / "fake-torch").mkdir()
-    (site.root / "fake-torch" / "torch.py").write_text(FAKE_TORCH, encoding="utf-8")
-    path = os.pathsep.join(p for p in (str(site.root / "fake-torch"), os.environ.get("PYTHONPATH")) if p)
+    path = torch_double_path(site.root)  # the daemon's probe finds an RTX 4090
     await site.start({"PYTHONPATH": path, "KOHYA_DOUBLE_OOM_ABOVE_BATCH": "4", "KOHYA_DOUBLE_STEP_SECONDS": "0.005"})
     job_id = await site.submit(train_form(8, params=QUICK))
     job = await site.wait_for(job_id, {"done", "error"}, timeout=90)

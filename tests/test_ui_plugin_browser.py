@@ -40,7 +40,15 @@ import install_plugin
 from daemon.config import update_config_file
 from daemon.pipeline.clip_tokenizer import TOKENIZER_FOLDER
 from tests.ed_fake.server import FakeEd, ServerThread
-from tests.helpers import KOHYA_DOUBLE, REPO, free_port, picture_bytes, write_sd1_checkpoint, write_sdxl_checkpoint
+from tests.helpers import (
+    KOHYA_DOUBLE,
+    REPO,
+    free_port,
+    picture_bytes,
+    torch_double_path,
+    write_sd1_checkpoint,
+    write_sdxl_checkpoint,
+)
 from tests.tokenizer_files import write_tokenizer
 
 CHROMIUM = Path(os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"))
@@ -1204,29 +1212,6 @@ def test_sdxl_trains_from_the_tab_to_eds_lora_list_with_its_memory_tier(env: Env
     assert toast[2] is False
 
 
-# Test double of torch for the daemon's GPU probe (a subprocess of the kohya python, which imports torch): one
-# RTX 4090 as torch describes it. Nothing else imports torch here: the kohya double does not.
-FAKE_TORCH = '''
-__version__ = "2.4.0+fake"
-
-
-class _Props:
-    name = "NVIDIA GeForce RTX 4090"
-    total_memory = 25_757_220_864  # 23.99 GiB: a 4090's 24 GB as torch reports it
-    major, minor = 8, 9  # Ada: native bf16
-
-
-class cuda:
-    @staticmethod
-    def is_available():
-        return True
-
-    @staticmethod
-    def get_device_properties(index):
-        return _Props()
-'''
-
-
 @pytest.fixture(scope="module")
 def gpu_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     """A second install whose daemon's probe finds an RTX 4090 (the torch double above)."""
@@ -1242,9 +1227,7 @@ def gpu_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     update_config_file(cfg, {"port": port, "data_dir": str(tmp / "daemon" / "data"),
                              "kohya": {"python": sys.executable, "script_path": str(KOHYA_DOUBLE),
                                        "workspace": str(tmp / "workspace")}})
-    (tmp / "fake-torch").mkdir()
-    (tmp / "fake-torch" / "torch.py").write_text(FAKE_TORCH)
-    path = os.pathsep.join(p for p in (str(tmp / "fake-torch"), os.environ.get("PYTHONPATH")) if p)
+    path = torch_double_path(tmp)  # the daemon's probe finds an RTX 4090
     daemon = DaemonProcess(cfg, f"http://127.0.0.1:{port}", tmp / "daemon.log", extra_env={"PYTHONPATH": path})
     fake = FakeEd(ed_root, listen_port=ed_port)
     try:
@@ -1548,9 +1531,7 @@ def test_an_out_of_memory_retry_is_shown_while_it_runs_then_done(page: Any, tmp_
     """A daemon on an RTX 4090 (the torch double) whose trainer runs out of memory above batch 4: the tab shows the
     retry's sentence while the retry trains, the settings line the retried run's params, then Done."""
     ed_root, cfg, ed_port, port = _ed_with_own_daemon(tmp_path, "oom")
-    (tmp_path / "fake-torch").mkdir()
-    (tmp_path / "fake-torch" / "torch.py").write_text(FAKE_TORCH)
-    path = os.pathsep.join(p for p in (str(tmp_path / "fake-torch"), os.environ.get("PYTHONPATH")) if p)
+    path = torch_double_path(tmp_path)  # the daemon's probe finds an RTX 4090
     daemon = DaemonProcess(cfg, f"http://127.0.0.1:{port}", tmp_path / "oom.log",
                            extra_env={"PYTHONPATH": path, "KOHYA_DOUBLE_OOM_ABOVE_BATCH": "4"})
     token = yaml.safe_load(cfg.read_text())["token"]
