@@ -48,6 +48,7 @@ from daemon.pipeline.progress import (
     prep_phase,
 )
 from daemon.pipeline.samples import SampleWatcher
+from daemon.pipeline.standby import Standby
 
 log = logging.getLogger(__name__)
 
@@ -260,12 +261,13 @@ GpuProvider = Callable[[], Awaitable[GpuInfo]]
 
 
 class JobRunner:
-    def __init__(self, config: Config, store: JobStore, hub: EventHub, gpu: GpuProvider) -> None:
+    def __init__(self, config: Config, store: JobStore, hub: EventHub, gpu: GpuProvider,
+                 standby: Standby | None = None) -> None:
         self._config = config
         self._store = store
         self._hub = hub
         self._gpu = gpu
-        self._fast = FastStart(config, store)
+        self._fast = FastStart(config, store, standby=standby)
 
     async def run(self, job: Job, cancel: asyncio.Event) -> None:
         reporter = JobReporter(job, self._store, self._hub)
@@ -428,7 +430,8 @@ class JobRunner:
     async def _train(self, job: Job, params: TrainParams, paths: JobPaths, cpu: bool,
                      reporter: JobReporter, cancel: asyncio.Event) -> Path:
         launch = self._launch(job, params, paths, cpu)
-        argv = self._fast.argv(kohya.build_command(params, launch))
+        argv = self._fast.argv(kohya.build_command(params, launch), memory_tier=params.memory_tier,
+                               resolution=params.resolution, cpu=cpu)
         env = kohya.build_env(os.environ, tokenizer_cache_dir=launch.tokenizer_cache_dir, cpu=cpu)
         plan = training_plan(params, Path(launch.script_path).name, cpu=cpu)
         log.info("job %s: %s", job.id, plan)
