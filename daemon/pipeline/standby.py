@@ -200,6 +200,7 @@ class Standby:
         argv = prestart_argv(spec.python, spec.import_script, go_file,
                              max_wait_s=self.idle_s + MAX_WAIT_MARGIN_S, ready=ready_file(go_file))
         try:
+            go_file.parent.mkdir(parents=True, exist_ok=True)
             proc = await start_trainer(argv, cwd=spec.workspace, env=dict(spec.env))
         except OSError as exc:
             log.info("the standby trainer could not be started: %s", exc)
