@@ -316,3 +316,33 @@ def test_the_wrapper_never_runs_a_go_file_once_orphaned(tmp_path: Path) -> None:
     go.write_text(json.dumps({"script": "x.py", "argv": []}), encoding="utf-8")
     assert kohya_prestart.wait_for_go(str(go), 5, parent=-1) is None  # "re-parented" at once
     assert go.exists()  # left for nobody to run
+
+
+# ------------------------------------------------------------------------------------------------ bench mode
+def test_bench_standby_mode_and_a_report_after_every_run(tmp_path: Path) -> None:
+    from bench.quick_start import (
+        RunResult,
+        build_parser,
+        mode_settings,
+        parse_modes,
+        report_of,
+        standby_line,
+        write_report,
+    )
+
+    args = build_parser().parse_args(["--kohya-sd", "/sd", "--kohya-python", "/py", "--model", "/m",
+                                      "--tokenizer-cache", "/t", "--modes", "off,on,standby",
+                                      "--out", str(tmp_path / "r.json")])
+    assert args.modes == ["off", "on", "standby"] and args.tab_lead_s == 20
+    assert mode_settings("standby") == (True, None) and parse_modes("standby") == ["standby"]
+    assert parse_modes("warm+vae_batch") == ["warm+vae_batch"]
+    runs = [RunResult("off", 1, first_step_s=30.0)]
+    write_report(args.out, report_of(args, {}, 8, False, runs, None, 31.0))
+    assert json.loads(Path(args.out).read_text())["summary"]["off"]["median_s"] == 30.0
+    runs.append(RunResult("standby", 1, first_step_s=12.0, standby_ready_s=6.5, standby_rss_mib=431.0))
+    write_report(args.out, report_of(args, {}, 8, False, runs, None, 60.0))  # replaced whole, run by run
+    report = json.loads(Path(args.out).read_text())
+    assert [r["mode"] for r in report["runs"]] == ["off", "standby"] and report["runs"][1]["standby_rss_mib"] == 431.0
+    assert report["summary"]["standby"]["saved_s"] == 18.0
+    assert standby_line(runs) == "standby: tab opened → ready (imports done), median 6.50 s; idle RSS 431 MiB"
+    assert standby_line(runs[:1]) == "standby: no run"
