@@ -121,6 +121,25 @@ async def test_never_started_while_a_job_runs(tmp_path: Path) -> None:
         await sb.stop()
 
 
+@pytest.mark.parametrize("watching", [True, False])
+async def test_after_a_long_job_only_a_tab_that_followed_it_gets_one(tmp_path: Path, watching: bool) -> None:
+    busy = [True]
+    sb = Standby(LiveConfig(make_config(tmp_path, port=free_port())), _gpu_none, lambda: busy[0],
+                 watching=lambda: watching, idle_s=1.0, tick_s=0.1)
+    await sb.start()
+    try:
+        sb.interest()
+        await asyncio.sleep(1.5)  # the job outlasts the idle time
+        busy[0] = False
+        if watching:  # its WebSocket stayed connected all along: the tab is still in use
+            await _until(lambda: sb.pid is not None, timeout=5)
+        else:
+            await asyncio.sleep(0.8)
+            assert sb.pid is None
+    finally:
+        await sb.stop()
+
+
 async def test_a_config_reload_replaces_or_stops_it(tmp_path: Path) -> None:
     live = LiveConfig(make_config(tmp_path, port=free_port()))
     sb = Standby(live, _gpu_none, lambda: False, tick_s=0.1)

@@ -86,16 +86,18 @@ class Waiting:
     proc: TrainerProcess
     spec: StandbySpec
     go_file: Path
+    config: Config  # the settings it was started under: only a reload (a new Config) can change its spec
 
 
 class Standby:
     """The one standby trainer of a daemon: started on interest while no job runs, handed to the next job."""
 
     def __init__(self, live: LiveConfig, gpu: Callable[[], Awaitable[GpuInfo]], busy: Callable[[], bool], *,
-                 idle_s: float = IDLE_S, tick_s: float = TICK_S) -> None:
+                 watching: Callable[[], bool] = lambda: False, idle_s: float = IDLE_S, tick_s: float = TICK_S) -> None:
         self._live = live
         self._gpu = gpu
         self._busy = busy
+        self._watching = watching  # a tab is connected (WebSocket): one that follows a job is still in use
         self.idle_s = idle_s
         self._tick_s = tick_s
         self._last_interest: float | None = None
@@ -168,6 +170,8 @@ class Standby:
 
     async def _step(self) -> None:
         async with self._lock:
+            if self._busy() and self._last_interest is not None and self._watching():
+                self._last_interest = time.monotonic()  # the tab follows the job: a standby is wanted after it
             w = self._waiting
             recent = self._last_interest is not None and time.monotonic() - self._last_interest < self.idle_s
             if w is not None:
@@ -176,7 +180,7 @@ class Standby:
                     log.info("the standby trainer exited (code %s)", w.proc.returncode)
                 elif not recent:
                     await self._kill_waiting("no interest for a while")
-                elif await self._spec() != w.spec:
+                elif self._live.current is not w.config and await self._spec() != w.spec:
                     await self._kill_waiting("the kohya settings changed")
             if self._waiting is None and self._wanted():
                 spec = await self._spec()
@@ -196,7 +200,8 @@ class Standby:
         # Local import: fast_start imports this module.
         from daemon.pipeline.fast_start import prestart_argv
 
-        go_file = self._live.current.data_dir / f"standby-{secrets.token_hex(6)}-go.json"
+        config = self._live.current
+        go_file = config.data_dir / f"standby-{secrets.token_hex(6)}-go.json"
         argv = prestart_argv(spec.python, spec.import_script, go_file,
                              max_wait_s=self.idle_s + MAX_WAIT_MARGIN_S, ready=ready_file(go_file))
         try:
@@ -206,7 +211,7 @@ class Standby:
             log.info("the standby trainer could not be started: %s", exc)
             self._last_interest = None  # not again until the tab asks again
             return
-        self._waiting = Waiting(proc=proc, spec=spec, go_file=go_file)
+        self._waiting = Waiting(proc=proc, spec=spec, go_file=go_file, config=config)
         log.info("standby trainer started (pid %d)", proc.pid)
 
     async def _kill_waiting(self, why: str) -> None:
