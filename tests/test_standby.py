@@ -207,7 +207,8 @@ async def _open_tab(client: TestClient) -> Standby:
     return sb
 
 
-async def test_the_next_job_takes_the_standby_with_the_same_argv(start_daemon, tmp_path: Path, monkeypatch) -> None:
+async def test_the_next_job_takes_the_standby_with_the_same_argv(start_daemon, tmp_path: Path, monkeypatch,
+                                                                  caplog) -> None:
     monkeypatch.setenv("KOHYA_DOUBLE_STEP_SECONDS", "0.02")
     spy = StartSpy(monkeypatch)
     # Without interest: the per-job prestart, as before.
@@ -225,6 +226,7 @@ async def test_the_next_job_takes_the_standby_with_the_same_argv(start_daemon, t
     client = await start_daemon(cfg)
     sb = await _open_tab(client)
     first = sb.pid
+    ws = await client.ws_connect(f"/ws?token={TOKEN}")  # the tab follows the job
     job_id = (await (await client.post("/train", data=train_form(8))).json())["job_id"]
     seen_training = False
     while (job := await (await client.get(f"/jobs/{job_id}/status")).json())["state"] not in ("done", "error"):
@@ -249,6 +251,8 @@ async def test_the_next_job_takes_the_standby_with_the_same_argv(start_daemon, t
     # The job is over and the tab still in use: a new standby waits for the next click.
     await _until(lambda: sb.pid is not None and sb.pid != first)
     assert len(spy.standby) == 2
+    await ws.close()
+    assert not [r for r in caplog.records if r.name == "daemon.pipeline.standby" and r.levelname == "ERROR"]
 
 
 async def test_a_failed_prep_kills_the_taken_standby(start_daemon, tmp_path: Path, monkeypatch) -> None:

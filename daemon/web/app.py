@@ -79,7 +79,7 @@ async def _jobs(app: web.Application, config: Config) -> AsyncIterator[None]:
     store = JobStore(config.db_path)
     hub = EventHub(store)
     standby = Standby(app[CONFIG], app[GPU].get, lambda: queue.current is not None,
-                      watching=lambda: hub.subscriber_count() > 0)
+                      watching=lambda: hub.subscriber_count > 0)
     queue = JobQueue(app[CONFIG], store, hub,
                      lambda current: JobRunner(current, store, hub, app[GPU].get, standby=standby))
     app[STORE], app[HUB], app[QUEUE], app[STANDBY] = store, hub, queue, standby
