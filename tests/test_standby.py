@@ -228,15 +228,15 @@ async def test_the_next_job_takes_the_standby_with_the_same_argv(start_daemon, t
     first = sb.pid
     ws = await client.ws_connect(f"/ws?token={TOKEN}")  # the tab follows the job
     job_id = (await (await client.post("/train", data=train_form(8))).json())["job_id"]
-    seen_training = False
+    seen_training = trained_by_standby = False
     while (job := await (await client.get(f"/jobs/{job_id}/status")).json())["state"] not in ("done", "error"):
         if job["state"] == "training":
             seen_training = True
             assert sb.pid is None  # never a standby beside a training run
-            assert _alive(first)  # the standby itself is the trainer
+            trained_by_standby = trained_by_standby or _alive(first)  # it is the trainer (until kohya exits)
         await asyncio.sleep(0.05)
     assert job["state"] == "done", job["error"]
-    assert seen_training
+    assert seen_training and trained_by_standby
     assert len(spy.job) == 1  # only the plain daemon's job started a trainer of its own
     lines = (await (await client.get(f"/jobs/{job_id}/logs")).json())["lines"]
     logged = next(line for line in lines if line.startswith("$ "))
