@@ -10,8 +10,11 @@ until the first training step is reported; then the job is cancelled and the dae
         [--data DIR] [--images N] [--resolution PX] [--repeats N] [--modes off,on,...] [--budget-s S] \
         [--out FILE.json] [--work DIR] [--no-cold]
 
-Modes: off (fast_start: false: the daemon before issue 9), on (fast_start: true: every cut), or some cuts joined by
-'+' (warm, prestart, latent_cache, model_hash; e.g. warm+prestart). latent_cache pays only on a rerun of the same job
+Modes: off (fast_start: false: the daemon before issue 9), on (fast_start: true: every cut), standby (on, and the
+tab opened --tab-lead-s before the click: GET /models, so the daemon's standby trainer has done kohya's imports; the
+click waits for it to be ready, as a user choosing pictures would), or some cuts joined by '+' (warm, prestart,
+latent_cache, model_hash, vae_batch; e.g. warm+prestart). The JSON (--out) is written again after every run.
+latent_cache pays only on a rerun of the same job
 (a first click has no latents to reuse); model_hash needs warm and prestart.
 Prints a progress line per event (flushed), then a table (median per mode, its ratio to the first mode) and
 writes everything to --out. Ends within --budget-s: a run that would not fit is not started.
@@ -40,7 +43,9 @@ from bench.startup_phases import MARKERS
 
 REPO = Path(__file__).resolve().parent.parent
 TOKEN = "bench-token-0123456789abcdef"
-CUTS = ("warm", "prestart", "latent_cache", "model_hash")
+CUTS = ("warm", "prestart", "latent_cache", "model_hash", "vae_batch")
+STANDBY = "standby"  # on + the standby trainer: the tab is opened --tab-lead-s before the click
+STANDBY_READY = "standby-*-go.json.ready"  # daemon/pipeline/standby.py's ready file in the data folder
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # How the daemon is started for a mode that keeps only some cuts: fast_start.CUTS narrowed before it runs.
 LAUNCHER = ("import sys, runpy; import daemon.pipeline.fast_start as f; f.CUTS = frozenset(sys.argv.pop(1).split(','));"
@@ -49,7 +54,7 @@ LAUNCHER = ("import sys, runpy; import daemon.pipeline.fast_start as f; f.CUTS =
 
 def parse_modes(text: str) -> list[str]:
     modes = [m.strip() for m in text.split(",") if m.strip()]
-    bad = [m for m in modes if m not in ("off", "on") and not set(m.split("+")) <= set(CUTS)]
+    bad = [m for m in modes if m not in ("off", "on", STANDBY) and not set(m.split("+")) <= set(CUTS)]
     if not modes or bad or len(set(modes)) != len(modes):
         raise argparse.ArgumentTypeError(f"modes are distinct items, each off, on or cuts joined by '+' from "
                                          f"{', '.join(CUTS)} (got {text!r})")
@@ -60,7 +65,7 @@ def mode_settings(mode: str) -> tuple[bool, str | None]:
     """(config fast_start, the cuts to keep, comma-separated, or None for all) of a mode."""
     if mode == "off":
         return False, None
-    if mode == "on":
+    if mode in ("on", STANDBY):
         return True, None
     return True, mode.replace("+", ",")
 
@@ -79,6 +84,8 @@ class RunResult:
     # click → the log frame carrying kohya's first line of each phase (bench.startup_phases.MARKERS' labels name
     # the phase that ENDS there); the daemon sends log lines in batches at most 0.3 s apart
     marks: dict[str, float] = field(default_factory=dict)
+    standby_ready_s: float | None = None  # standby mode: tab opened → the standby's imports done
+    standby_rss_mib: float | None = None  # its resident memory while it waits (psutil RSS)
 
 
 def summarize(runs: list[RunResult], modes: list[str]) -> dict[str, dict[str, Any]]:
@@ -221,6 +228,8 @@ async def one_run(args: argparse.Namespace, mode: str, repeat: int, pics: list[t
                     await asyncio.sleep(0.1)
             else:
                 raise RuntimeError(f"the daemon did not start; see {work / 'daemon.log'}")
+            if mode == STANDBY:
+                await open_tab(session, url, auth, work / "data", proc.pid, args, result)
             if args.cold:
                 evict(Path(args.model))
             async with session.ws_connect(f"{url}/ws?token={TOKEN}") as ws:
@@ -285,6 +294,60 @@ async def one_run(args: argparse.Namespace, mode: str, repeat: int, pics: list[t
     return result
 
 
+def standby_rss(daemon_pid: int) -> float | None:
+    """MiB resident of the daemon's standby trainer (kohya_prestart.py), None when there is none."""
+    import psutil
+
+    try:
+        for child in psutil.Process(daemon_pid).children(recursive=True):
+            if any(arg.endswith("kohya_prestart.py") for arg in child.cmdline()):
+                return round(child.memory_info().rss / 2**20, 1)
+    except psutil.Error:
+        pass
+    return None
+
+
+async def open_tab(session: Any, url: str, auth: dict[str, str], data_dir: Path, daemon_pid: int,
+                   args: argparse.Namespace, result: RunResult) -> None:
+    """GET /models as the tab does when it opens; return once the standby is ready and --tab-lead-s has passed."""
+    t0 = time.monotonic()
+    async with session.get(f"{url}/models", headers=auth) as resp:
+        await resp.read()
+        if resp.status != 200:
+            raise RuntimeError(f"GET /models answered {resp.status}")
+    while not list(data_dir.glob(STANDBY_READY)):
+        if time.monotonic() - t0 > args.run_timeout_s:
+            raise RuntimeError("the standby trainer was not ready in time")
+        await asyncio.sleep(0.05)
+    result.standby_ready_s = round(time.monotonic() - t0, 3)
+    result.standby_rss_mib = standby_rss(daemon_pid)
+    await asyncio.sleep(max(0.0, args.tab_lead_s - (time.monotonic() - t0)))
+
+
+def standby_line(runs: list[RunResult]) -> str:
+    ready = [r.standby_ready_s for r in runs if r.standby_ready_s is not None]
+    rss = [r.standby_rss_mib for r in runs if r.standby_rss_mib is not None]
+    if not ready:
+        return "standby: no run"
+    mem = f"{statistics.median(rss):.0f} MiB" if rss else "-"
+    return f"standby: tab opened → ready (imports done), median {statistics.median(ready):.2f} s; idle RSS {mem}"
+
+
+def report_of(args: argparse.Namespace, params: dict[str, Any], pics: int, gpu: bool, runs: list[RunResult],
+              stopped: str | None, wall_s: float) -> dict[str, Any]:
+    return {"params": params, "pictures": pics, "gpu": gpu, "cold": args.cold, "modes": args.modes,
+            "repeats": args.repeats, "stopped_early": stopped, "wall_s": round(wall_s, 1),
+            "runs": [asdict(r) for r in runs], "summary": summarize(runs, args.modes)}
+
+
+def write_report(path: str | None, report: dict[str, Any]) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(path + ".tmp")
+        tmp.write_text(json.dumps(report, indent=2), encoding="utf-8")
+        os.replace(tmp, path)  # a device run cut short still leaves a whole file
+
+
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     start = time.monotonic()
     gpu = has_cuda_gpu()
@@ -315,14 +378,13 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             longest = max(longest, time.monotonic() - t)
             runs.append(r)
             log(f"  {mode} #{repeat}: first step {r.first_step_s} s, training state {r.training_s} s"
+                + (f", standby ready {r.standby_ready_s} s, RSS {r.standby_rss_mib} MiB" if mode == STANDBY else "")
                 + (f", ERROR {r.error}" if r.error else ""))
+            write_report(args.out, report_of(args, params, len(pics), gpu, runs, None, time.monotonic() - start))
         if stopped:
             log(f"stopped early ({stopped})")
             break
-    summary = summarize(runs, args.modes)
-    return {"params": params, "pictures": len(pics), "gpu": gpu, "cold": args.cold, "modes": args.modes,
-            "repeats": args.repeats, "stopped_early": stopped, "wall_s": round(time.monotonic() - start, 1),
-            "runs": [asdict(r) for r in runs], "summary": summary}
+    return report_of(args, params, len(pics), gpu, runs, stopped, time.monotonic() - start)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -339,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--modes", type=parse_modes, default=["off", "on"],
                     help=f"comma list of off, on, or cuts joined by '+' ({', '.join(CUTS)})")
+    ap.add_argument("--tab-lead-s", type=float, default=20,
+                    help="standby mode: the tab is opened this long before the click, at least (default 20)")
     ap.add_argument("--budget-s", type=float, default=1800, help="start no run that would end after this")
     ap.add_argument("--run-timeout-s", type=float, default=600, help="give up on one run after this")
     ap.add_argument("--cold", action=argparse.BooleanOptionalAction, default=True,
@@ -354,9 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     report = asyncio.run(bench(args))
     print(table(report["summary"]), flush=True)
     print(phase_table([RunResult(**r) for r in report["runs"]], report["modes"]), flush=True)
+    print(standby_line([RunResult(**r) for r in report["runs"]]), flush=True)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2), encoding="utf-8")
+        write_report(args.out, report)
         log(f"wrote {args.out}")
     return 0 if any(r["first_step_s"] is not None for r in report["runs"]) else 1
 

@@ -45,10 +45,11 @@ from daemon.config import Config
 from daemon.jobs.store import JobStore
 from daemon.pipeline import kohya
 from daemon.pipeline.process import TrainerProcess, start_trainer
+from daemon.pipeline.standby import Standby, Waiting, ready_file, spec_for
 
 log = logging.getLogger(__name__)
 
-ALL_CUTS = frozenset({"warm", "prestart", "latent_cache", "model_hash"})
+ALL_CUTS = frozenset({"warm", "prestart", "latent_cache", "model_hash", "vae_batch"})
 # The cuts fast_start: true turns on; bench/quick_start.py narrows it to time one cut at a time.
 CUTS: frozenset[str] = ALL_CUTS
 WRAPPER = Path(__file__).with_name("kohya_prestart.py")
@@ -177,9 +178,40 @@ def _complete_zip(path: Path) -> bool:
         return False
 
 
+# ------------------------------------------------------------------------------------------------ VAE batch
+# kohya's --vae_batch_size (train_util.new_cache_latents at 48d368fa): latents are cached in batches of up to this
+# many pictures OF ONE BUCKET (a batch is flushed when the bucket changes), and as many threads load the pictures.
+# Only the VAE is on the card then (the U-Net is moved after caching), so the batch may use a good share of it.
+# A picture's encoder activations: the first down block keeps ~6 tensors of 128 x H x W alive (fp32 VAE, SD 1.x's
+# default without --no_half_vae is the weight dtype, fp32 is the worst case): ~0.75 GiB at 512 px, rounded up.
+VAE_GIB_PER_PICTURE_512 = 1.0
+VAE_CARD_SHARE = 0.5
+VAE_BATCH_MAX = 8  # few pictures share a bucket: more only adds threads
+TIER_GIB = {"6gb": 6, "8gb": 8, "12gb": 12, "16gb": 16, "24gb": 24, "40gb": 40}
+
+
+def vae_batch_size(memory_tier: str, resolution: int, cpu: bool) -> int:
+    """The latent-caching batch for a run on this memory tier at this resolution (1 = kohya's default)."""
+    gib = TIER_GIB.get(memory_tier)
+    if cpu or gib is None:
+        return 1  # a CPU encodes one picture at a time as fast; an unknown tier gets kohya's default
+    per_picture = VAE_GIB_PER_PICTURE_512 * (resolution / 512) ** 2
+    return max(1, min(VAE_BATCH_MAX, int(gib * VAE_CARD_SHARE / per_picture)))
+
+
+def with_vae_batch(argv: list[str], size: int) -> list[str]:
+    """`argv` with `--vae_batch_size N` after `--cache_latents` (kohya's flag; only caching uses it here)."""
+    if size <= 1 or "--cache_latents" not in argv or "--vae_batch_size" in argv:
+        return argv
+    at = argv.index("--cache_latents") + 1
+    return [*argv[:at], "--vae_batch_size", str(size), *argv[at:]]
+
+
 # ------------------------------------------------------------------------------------------------ prestart
-def prestart_argv(python: str, script: str, go_file: Path) -> list[str]:
-    return [python, "-u", str(WRAPPER), "--go", str(go_file), "--max-wait", str(PRESTART_MAX_WAIT_S), script]
+def prestart_argv(python: str, script: str, go_file: Path, max_wait_s: float = PRESTART_MAX_WAIT_S,
+                  ready: Path | None = None) -> list[str]:
+    marker = ["--ready", str(ready)] if ready is not None else []
+    return [python, "-u", str(WRAPPER), "--go", str(go_file), "--max-wait", str(round(max_wait_s)), *marker, script]
 
 
 def go_document(argv: Sequence[str], python: str, script: str) -> dict[str, object] | None:
@@ -211,19 +243,25 @@ class FastStart:
     """The hooks JobRunner calls: around the prep (`prepare`), on the argv (`argv`), at the trainer's start
     (`start`). With fast_start off each is the plain behaviour."""
 
-    def __init__(self, config: Config, store: JobStore, cuts: frozenset[str] | None = None) -> None:
+    def __init__(self, config: Config, store: JobStore, cuts: frozenset[str] | None = None,
+                 standby: Standby | None = None) -> None:
         self._config = config
         self._store = store
+        self._standby = standby  # the daemon's standby trainer (standby.py), taken by this job when it fits
         self.cuts = (CUTS if cuts is None else cuts) if config.fast_start else frozenset()
         self.prestarted: Prestarted | None = None
         self.warmer: Warmer | None = None
 
-    def argv(self, argv: list[str]) -> list[str]:
+    def argv(self, argv: list[str], *, memory_tier: str = "cpu", resolution: int = 512, cpu: bool = True) -> list[str]:
+        if "vae_batch" in self.cuts:
+            argv = with_vae_batch(argv, vae_batch_size(memory_tier, resolution, cpu))
         return kohya.with_latent_disk_cache(argv) if "latent_cache" in self.cuts else argv
 
     async def prepare(self, prep: Callable[[], Awaitable[None]], *, job_id: str, base_model: str, arch: str,
                       job_root: Path, images: Path, cpu: bool, cancel: asyncio.Event) -> None:
         """Run `prep` with the warm-up and the prestart alongside; a prep that fails (or a cancel) kills it."""
+        # Always claimed: a standby this job cannot use is killed now, never left beside a training run.
+        waiting = await self._standby.claim() if self._standby is not None else None
         if "warm" in self.cuts:
             # Only a prestarted kohya can take the hash (`accelerate launch` is never prestarted).
             wanted = {"model_hash", "prestart"} <= self.cuts and self._config.kohya.python is not None
@@ -232,7 +270,9 @@ class FastStart:
                 hash_file.unlink(missing_ok=True)
             self.warmer = Warmer(Path(base_model), hash_file=hash_file).start()
         if "prestart" in self.cuts:
-            await self._prestart(job_id, arch, job_root / GO_FILE, cpu, cancel)
+            await self._prestart(job_id, arch, job_root / GO_FILE, cpu, cancel, waiting)
+        elif waiting is not None:
+            await self._kill_waiting(waiting)
         try:
             await prep()
             if "latent_cache" in self.cuts:
@@ -272,20 +312,30 @@ class FastStart:
                 pre.guard.cancel()
             await self._kill(pre, job_id)
 
-    async def _prestart(self, job_id: str, arch: str, go_file: Path, cpu: bool, cancel: asyncio.Event) -> None:
+    async def _prestart(self, job_id: str, arch: str, go_file: Path, cpu: bool, cancel: asyncio.Event,
+                        waiting: Waiting | None = None) -> None:
         k = self._config.kohya
         if k.python is None or k.script_path is None or k.workspace is None:
+            if waiting is not None:
+                await self._kill_waiting(waiting)
             return  # `accelerate launch` starts the script in a child of its own: nothing to prestart
         script = str(kohya.script_for(arch, k.script_path))
         python = str(k.python)
         env = kohya.build_env(os.environ, tokenizer_cache_dir=str(k.tokenizer_cache_dir)
                               if k.tokenizer_cache_dir else None, cpu=cpu)
-        try:
-            go_file.unlink(missing_ok=True)
-            proc = await start_trainer(prestart_argv(python, script, go_file), cwd=str(k.workspace), env=env)
-        except OSError as exc:  # the usual start reports it with its hint
-            log.info("job %s: kohya could not be prestarted: %s", job_id, exc)
-            return
+        if waiting is not None and waiting.spec == spec_for(self._config, cpu) and waiting.proc.returncode is None:
+            proc, go_file = waiting.proc, waiting.go_file
+            ready_file(go_file).unlink(missing_ok=True)
+            log.info("job %s: takes the standby trainer (pid %d)", job_id, proc.pid)
+        else:
+            if waiting is not None:
+                await self._kill_waiting(waiting)
+            try:
+                go_file.unlink(missing_ok=True)
+                proc = await start_trainer(prestart_argv(python, script, go_file), cwd=str(k.workspace), env=env)
+            except OSError as exc:  # the usual start reports it with its hint
+                log.info("job %s: kohya could not be prestarted: %s", job_id, exc)
+                return
         # Recorded like a trainer: a restart after a daemon crash stops it.
         await asyncio.to_thread(self._store.set_process, job_id, proc.pid, proc.started)
         pre = Prestarted(proc=proc, python=python, script=script, env=env, go_file=go_file)
@@ -299,6 +349,13 @@ class FastStart:
             # Also when the guard itself is cancelled by the loop shutting down with the job unfinished.
             if self.prestarted is pre:
                 await self.discard(job_id)
+
+    @staticmethod
+    async def _kill_waiting(waiting: Waiting) -> None:
+        await waiting.proc.terminate_tree()
+        for path in (waiting.go_file, ready_file(waiting.go_file)):
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
 
     async def _kill(self, pre: Prestarted, job_id: str) -> None:
         await pre.proc.terminate_tree()

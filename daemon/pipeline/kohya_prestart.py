@@ -1,6 +1,6 @@
 """Run by kohya's own python, not imported by the daemon: start a kohya script before the daemon's prep is done.
 
-    python -u kohya_prestart.py --go GO_FILE [--max-wait S] SCRIPT
+    python -u kohya_prestart.py --go GO_FILE [--max-wait S] [--ready FILE] SCRIPT
 
 Imports SCRIPT as a module (torch, diffusers, transformers...: ~5 s of a ~20 s start on a CPU, see
 tests/fixtures/kohya_startup/FACTS.md), then waits for the daemon's go file, a JSON object
@@ -15,6 +15,8 @@ read the file whole ({"path", "size", "mtime_ns", "sha256"}). Then kohya's train
 metadata's ss_new_sd_model_hash: a second full read of the checkpoint, ~10-20 s after go) returns that value for
 that file while its size and mtime are unchanged, and runs as before in every other case (not written yet,
 another file); at an sd-scripts without that function nothing is replaced.
+
+--ready FILE is created once the imports are done (the daemon's standby trainer, standby.py: a bench waits for it).
 
 Anything that fails while importing is left for the real run to raise again, with its usual traceback: this
 wrapper prints nothing of its own unless it gives up waiting. It exits without running anything when the daemon
@@ -42,12 +44,12 @@ def wait_for_go(go_file: str, max_wait_s: float, parent: int) -> dict[str, objec
     """The go file's JSON once it exists (the daemon writes it atomically); None when the daemon is gone."""
     end = time.monotonic() + max_wait_s
     while time.monotonic() < end:
+        if os.name == "posix" and os.getppid() != parent:
+            return None  # re-parented: the daemon died without telling us (checked first: never run its go)
         try:
             with open(go_file, encoding="utf-8") as fh:
                 go = json.load(fh)
         except FileNotFoundError:
-            if os.name == "posix" and os.getppid() != parent:
-                return None  # re-parented: the daemon died without telling us
             time.sleep(POLL_S)
             continue
         os.unlink(go_file)
@@ -90,6 +92,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(prog="kohya_prestart.py")
     ap.add_argument("--go", required=True)
     ap.add_argument("--max-wait", type=float, default=3600.0)
+    ap.add_argument("--ready")
     ap.add_argument("script")
     opts = ap.parse_args()
     script = os.path.abspath(opts.script)
@@ -100,6 +103,9 @@ def main() -> int:
     # Whatever fails here, the real run raises again below, with the script's own traceback.
     with contextlib.suppress(BaseException):
         importlib.import_module(stem)
+    if opts.ready:
+        with contextlib.suppress(OSError), open(opts.ready, "w", encoding="utf-8"):
+            pass
     go = wait_for_go(opts.go, opts.max_wait, parent)
     if go is None:
         return EXIT_NO_GO

@@ -48,6 +48,7 @@ from daemon.pipeline.progress import (
     prep_phase,
 )
 from daemon.pipeline.samples import SampleWatcher
+from daemon.pipeline.standby import Standby
 from daemon.pipeline.train_state import SavedState
 
 log = logging.getLogger(__name__)
@@ -279,12 +280,13 @@ GpuProvider = Callable[[], Awaitable[GpuInfo]]
 
 
 class JobRunner:
-    def __init__(self, config: Config, store: JobStore, hub: EventHub, gpu: GpuProvider) -> None:
+    def __init__(self, config: Config, store: JobStore, hub: EventHub, gpu: GpuProvider,
+                 standby: Standby | None = None) -> None:
         self._config = config
         self._store = store
         self._hub = hub
         self._gpu = gpu
-        self._fast = FastStart(config, store)
+        self._fast = FastStart(config, store, standby=standby)
 
     async def run(self, job: Job, cancel: asyncio.Event, *, resumed: str | None = None) -> None:
         """`resumed`: "resumed" (by hand) or "auto_resumed" (at start-up) when the job was queued again after
@@ -566,7 +568,8 @@ class JobRunner:
                      reporter: JobReporter, cancel: asyncio.Event, resume: SavedState | None = None) -> Path:
         """`resume`: continue from this saved state (--resume, --initial_epoch); progress counts on from it."""
         launch = self._launch(job, params, paths, cpu, resume)
-        argv = self._fast.argv(kohya.build_command(params, launch))
+        argv = self._fast.argv(kohya.build_command(params, launch), memory_tier=params.memory_tier,
+                               resolution=params.resolution, cpu=cpu)
         env = kohya.build_env(os.environ, tokenizer_cache_dir=launch.tokenizer_cache_dir, cpu=cpu)
         plan = training_plan(params, Path(launch.script_path).name, cpu=cpu)
         log.info("job %s: %s", job.id, plan)

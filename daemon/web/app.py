@@ -21,6 +21,7 @@ from daemon.jobs.recovery import sweep_temp_files
 from daemon.jobs.store import JobStore
 from daemon.pipeline.env_check import GpuInfo, kohya_python, probe_gpu
 from daemon.pipeline.runner import JobRunner
+from daemon.pipeline.standby import Standby
 from daemon.web.api import SHUTDOWN, Shutdown, routes
 from daemon.web.keys import CONFIG, GPU, HUB, QUEUE, STORE
 from daemon.web.middlewares import error_middleware, protocol_logger, security_middleware
@@ -28,6 +29,10 @@ from daemon.web.uploads import UPLOAD_SLOTS, UploadSlots
 from daemon.web.ws import websocket_handler
 
 log = logging.getLogger(__name__)
+
+STANDBY = web.AppKey("standby", Standby)
+# What the tab asks when it opens and while the form is filled in: the sign that a job may come (standby.py).
+INTEREST_PATHS = frozenset({"/models", "/fit"})
 
 
 def create_app(config: Config, *, gpu_probe: Callable[[], GpuInfo] | None = None) -> web.Application:
@@ -46,7 +51,14 @@ def create_app(config: Config, *, gpu_probe: Callable[[], GpuInfo] | None = None
     app.cleanup_ctx.append(_jobs_ctx)
     app.cleanup_ctx.append(_config_watch_ctx)
     app.on_shutdown.append(_close_sockets)
+    app.on_response_prepare.append(_note_interest)
     return app
+
+
+async def _note_interest(request: web.Request, response: web.StreamResponse) -> None:
+    if request.method == "GET" and request.path in INTEREST_PATHS and response.status < 300 \
+            and (standby := request.app.get(STANDBY)) is not None:
+        standby.interest()
 
 
 async def _jobs_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -66,13 +78,18 @@ async def _jobs(app: web.Application, config: Config) -> AsyncIterator[None]:
     await asyncio.to_thread(sweep_temp_files, config)
     store = JobStore(config.db_path)
     hub = EventHub(store)
-    queue = JobQueue(app[CONFIG], store, hub, lambda current: JobRunner(current, store, hub, app[GPU].get))
-    app[STORE], app[HUB], app[QUEUE] = store, hub, queue
+    standby = Standby(app[CONFIG], app[GPU].get, lambda: queue.current is not None,
+                      watching=lambda: hub.subscriber_count > 0)
+    queue = JobQueue(app[CONFIG], store, hub,
+                     lambda current: JobRunner(current, store, hub, app[GPU].get, standby=standby))
+    app[STORE], app[HUB], app[QUEUE], app[STANDBY] = store, hub, queue, standby
     app[GPU].start()  # in the background: the first request finds the answer ready
     await queue.start()
+    await standby.start()
     try:
         yield
     finally:
+        await standby.stop()
         await queue.stop()
         await app[GPU].close()
         store.close()
