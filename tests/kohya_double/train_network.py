@@ -146,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--bucket_no_upscale", **flag)
     add("--cache_latents", **flag)
     add("--cache_latents_to_disk", **flag)
+    add("--vae_batch_size", type=int, default=1)
     add("--output_dir", type=str, default=None)
     add("--output_name", type=str, default=None)
     add("--save_precision", type=str, default=None, choices=[None, "float", "fp16", "bf16"])
