@@ -291,6 +291,23 @@ async def test_a_job_that_keeps_taking_the_daemon_down_is_not_resumed_forever(si
     assert status == 202
 
 
+async def test_clean_stops_do_not_count_towards_the_cap(site: Site) -> None:
+    """Closing ED (the daemon stopped cleanly) mid-run four times is not a job that crashes the daemon: it is resumed
+    automatically each time."""
+    job_id, _ = await crash_after_first_state(site)
+    for _ in range(4):
+        daemon = await site.start(SLOW)
+        job = await wait_job(site, job_id, lambda j: j["state"] == "training")
+        assert job["recovery"]["auto_resumes"] == 1
+        status, _ = await call(site, "POST", "/shutdown")  # as the ED plugin's Stop does
+        assert status == 202
+        daemon.proc.wait(30)
+        assert site.db_state(job_id) == "interrupted"
+    await site.start(FAST)
+    job = await wait_job(site, job_id, lambda j: j["state"] == "done", timeout=60)
+    assert not any(n.startswith("Not resumed automatically") for n in job["recovery"]["notices"])
+
+
 async def test_a_job_found_published_after_a_crash_is_done_and_its_states_are_gone(site: Site) -> None:
     daemon = await site.start({**FAST, "KOHYA_DOUBLE_LORA_MB": "40"})  # a big LoRA: the kill lands while it copies
     job_id = await site.submit(train_form(8, name="Just Made It", params=json.dumps(

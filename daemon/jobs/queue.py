@@ -22,7 +22,8 @@ from daemon.pipeline.runner import JobRunner, job_paths, output_name
 log = logging.getLogger(__name__)
 
 _ACTIVE = (JobState.PREPPING, JobState.TRAINING, JobState.COPYING)
-# Automatic resumes a job may have in all: one that takes the daemon down each time it runs must not loop.
+# Automatic resumes in a row that each ended with the daemon dying (a clean stop resets the count): a job that takes
+# the daemon down each time it runs must not loop.
 MAX_AUTO_RESUMES = 3
 
 

@@ -458,6 +458,9 @@ class JobRunner:
                 job.error = JobError("publish_failed", str(exc), "Start the job again.")
         else:
             job.state, job.error = JobState.INTERRUPTED, interrupted_error()
+            # A clean stop (ED closed, POST /shutdown) is not the job taking the daemon down: the cap on automatic
+            # resumes counts only the crashes in a row.
+            job.recovery.auto_resumes = 0
             # kept: the saved state is what the job resumes from
             paths = job_paths(self._config, job.id)
             found, job.recovery.state_bytes = await asyncio.to_thread(_states_now, paths.output, output_name(job))
