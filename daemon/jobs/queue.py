@@ -101,11 +101,7 @@ class JobQueue:
 
     def _saved_state(self, job: Job) -> train_state.SavedState | None:
         """The job's resume point now, with its bookkeeping (recovery.state_epoch / state_bytes) brought up to date."""
-        output = job_paths(self._live.current, job.id).output
-        state = train_state.find_resume_state(output, output_name(job))
-        job.recovery.state_epoch = state.epoch if state is not None else None
-        job.recovery.state_bytes = train_state.states_bytes(output, output_name(job))
-        return state
+        return train_state.record_states(job.recovery, job_paths(self._live.current, job.id).output, output_name(job))
 
     async def _requeue(self, job: Job, state: train_state.SavedState | None, kind: str) -> None:
         job.state, job.error = JobState.QUEUED, None

@@ -88,10 +88,7 @@ def recover_job(config: Config, store: JobStore, job_id: str, taken: set[Path]) 
     else:
         job.state, job.error = JobState.INTERRUPTED, interrupted_error()
         # its saved training state is kept: the job resumes from it (by hand, or at start-up with auto_resume)
-        output = job_paths(config, job_id).output
-        state = train_state.find_resume_state(output, stem)
-        job.recovery.state_epoch = state.epoch if state is not None else None
-        job.recovery.state_bytes = train_state.states_bytes(output, stem)
+        train_state.record_states(job.recovery, job_paths(config, job_id).output, stem)
         job.recovery.resume_next = False
         log.warning("job %s was %s when the daemon stopped: interrupted", job_id, was)
     store.save(job)

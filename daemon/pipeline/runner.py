@@ -436,11 +436,12 @@ class JobRunner:
     async def _scan_states(self, reporter: JobReporter, paths: JobPaths) -> None:
         """recovery.state_epoch / state_bytes as kohya saves (and prunes) its states."""
         job = reporter.job
-        found, size = await asyncio.to_thread(_states_now, paths.output, output_name(job))
+        # scanned into a scratch record in the worker thread; the job's own is changed only here, on the loop
+        now = Recovery()
+        await asyncio.to_thread(train_state.record_states, now, paths.output, output_name(job))
         rec = job.recovery
-        epoch = found.epoch if found is not None else None
-        if (epoch, size) != (rec.state_epoch, rec.state_bytes):
-            rec.state_epoch, rec.state_bytes = epoch, size
+        if (now.state_epoch, now.state_bytes) != (rec.state_epoch, rec.state_bytes):
+            rec.state_epoch, rec.state_bytes = now.state_epoch, now.state_bytes
             await reporter.recovery_changed()
 
     def _record_artifact(self, job: Job, final: Path) -> None:
@@ -462,9 +463,8 @@ class JobRunner:
             # resumes counts only the crashes in a row.
             job.recovery.auto_resumes = 0
             # kept: the saved state is what the job resumes from
-            paths = job_paths(self._config, job.id)
-            found, job.recovery.state_bytes = await asyncio.to_thread(_states_now, paths.output, output_name(job))
-            job.recovery.state_epoch = found.epoch if found is not None else None
+            await asyncio.to_thread(train_state.record_states, job.recovery, job_paths(self._config, job.id).output,
+                                    output_name(job))
         await asyncio.to_thread(self._store.save, job)
 
     async def _device(self, job: Job) -> bool:
@@ -734,10 +734,6 @@ def _offset_steps(reporter: JobReporter, progress: Progress) -> int:
     if reporter.resumed_epochs is not None and progress.total and progress.epochs:
         rec.step_offset = train_state.step_offset(reporter.resumed_epochs, progress.total, progress.epochs)
     return rec.step_offset
-
-
-def _states_now(output_dir: Path, name: str) -> tuple[SavedState | None, int]:
-    return train_state.find_resume_state(output_dir, name), train_state.states_bytes(output_dir, name)
 
 
 @dataclass

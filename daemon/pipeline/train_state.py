@@ -18,6 +18,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from daemon.jobs.models import Recovery
+
 log = logging.getLogger(__name__)
 
 STATE_SUFFIX = "-state"
@@ -94,6 +96,14 @@ def folder_bytes(folder: Path) -> int:
 
 def states_bytes(output_dir: Path, output_name: str) -> int:
     return sum(folder_bytes(folder) for folder in state_folders(output_dir, output_name))
+
+
+def record_states(recovery: Recovery, output_dir: Path, output_name: str) -> SavedState | None:
+    """Bring `recovery.state_epoch` / `state_bytes` up to what is on disk now; returns the resume point."""
+    state = find_resume_state(output_dir, output_name)
+    recovery.state_epoch = state.epoch if state is not None else None
+    recovery.state_bytes = states_bytes(output_dir, output_name)
+    return state
 
 
 def remove_states(output_dir: Path, output_name: str, *, keep: Path | None = None) -> int:
