@@ -8,6 +8,8 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -339,6 +341,43 @@ def test_the_wrapper_never_runs_a_go_file_once_orphaned(tmp_path: Path) -> None:
     go.write_text(json.dumps({"script": "x.py", "argv": []}), encoding="utf-8")
     assert kohya_prestart.wait_for_go(str(go), 5, parent=-1) is None  # "re-parented" at once
     assert go.exists()  # left for nobody to run
+
+
+def test_a_daemon_killed_before_the_wrapper_started_leaves_nothing_waiting(tmp_path: Path) -> None:
+    # The race CI met: the daemon SIGKILLed between spawning the wrapper and the wrapper reading its own parent.
+    # Told the daemon's pid on its command line, it sees at once that its parent is not that daemon.
+    script = tmp_path / "never_imported.py"
+    script.write_text("import pathlib\npathlib.Path(__file__).with_suffix('.imported').touch()\n", encoding="utf-8")
+    argv = fast_start.prestart_argv(sys.executable, str(script), tmp_path / "go.json")
+    at = argv.index("--parent") + 1
+    argv[at] = str(2**22 + 12345)  # no such process: never our parent
+    t0 = time.monotonic()
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert done.returncode == kohya_prestart.EXIT_NO_GO, done.stderr
+    assert time.monotonic() - t0 < 10
+    assert not script.with_suffix(".imported").exists()  # gave up before importing anything
+
+
+def test_a_slow_import_is_cut_short_when_the_daemon_dies(tmp_path: Path) -> None:
+    # kohya's imports take 5-20 s; a daemon dying meanwhile must not leave them running to the end.
+    script = tmp_path / "slow_import.py"
+    script.write_text("import time\ntime.sleep(60)\n", encoding="utf-8")
+    middle = tmp_path / "middle.py"  # stands for the daemon: starts the wrapper, then dies without a word
+    middle.write_text(
+        "import os, subprocess, sys, time\n"
+        f"argv = {fast_start.prestart_argv(sys.executable, str(script), tmp_path / 'go.json')!r}\n"
+        "argv[argv.index('--parent') + 1] = str(os.getpid())\n"
+        "proc = subprocess.Popen(argv)\n"
+        "print(proc.pid, flush=True)\n"
+        "time.sleep(2)\n"
+        "os._exit(9)\n", encoding="utf-8")
+    out = subprocess.run([sys.executable, str(middle)], capture_output=True, text=True, timeout=30)
+    wrapper = int(out.stdout.split()[0])
+    t0 = time.monotonic()
+    while _alive(wrapper) and time.monotonic() - t0 < 20:
+        time.sleep(0.1)
+    assert not _alive(wrapper)
+    assert time.monotonic() - t0 < 5  # the watcher, not the 60 s import
 
 
 # ------------------------------------------------------------------------------------------------ bench mode

@@ -211,7 +211,8 @@ def with_vae_batch(argv: list[str], size: int) -> list[str]:
 def prestart_argv(python: str, script: str, go_file: Path, max_wait_s: float = PRESTART_MAX_WAIT_S,
                   ready: Path | None = None) -> list[str]:
     marker = ["--ready", str(ready)] if ready is not None else []
-    return [python, "-u", str(WRAPPER), "--go", str(go_file), "--max-wait", str(round(max_wait_s)), *marker, script]
+    return [python, "-u", str(WRAPPER), "--go", str(go_file), "--parent", str(os.getpid()),
+            "--max-wait", str(round(max_wait_s)), *marker, script]
 
 
 def go_document(argv: Sequence[str], python: str, script: str) -> dict[str, object] | None:

@@ -1,6 +1,6 @@
 """Run by kohya's own python, not imported by the daemon: start a kohya script before the daemon's prep is done.
 
-    python -u kohya_prestart.py --go GO_FILE [--max-wait S] [--ready FILE] SCRIPT
+    python -u kohya_prestart.py --go GO_FILE [--parent PID] [--max-wait S] [--ready FILE] SCRIPT
 
 Imports SCRIPT as a module (torch, diffusers, transformers...: ~5 s of a ~20 s start on a CPU, see
 tests/fixtures/kohya_startup/FACTS.md), then waits for the daemon's go file, a JSON object
@@ -20,7 +20,9 @@ another file); at an sd-scripts without that function nothing is replaced.
 
 Anything that fails while importing is left for the real run to raise again, with its usual traceback: this
 wrapper prints nothing of its own unless it gives up waiting. It exits without running anything when the daemon
-that started it is gone (POSIX) or no go file came within --max-wait seconds.
+that started it is gone (POSIX) or no go file came within --max-wait seconds. --parent is the daemon's pid: a daemon
+killed before this process got to read its own parent must not leave it waiting an hour, and while the imports run
+(seconds to tens of seconds) a watcher thread checks too.
 
 Standard library only: kohya's venv does not have the daemon's packages.
 """
@@ -34,6 +36,7 @@ import json
 import os
 import runpy
 import sys
+import threading
 import time
 
 POLL_S = 0.02
@@ -44,7 +47,7 @@ def wait_for_go(go_file: str, max_wait_s: float, parent: int) -> dict[str, objec
     """The go file's JSON once it exists (the daemon writes it atomically); None when the daemon is gone."""
     end = time.monotonic() + max_wait_s
     while time.monotonic() < end:
-        if os.name == "posix" and os.getppid() != parent:
+        if orphaned(parent):
             return None  # re-parented: the daemon died without telling us (checked first: never run its go)
         try:
             with open(go_file, encoding="utf-8") as fh:
@@ -56,6 +59,23 @@ def wait_for_go(go_file: str, max_wait_s: float, parent: int) -> dict[str, objec
         return go
     print(f"kohya_prestart: no go signal in {go_file} within {max_wait_s:.0f} s; exiting", file=sys.stderr, flush=True)
     return None
+
+
+def orphaned(parent: int) -> bool:
+    """True when the daemon that started us is gone: we were re-parented (POSIX only; elsewhere never)."""
+    return os.name == "posix" and os.getppid() != parent
+
+
+def watch_parent(parent: int, until: threading.Event, poll_s: float = 0.1) -> threading.Thread:
+    """Exit the whole process as soon as the daemon is gone, until `until` is set (the imports are done)."""
+    def watch() -> None:
+        while not until.wait(poll_s):
+            if orphaned(parent):
+                os._exit(EXIT_NO_GO)  # the main thread is inside an import: nothing to unwind, nothing to flush
+
+    thread = threading.Thread(target=watch, name="parent watch", daemon=True)
+    thread.start()
+    return thread
 
 
 def known_sha256(hash_file: str, filename: str) -> str | None:
@@ -88,9 +108,9 @@ def use_known_hashes(hash_file: str) -> bool:
 
 
 def main() -> int:
-    parent = os.getppid()
     ap = argparse.ArgumentParser(prog="kohya_prestart.py")
     ap.add_argument("--go", required=True)
+    ap.add_argument("--parent", type=int, default=os.getppid())
     ap.add_argument("--max-wait", type=float, default=3600.0)
     ap.add_argument("--ready")
     ap.add_argument("script")
@@ -100,13 +120,18 @@ def main() -> int:
     sys.path[0] = os.path.dirname(script)
     sys.argv = [script]
     stem = os.path.splitext(os.path.basename(script))[0]
+    if orphaned(opts.parent):
+        return EXIT_NO_GO
+    imported = threading.Event()
+    watch_parent(opts.parent, imported)
     # Whatever fails here, the real run raises again below, with the script's own traceback.
     with contextlib.suppress(BaseException):
         importlib.import_module(stem)
+    imported.set()
     if opts.ready:
         with contextlib.suppress(OSError), open(opts.ready, "w", encoding="utf-8"):
             pass
-    go = wait_for_go(opts.go, opts.max_wait, parent)
+    go = wait_for_go(opts.go, opts.max_wait, opts.parent)
     if go is None:
         return EXIT_NO_GO
     run_script = os.path.abspath(str(go.get("script") or script))
