@@ -24,6 +24,10 @@ class EventType(str, enum.Enum):
     SAMPLE = "sample"  # data: {"file", "url"}
     # data: {"kind": "oom_retry" | "resumed" | "auto_resumed" | ..., "message": sentence, "recovery": Recovery json}
     NOTICE = "notice"
+    # data: {"points": [[step, epoch, loss], ...]} — every step's loss since the last `loss` event (issue 10)
+    LOSS = "loss"
+    # data: {"task_id", "state": "running"|"done"|"error"|"cancelled", "done", "total", "error"} — a tagger run
+    TAGGING = "tagging"
     RESULT = "result"  # data: {"state", "artifact", "lora_id", "error"} — the final word on a job
     JOB_DELETED = "job_deleted"  # data: {}
     CONFIG = "config"  # data: {"changed", "restart_needed", "error", "key"} — the config file was reloaded

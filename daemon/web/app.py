@@ -22,6 +22,7 @@ from daemon.jobs.store import JobStore
 from daemon.pipeline.env_check import GpuInfo, kohya_python, probe_gpu
 from daemon.pipeline.runner import JobRunner
 from daemon.pipeline.standby import Standby
+from daemon.web import checkpoints_api, pictures_api, tagger_api
 from daemon.web.api import SHUTDOWN, Shutdown, routes
 from daemon.web.keys import CONFIG, GPU, HUB, QUEUE, STORE
 from daemon.web.middlewares import error_middleware, protocol_logger, security_middleware
@@ -47,6 +48,9 @@ def create_app(config: Config, *, gpu_probe: Callable[[], GpuInfo] | None = None
     app[GPU] = GpuCache(gpu_probe or (lambda: probe_gpu(kohya_python(live.current))))
     app[SHUTDOWN] = Shutdown()
     app.add_routes(routes)
+    app.add_routes(checkpoints_api.routes)
+    app.add_routes(tagger_api.routes)
+    app.add_routes(pictures_api.routes)
     app.router.add_get("/ws", websocket_handler)
     app.cleanup_ctx.append(_jobs_ctx)
     app.cleanup_ctx.append(_config_watch_ctx)

@@ -2,7 +2,9 @@
 import { MIN_SIDE, MAX_ASPECT } from "./constants.js"
 import { state } from "./store.js"
 import { ui } from "./views/ui.js"
-import { renderForm, renderImages } from "./views/form.js"
+import { renderForm } from "./views/form.js"
+import { renderImages } from "./views/pictures.js"
+import { picturesChanged } from "./pictures-changed.js"
 
 export function addFiles(fileList) {
     const rejected = []
@@ -23,6 +25,7 @@ export function addFiles(fileList) {
     ui.serverErrors.images.textContent = ""
     renderImages()
     renderForm()
+    picturesChanged(state.images)
 }
 export function probeImage(img) {
     const probe = new Image()
@@ -51,10 +54,12 @@ export function removeImage(id) {
     ui.serverErrors.images.textContent = ""
     renderImages()
     renderForm()
+    picturesChanged(state.images)
 }
 export function clearImages() {
     state.images.forEach((i) => URL.revokeObjectURL(i.url))
     state.images = []
     ui.imageNote.textContent = ""
     renderImages()
+    picturesChanged(state.images)
 }

@@ -1,11 +1,10 @@
 // The form view: presets, base models (following ED's model), fields, advanced parameters, pictures, Start.
 import { MIN_IMAGES, MAX_IMAGES, ARCH_LABELS, PARAM_FIELDS } from "../constants.js"
 import { ed } from "../ed.js"
-import { el, icon } from "../dom.js"
+import { el } from "../dom.js"
 import { state } from "../store.js"
 import { ui } from "./ui.js"
 import { imagesProblem, selectedBaseModel, baseModelArch, formErrors, startBlocker, baseValues, readParam, paramsIssue, paramDefault, defaultRepeats, estimateSteps, archLabel, isTrainable, daemonModel } from "../form-rules.js"
-import { removeImage } from "../images.js"
 import { ensureFit, ensurePresets, shownFit } from "../fit.js"
 
 export function renderPresets() {
@@ -197,21 +196,4 @@ export function renderForm() {
     const blocker = startBlocker()
     ui.start.disabled = !!blocker
     ui.startReason.textContent = blocker || "About " + (estimateSteps() || "?") + " steps."
-}
-export function renderImages() {
-    if (!ui.thumbs) return
-    ui.thumbs.replaceChildren(
-        ...state.images.map((img) =>
-            el(
-                "div",
-                { className: "clora-thumb" + (img.problem ? " clora-bad" : ""), attrs: { title: img.file.name + (img.problem ? " — " + img.problem : ""), "data-clora": "thumb" } },
-                el("img", { attrs: { src: img.url, alt: img.file.name, loading: "lazy" } }),
-                el(
-                    "button",
-                    { className: "secondaryButton", attrs: { type: "button", title: "Remove " + img.file.name, "aria-label": "Remove " + img.file.name, "data-clora": "remove-image" }, on: { click: (e) => { e.stopPropagation(); removeImage(img.id) } } },
-                    icon("fa-xmark")
-                )
-            )
-        )
-    )
 }
