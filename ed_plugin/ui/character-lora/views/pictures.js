@@ -4,7 +4,8 @@ import { el, icon } from "../dom.js"
 import { state } from "../store.js"
 import { ui } from "./ui.js"
 import { removeImage } from "../images.js"
-import { cropParts, warningParts } from "./picture-checks.js"
+import { warningParts } from "./picture-checks.js"
+import { cropParts } from "./face-crop.js"
 import { captionParts } from "./captions.js"
 
 export function renderImages() {
