@@ -337,3 +337,14 @@ def run_checks(config: Config, gpu: GpuInfo, *, reach: clip_tokenizer.Reach | No
         check_tokenizer(config, reach=reach),
         check_gpu(gpu, config.allow_cpu),
     ]
+
+
+def check_tagger(config: Config, probe: object | None = None, *, refresh: bool = False) -> Check:
+    """Can kohya's WD14 tagger run (automatic tags), and is its model cached? Never blocks training: /config/test
+    shows it beside the checks, not among them."""
+    from daemon.pipeline import tagger  # imported here: tagger.py uses this module's kohya_python
+
+    ready = tagger.readiness(tagger.tagger_setup(config), probe if isinstance(probe, tagger.OnnxProbe)
+                             else tagger.OnnxProbe(), refresh=refresh)
+    fix = ready.problems[0].fix if ready.problems else ""
+    return Check("tagger", ready.available, ready.summary, fix)

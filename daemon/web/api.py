@@ -22,7 +22,7 @@ from daemon.jobs import fields
 from daemon.jobs.models import Job
 from daemon.jobs.store import LOG_RING
 from daemon.pipeline import base_models, dataset, trainer_log
-from daemon.pipeline.env_check import run_checks, tokenizer_readiness
+from daemon.pipeline.env_check import check_tagger, run_checks, tokenizer_readiness
 from daemon.pipeline.fit import AUTO, TIER_LABELS, tiers_json
 from daemon.pipeline.model_arch import (
     ARCH_LABELS,
@@ -35,6 +35,7 @@ from daemon.pipeline.model_arch import (
 from daemon.pipeline.params import DEFAULT_PRESET, presets_for, resolve_params
 from daemon.pipeline.runner import job_paths
 from daemon.web.keys import CONFIG, GPU, QUEUE, STORE
+from daemon.web.tagger_api import TAGGER
 from daemon.web.uploads import UPLOAD_SLOTS, UploadLimits, read_train_form
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,8 @@ async def config_test(request: web.Request) -> web.Response:
     checks = await asyncio.to_thread(run_checks, config, gpu)
     # Per family and never blocking: SDXL's second tokenizer missing must not stop SD 1.x jobs.
     tokenizers = await asyncio.to_thread(tokenizer_readiness, config)
+    # Optional, never blocking: automatic tags (issue 10).
+    tagger = await asyncio.to_thread(check_tagger, config, request.app[TAGGER].probe, refresh=True)
     return web.json_response({
         "ready": all(c.ok for c in checks),
         "lora_dir": str(config.ed_lora_dir),
@@ -99,6 +102,7 @@ async def config_test(request: web.Request) -> web.Response:
         "gpu": {"name": gpu.name, "vram_gb": gpu.vram_gb} if gpu.cuda else None,
         "checks": [c.to_json() for c in checks],
         "tokenizers": {arch: check.to_json() for arch, check in tokenizers.items()},
+        "tagger": tagger.to_json(),
     })
 
 

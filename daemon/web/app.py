@@ -53,6 +53,7 @@ def create_app(config: Config, *, gpu_probe: Callable[[], GpuInfo] | None = None
     app.add_routes(pictures_api.routes)
     app.router.add_get("/ws", websocket_handler)
     app.cleanup_ctx.append(_jobs_ctx)
+    app.cleanup_ctx.append(tagger_api.tagger_ctx)  # after the jobs: it needs the hub, and stops before it
     app.cleanup_ctx.append(_config_watch_ctx)
     app.on_shutdown.append(_close_sockets)
     app.on_response_prepare.append(_note_interest)

@@ -82,16 +82,17 @@ UPLOAD_SLOTS = web.AppKey("upload_slots", UploadSlots)
 
 
 async def read_train_form(request: web.Request, *, tmp_root: Path, limits: UploadLimits,
-                          check_text: TextCheck) -> TrainForm:
+                          check_text: TextCheck, text_fields: frozenset[str] = TEXT_FIELDS) -> TrainForm:
     """Store the form's files under `tmp_root`; each text field is passed to `check_text` as it arrives,
-    so a bad name sent before the pictures is refused before any picture is stored."""
+    so a bad name sent before the pictures is refused before any picture is stored. Other forms with pictures
+    (the tagger's) name their own `text_fields`."""
     _check_body_headers(request)
     tmp_dir = tmp_root / f"upload-{secrets.token_hex(8)}"
     with disk_errors(tmp_root):
         tmp_root.mkdir(parents=True, exist_ok=True)
         tmp_dir.mkdir()
     try:
-        form = await _Reader(request, tmp_dir, limits, check_text).read()
+        form = await _Reader(request, tmp_dir, limits, check_text, text_fields).read()
     except BaseException as exc:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         if isinstance(exc, asyncio.CancelledError):
@@ -112,8 +113,10 @@ def _check_body_headers(request: web.Request) -> None:
 
 
 class _Reader:
-    def __init__(self, request: web.Request, tmp_dir: Path, limits: UploadLimits, check_text: TextCheck) -> None:
+    def __init__(self, request: web.Request, tmp_dir: Path, limits: UploadLimits, check_text: TextCheck,
+                 text_fields: frozenset[str] = TEXT_FIELDS) -> None:
         self._request = request
+        self._text_fields = text_fields
         self._tmp_dir = tmp_dir
         self._limits = limits
         self._check_text = check_text
@@ -136,16 +139,17 @@ class _Reader:
             name = part.name or ""
             if name == FILE_FIELD:
                 uploads.append(await self._store_file(part, len(uploads)))
-            elif name in TEXT_FIELDS:
+            elif name in self._text_fields:
                 if name in fields:
                     raise BadInput(f"The field '{name}' was sent twice.", key=name)
                 fields[name] = await self._text(part, name)
                 self._check_text(name, fields[name])
             else:
                 shown = display_name(name, 0)
-                raise BadInput(
-                    f"Unknown form field '{shown}'; expected name, trigger, class_token, base_model,"
-                    " params and images.", key=shown)
+                expected = "name, trigger, class_token, base_model, params and images"
+                if self._text_fields != TEXT_FIELDS:
+                    expected = ", ".join(sorted(self._text_fields)) + " and images"
+                raise BadInput(f"Unknown form field '{shown}'; expected {expected}.", key=shown)
         return TrainForm(fields=fields, uploads=uploads, tmp_dir=self._tmp_dir)
 
     async def _store_file(self, part: BodyPartReader, index: int) -> Upload:
