@@ -129,4 +129,20 @@ box-shadow: 0 4px 8px 0 rgba(0, 0, 0, 0.15), 0 6px 20px 0 rgba(0, 0, 0, 0.15); }
 .clora-jobs tr.clora-selected td { background: var(--background-color1); }
 .clora-jobs .clora-small { font-size: 9pt; color: var(--small-label-color, #999); }
 .clora-jobs button { padding: 1px 6px; }
+/* issue 10 B1: automatic tags (views/tagger.js) */
+.clora-tagger { margin: 8px 0; padding: 8px; border-radius: 5px; background: var(--background-color3); }
+.clora-tagger-head { display: flex; align-items: center; gap: 8px; flex-wrap: wrap; }
+.clora-tagger-head button { flex: none; }
+.clora-tagger-head input[type="number"] { width: 64px; padding: 2px 4px; color: var(--input-text-color); background: var(--input-background-color);
+border: var(--input-border-size, 1px) solid var(--input-border-color); border-radius: var(--input-border-radius, 4px); }
+.clora-tagger .clora-reason { font-size: 9pt; color: var(--small-label-color, #999); }
+.clora-tagger-progress { display: flex; align-items: center; gap: 8px; margin-top: 6px; flex-wrap: wrap; font-size: 10pt; }
+.clora-tagger-progress progress { width: 140px; }
+.clora-tags { display: flex; flex-wrap: wrap; gap: 4px 6px; margin-top: 6px; }
+.clora-tag { display: inline-flex; align-items: center; gap: 4px; padding: 2px 6px; border-radius: 4px; background: var(--background-color1); font-size: 10pt; cursor: pointer; }
+.clora-tag.clora-tag-suggested { border: 1px dashed var(--status-orange, orange); }
+.clora-tag-count { color: var(--small-label-color, #999); font-size: 9pt; }
+.clora-tagger-captions { margin-top: 6px; font-size: 9pt; }
+.clora-tagger-captions ol { margin: 4px 0 0 0; padding-left: 20px; }
+.clora-tagger-captions .clora-small { color: var(--small-label-color, #999); }
 `
