@@ -87,19 +87,27 @@ export async function startTagging() {
     for (const img of imgs) form.append("images", img.file, img.file.name)
     tagger.error = null
     tagger.notice = null
-    tagger.run = { task_id: null, state: "running", phase: "uploading", done: 0, total: imgs.length, ids: imgs.map((i) => i.id) }
+    const run = { task_id: null, state: "running", phase: "uploading", done: 0, total: imgs.length, ids: imgs.map((i) => i.id) }
+    tagger.run = run
     scheduleRender()
+    let answer
     try {
-        const answer = await client.request("POST", "/tagger/runs", form, { timeoutMs: 300000 })
-        tagger.run.task_id = answer.task_id
+        answer = await client.request("POST", "/tagger/runs", form, { timeoutMs: 300000 })
     } catch (e) {
+        if (tagger.run !== run) return // cancelled while uploading
         tagger.run = null
         tagger.error = e.message + (e.hint ? " " + e.hint : "")
         if (e.status === 503) loadReadiness()
         scheduleRender()
         return
     }
-    poll(tagger.run)
+    run.task_id = answer.task_id
+    if (tagger.run !== run) {
+        // cancelled while the pictures were on their way: stop what the daemon just started
+        client.request("DELETE", "/tagger/runs/" + encodeURIComponent(run.task_id)).catch(() => {})
+        return
+    }
+    poll(run)
 }
 
 async function poll(run) {
