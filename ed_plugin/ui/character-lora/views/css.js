@@ -129,4 +129,13 @@ box-shadow: 0 4px 8px 0 rgba(0, 0, 0, 0.15), 0 6px 20px 0 rgba(0, 0, 0, 0.15); }
 .clora-jobs tr.clora-selected td { background: var(--background-color1); }
 .clora-jobs .clora-small { font-size: 9pt; color: var(--small-label-color, #999); }
 .clora-jobs button { padding: 1px 6px; }
+/* issue 10 C1: warnings about the pictures (badges on the cards, the set's warnings above them) */
+.clora-thumb .clora-warns { position: absolute; top: 2px; left: 2px; right: 24px; display: flex; flex-wrap: wrap; gap: 2px; pointer-events: none; }
+.clora-thumb .clora-warn { position: static; width: auto; height: auto; padding: 0 4px; border-radius: 3px; border: none; font-size: 8pt; line-height: 15px; opacity: 0.92;
+background: var(--status-orange, #d97706); color: #000; cursor: help; pointer-events: auto; white-space: nowrap; max-width: 100%; overflow: hidden; text-overflow: ellipsis; }
+.clora-thumb .clora-warn[data-code="unreadable"] { background: var(--status-red, red); color: #fff; }
+.clora-thumb .clora-warn:hover, .clora-thumb .clora-warn:focus-visible { opacity: 1; outline: 1px solid var(--text-color); }
+.clora-picture-set { margin-top: 8px; display: flex; flex-direction: column; gap: 4px; }
+.clora-set-warn { padding: 4px 8px; border-radius: 5px; border-left: 3px solid var(--status-orange, #d97706); background: var(--background-color3); font-size: 10pt; }
+.clora-set-warn .clora-set-hint { color: var(--small-label-color, #999); }
 `

@@ -1,0 +1,96 @@
+// The daemon's warnings about the form's pictures (POST /pictures/check): asked for whenever pictures are added
+// or removed (debounced) or the training resolution changes; advisory only: nothing here ever blocks Start.
+import { client, state, subscribe } from "./store.js"
+import { onPicturesChanged } from "./pictures-changed.js"
+import { baseValues, readParam } from "./form-rules.js"
+import { renderImages } from "./views/pictures.js"
+import { renderPictureSet } from "./views/picture-checks.js"
+
+// Pictures are usually added a few at a time (several drops, a picker then a drop): one request for the lot.
+const DEBOUNCE_MS = 500
+const TIMEOUT_MS = 120000
+
+state.pictureChecks = {
+    checking: false,
+    set: [], // the set's warnings [{code, message, hint}] for the current list
+    error: null, // a sentence when the daemon could not check them (never blocks anything)
+    unsupported: false, // the daemon has no /pictures/check (older): nothing is shown
+}
+let timer = null
+let generation = 0 // bumped for every new list: an answer for an older one is dropped
+let askedResolution = null
+
+/** The resolution the daemon will train at: a valid typed value, else the preset's (/fit's) one. */
+export function trainingResolution() {
+    const typed = state.paramsDirty.has("resolution") ? readParam({ key: "resolution" }) : undefined
+    if (Number.isInteger(typed) && typed >= 256 && typed <= 1024) return typed
+    const r = baseValues().resolution
+    return Number.isInteger(r) ? r : 512
+}
+
+export function scheduleCheck() {
+    generation += 1
+    askedResolution = trainingResolution()
+    clearTimeout(timer)
+    timer = setTimeout(() => check(generation), DEBOUNCE_MS)
+}
+
+async function check(gen) {
+    const checks = state.pictureChecks
+    const images = state.images.slice()
+    if (!images.length || checks.unsupported || !client.url) {
+        checks.set = []
+        checks.error = null
+        checks.checking = false
+        renderPictureSet()
+        return
+    }
+    const form = new FormData()
+    for (const img of images) form.append("images", img.file, img.file.name)
+    checks.checking = true
+    renderPictureSet()
+    try {
+        const res = await client.request("POST", "/pictures/check?resolution=" + askedResolution, form, { timeoutMs: TIMEOUT_MS })
+        if (gen !== generation) return
+        applyAnswer(images, res)
+        checks.error = null
+    } catch (e) {
+        if (gen !== generation) return
+        if (e.status === 404 || e.status === 405) {
+            checks.unsupported = true // an older daemon: the tab works as before, without warnings
+            checks.error = null
+        } else {
+            checks.error = e.message
+        }
+        checks.set = []
+    } finally {
+        if (gen === generation) {
+            checks.checking = false
+            renderImages()
+            renderPictureSet()
+        }
+    }
+}
+
+/** The daemon answers in upload order: picture i of the answer is images[i]; `others` become picture ids. */
+function applyAnswer(images, res) {
+    const pictures = (res && Array.isArray(res.pictures)) ? res.pictures : []
+    images.forEach((img, i) => {
+        const found = pictures.find((p) => p.index === i)
+        img.warnings = found && Array.isArray(found.warnings)
+            ? found.warnings.map((w) => ({
+                code: String(w.code),
+                message: String(w.message || ""),
+                hint: String(w.hint || ""),
+                others: (w.others || []).map((j) => images[j] && images[j].id).filter((id) => id !== undefined),
+            }))
+            : null
+    })
+    state.pictureChecks.set = Array.isArray(res && res.set) ? res.set : []
+}
+
+onPicturesChanged(() => scheduleCheck())
+// A changed training resolution changes what is "small": check again (only when it really changed).
+subscribe(() => {
+    if (state.images.length && askedResolution !== null && trainingResolution() !== askedResolution) scheduleCheck()
+})
