@@ -143,3 +143,20 @@ def test_a_daemon_without_the_check_shows_nothing(env: Env, page: Any) -> None: 
     page.wait_for_timeout(900)
     assert len(asked) == 1
     assert errors == []
+
+
+def test_a_new_training_resolution_checks_again(env: Env, page: Any) -> None:  # noqa: F811
+    asked: list[str] = []
+    page.on("request", lambda req: asked.append(req.url) if "/pictures/check" in req.url else None)
+    open_tab(page, env.ed_url)
+    fill_form(page)
+    drop_images(page, pictures()[:3])  # 640×480: enough at 512, not at 768
+    page.wait_for_function("window.CharacterLoRA.state.images.every((i) => Array.isArray(i.warnings))",
+                           timeout=30000)
+    assert card_codes(page) == [[], [], []]
+    page.locator("[data-clora=advanced] summary").click()
+    page.fill("#clora-p-resolution", "768")
+    page.wait_for_function(f"JSON.stringify(({CARD_CODES})()) === JSON.stringify([['small'], ['small'], ['small']])",
+                           timeout=30000)
+    assert [u.split("?")[1] for u in asked] == ["resolution=512", "resolution=768"]
+    assert "fewer than the 768×768" in page.locator("[data-clora=picture-warning]").first.get_attribute("title")

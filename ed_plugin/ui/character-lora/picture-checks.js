@@ -19,6 +19,7 @@ state.pictureChecks = {
 let timer = null
 let generation = 0 // bumped for every new list: an answer for an older one is dropped
 let askedResolution = null
+let retryWhenUp = false // asked while the daemon was unknown or unreachable: ask again once it answers
 
 /** The resolution the daemon will train at: a valid typed value, else the preset's (/fit's) one. */
 export function trainingResolution() {
@@ -39,6 +40,7 @@ async function check(gen) {
     const checks = state.pictureChecks
     const images = state.images.slice()
     if (!images.length || checks.unsupported || !client.url) {
+        retryWhenUp = images.length > 0 && !checks.unsupported
         checks.set = []
         checks.error = null
         checks.checking = false
@@ -61,6 +63,7 @@ async function check(gen) {
             checks.error = null
         } else {
             checks.error = e.message
+            retryWhenUp = e.kind === "network"
         }
         checks.set = []
     } finally {
@@ -92,5 +95,11 @@ function applyAnswer(images, res) {
 onPicturesChanged(() => scheduleCheck())
 // A changed training resolution changes what is "small": check again (only when it really changed).
 subscribe(() => {
-    if (state.images.length && askedResolution !== null && trainingResolution() !== askedResolution) scheduleCheck()
+    if (!state.images.length) return
+    if (retryWhenUp && client.url && state.health === "ok") {
+        retryWhenUp = false
+        scheduleCheck()
+    } else if (askedResolution !== null && trainingResolution() !== askedResolution) {
+        scheduleCheck()
+    }
 })
