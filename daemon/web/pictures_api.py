@@ -10,7 +10,6 @@ from pathlib import Path
 from aiohttp import web
 
 from daemon.errors import BadInput
-from daemon.pipeline import picture_checks
 from daemon.pipeline.dataset import _workers
 from daemon.pipeline.params import _INT_RANGES
 from daemon.web.api import upload_limits
@@ -54,20 +53,27 @@ async def check_pictures(request: web.Request) -> web.Response:
     with request.app[UPLOAD_SLOTS].take(config.max_uploads):
         form = await read_train_form(request, tmp_root=config.data_dir / "tmp", limits=upload_limits(config),
                                      check_text=_only_images)
-        work: asyncio.Future[picture_checks.Report] | None = None
+        work: asyncio.Future[dict[str, object]] | None = None
         try:
             if not form.uploads:
                 raise BadInput("Send at least one picture in 'images'.", key="images")
             items = [(u.path, u.client_name) for u in form.uploads]
-            work = asyncio.ensure_future(asyncio.to_thread(
-                picture_checks.check_pictures, items, resolution, workers=_workers(len(items))))
+            work = asyncio.ensure_future(asyncio.to_thread(_run_checks, items, resolution))
             report = await asyncio.shield(work)  # a client that leaves does not stop the threads mid-file
         finally:
             _remove_when_done(form.tmp_dir, work)
-    return web.json_response(report.to_json())
+    return web.json_response(report)
 
 
-def _remove_when_done(tmp_dir: Path, work: asyncio.Future[picture_checks.Report] | None) -> None:
+def _run_checks(items: list[tuple[Path, str]], resolution: int) -> dict[str, object]:
+    # Imported on first use, in this worker thread: numpy, scipy and imagehash cost the daemon ~27 MB for its
+    # lifetime (tests/test_publish.py keeps numpy out of a daemon that never checks pictures).
+    from daemon.pipeline import picture_checks
+
+    return picture_checks.check_pictures(items, resolution, workers=_workers(len(items))).to_json()
+
+
+def _remove_when_done(tmp_dir: Path, work: asyncio.Future[dict[str, object]] | None) -> None:
     """The uploads go on every path; while threads still read them (the client left), once they are done."""
     if work is None or work.done():
         shutil.rmtree(tmp_dir, ignore_errors=True)
