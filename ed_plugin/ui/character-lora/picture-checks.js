@@ -35,8 +35,30 @@ export function scheduleCheck() {
     clearTimeout(timer)
     timer = setTimeout(() => check(generation), DEBOUNCE_MS)
 }
+// One request at a time: a check holds one of the daemon's upload slots (max_uploads) while it runs, and Start's
+// upload needs one too. A newer list waits for the running check's end (whose answer is then dropped).
+let inFlight = false
+let queued = false
 
 async function check(gen) {
+    if (gen !== generation) return
+    if (inFlight) {
+        queued = true
+        return
+    }
+    inFlight = true
+    try {
+        await ask(gen)
+    } finally {
+        inFlight = false
+        if (queued) {
+            queued = false
+            check(generation)
+        }
+    }
+}
+
+async function ask(gen) {
     const checks = state.pictureChecks
     const images = state.images.slice()
     if (!images.length || checks.unsupported || !client.url) {
