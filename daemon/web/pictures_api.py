@@ -2,6 +2,81 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import shutil
+from pathlib import Path
+
 from aiohttp import web
 
+from daemon.errors import BadInput
+from daemon.pipeline.dataset import _workers
+from daemon.pipeline.params import _INT_RANGES
+from daemon.web.api import upload_limits
+from daemon.web.keys import CONFIG
+from daemon.web.uploads import UPLOAD_SLOTS, read_train_form
+
 routes = web.RouteTableDef()
+
+
+# --------------------------------------------------------------------------- POST /pictures/check (C1)
+_check_log = logging.getLogger(__name__ + ".check")
+CHECK_RESOLUTION = 512
+
+
+def check_resolution(raw: str | None) -> int:
+    """`?resolution=`: the training resolution the pictures are judged for (the same range as the param)."""
+    low, high = _INT_RANGES["resolution"]
+    if raw is None or raw == "":
+        return CHECK_RESOLUTION
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if not low <= value <= high:
+        raise BadInput(f"'resolution' must be a whole number of pixels from {low} to {high}.", key="resolution")
+    return value
+
+
+def _only_images(name: str, value: str) -> None:
+    raise BadInput(f"POST /pictures/check takes only pictures in 'images', not '{name}' (the training resolution "
+                   "goes in the query: ?resolution=768).", key=name)
+
+
+@routes.post("/pictures/check")
+async def check_pictures(request: web.Request) -> web.Response:
+    """Warnings about the pictures (never blocking): the work runs in threads, the event loop stays free."""
+    config = request.app[CONFIG].current
+    resolution = check_resolution(request.query.get("resolution"))
+    if not request.content_type.startswith("multipart/form-data"):
+        raise BadInput("POST /pictures/check expects multipart/form-data with the pictures in 'images'.")
+    with request.app[UPLOAD_SLOTS].take(config.max_uploads):
+        form = await read_train_form(request, tmp_root=config.data_dir / "tmp", limits=upload_limits(config),
+                                     check_text=_only_images)
+        work: asyncio.Future[dict[str, object]] | None = None
+        try:
+            if not form.uploads:
+                raise BadInput("Send at least one picture in 'images'.", key="images")
+            items = [(u.path, u.client_name) for u in form.uploads]
+            work = asyncio.ensure_future(asyncio.to_thread(_run_checks, items, resolution))
+            report = await asyncio.shield(work)  # a client that leaves does not stop the threads mid-file
+        finally:
+            _remove_when_done(form.tmp_dir, work)
+    return web.json_response(report)
+
+
+def _run_checks(items: list[tuple[Path, str]], resolution: int) -> dict[str, object]:
+    # Imported on first use, in this worker thread: numpy, scipy and imagehash cost the daemon ~27 MB for its
+    # lifetime (tests/test_publish.py keeps numpy out of a daemon that never checks pictures).
+    from daemon.pipeline import picture_checks
+
+    return picture_checks.check_pictures(items, resolution, workers=_workers(len(items))).to_json()
+
+
+def _remove_when_done(tmp_dir: Path, work: asyncio.Future[dict[str, object]] | None) -> None:
+    """The uploads go on every path; while threads still read them (the client left), once they are done."""
+    if work is None or work.done():
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        return
+    _check_log.info("the client left during POST /pictures/check; its pictures are removed when the check ends")
+    work.add_done_callback(lambda _: shutil.rmtree(tmp_dir, ignore_errors=True))

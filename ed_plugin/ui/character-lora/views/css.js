@@ -145,4 +145,13 @@ border: var(--input-border-size, 1px) solid var(--input-border-color); border-ra
 .clora-tagger-captions { margin-top: 6px; font-size: 9pt; }
 .clora-tagger-captions ol { margin: 4px 0 0 0; padding-left: 20px; }
 .clora-tagger-captions .clora-small { color: var(--small-label-color, #999); }
+/* issue 10 C1: warnings about the pictures (badges on the cards, the set's warnings above them) */
+.clora-thumb .clora-warns { position: absolute; top: 2px; left: 2px; right: 24px; display: flex; flex-wrap: wrap; gap: 2px; pointer-events: none; }
+.clora-thumb .clora-warn { position: static; width: auto; height: auto; padding: 0 4px; border-radius: 3px; border: none; font-size: 8pt; line-height: 15px; opacity: 0.92;
+background: var(--status-orange, #d97706); color: #000; cursor: help; pointer-events: auto; white-space: nowrap; max-width: 100%; overflow: hidden; text-overflow: ellipsis; }
+.clora-thumb .clora-warn[data-code="unreadable"] { background: var(--status-red, red); color: #fff; }
+.clora-thumb .clora-warn:hover, .clora-thumb .clora-warn:focus-visible { opacity: 1; outline: 1px solid var(--text-color); }
+.clora-picture-set { margin-top: 8px; display: flex; flex-direction: column; gap: 4px; }
+.clora-set-warn { padding: 4px 8px; border-radius: 5px; border-left: 3px solid var(--status-orange, #d97706); background: var(--background-color3); font-size: 10pt; }
+.clora-set-warn .clora-set-hint { color: var(--small-label-color, #999); }
 `
