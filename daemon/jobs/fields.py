@@ -12,6 +12,7 @@ import unicodedata
 from typing import Any
 
 from daemon.errors import BadInput
+from daemon.pipeline.captions import MAX_CAPTION_CHARS
 
 NAME_RE = re.compile(r"^[A-Za-z0-9 _-]{1,64}$")
 TRIGGER_RE = re.compile(r"^[^\s,]{1,32}$")
@@ -94,3 +95,28 @@ def _small_int(text: str) -> int:
 
 def _no_constant(text: str) -> float:
     raise ValueError(f"{text}, which is not a number JSON allows")
+
+
+def parse_captions(raw: str | None, *, count: int | None = None) -> list[str] | None:
+    """The `captions` form field: a JSON array of strings, one per picture in upload order (the part after the
+    fixed `<trigger> <class>` prefix). None when absent. `count` (the pictures sent) is checked when known;
+    the texts are returned as sent (captions.clean_caption makes them safe)."""
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise BadInput("'captions' is not valid JSON; send a JSON array of strings, one per picture.",
+                       key="captions") from exc
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise BadInput("'captions' must be a JSON array of strings, one per picture, such as [\"smiling\", \"\"].",
+                       key="captions")
+    for index, text in enumerate(value):
+        if len(text) > MAX_CAPTION_CHARS:
+            raise BadInput(f"The caption of picture {index + 1} is {len(text)} characters long; at most "
+                           f"{MAX_CAPTION_CHARS} are allowed.", key="captions",
+                           hint="Shorten it: the text encoder reads only the first 75 tokens or so.")
+    if count is not None and len(value) != count:
+        raise BadInput(f"{len(value)} caption(s) were sent for {count} picture(s); send one per picture, in the "
+                       "order of the pictures.", key="captions")
+    return value
