@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from tests.conftest import train_form, wait_for_state
 from tests.helpers import picture_bytes
 from tests.test_crash_recovery import Site
 from tests.test_crash_recovery import site as site  # a fixture: pytest finds it by name
+from tests.test_oom_retry_daemon import gpu_daemon as gpu_daemon
 from tests.test_resume import FAST, SLOW, call, kill_all, wait_job
 
 if sys.version_info >= (3, 11):
@@ -207,3 +209,17 @@ async def test_a_resumed_job_prepares_the_same_captions_again(site: Site) -> Non
     done = await site.wait_for(job_id, {"done", "error"}, timeout=60)
     assert done["state"] == "done", done["error"]
     assert caption_files(folder) == [w + "\n" for w in WRITTEN]
+
+
+async def test_an_out_of_memory_retry_trains_on_the_same_captions(gpu_daemon: Callable[..., Any],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KOHYA_DOUBLE_OOM_ABOVE_BATCH", "4")
+    client, config = await gpu_daemon()
+    resp = await client.post("/train", data=train_form(8, class_token="woman", captions=json.dumps(TYPED),
+                                                       params='{"epochs": 1}'))
+    assert resp.status == 202, await resp.json()
+    job_id = (await resp.json())["job_id"]
+    job = await wait_for_state(client, job_id, {"done", "error"}, timeout=90)
+    assert job["state"] == "done", job["error"]
+    assert [r["to_batch"] for r in job["recovery"]["retries"]] == [4]
+    assert caption_files(job_dir(config, job_id)) == [w + "\n" for w in WRITTEN]
