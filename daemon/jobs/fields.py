@@ -12,7 +12,6 @@ import unicodedata
 from typing import Any
 
 from daemon.errors import BadInput
-from daemon.pipeline.captions import MAX_CAPTION_CHARS
 
 NAME_RE = re.compile(r"^[A-Za-z0-9 _-]{1,64}$")
 TRIGGER_RE = re.compile(r"^[^\s,]{1,32}$")
@@ -23,10 +22,17 @@ _INVISIBLE = frozenset("\u2028\u2029\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u
 # `params` is a small flat object; anything longer or deeper is not a training setting.
 MAX_PARAMS_CHARS = 4096
 MAX_NUMBER_DIGITS = 20
+# One picture's caption after the prefix. CLIP reads about 75 tokens (225 with --max_token_length): more is cut
+# by the tokenizer anyway.
+MAX_CAPTION_CHARS = 1000
+
+
+def is_control(ch: str) -> bool:
+    return ch in _INVISIBLE or unicodedata.category(ch) in ("Cc", "Cs")
 
 
 def has_control(text: str) -> bool:
-    return any(ch in _INVISIBLE or unicodedata.category(ch) in ("Cc", "Cs") for ch in text)
+    return any(is_control(ch) for ch in text)
 
 
 def check_name(value: str | None) -> str:

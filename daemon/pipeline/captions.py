@@ -10,22 +10,21 @@ from __future__ import annotations
 
 import json
 import re
-import unicodedata
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-# CLIP reads at most 75 tokens (225 with --max_token_length): a longer caption is cut by the tokenizer anyway.
-MAX_CAPTION_CHARS = 1000
+from daemon.jobs.fields import MAX_CAPTION_CHARS, is_control
+
+__all__ = ["MAX_CAPTION_CHARS", "caption_text", "clean_all", "clean_caption", "read_captions", "write_captions"]
+
 CAPTIONS_FILE = "captions.json"
 SEPARATOR = ","
-# The same invisible characters the name/trigger checks refuse (fields._INVISIBLE), replaced here by a space.
-_INVISIBLE = frozenset("\u2028\u2029\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\ufeff")
 
 
 def _visible(ch: str) -> str:
-    # Newlines would end the caption early (kohya reads the first line only); other control characters and
-    # surrogates have no meaning to the tokenizer.
-    return " " if ch in _INVISIBLE or unicodedata.category(ch) in ("Cc", "Cs") else ch
+    # Newlines would end the caption early (kohya reads the first line only); other control characters,
+    # surrogates and bidi controls (the ones the name and trigger checks refuse) mean nothing to the tokenizer.
+    return " " if is_control(ch) else ch
 
 
 def _trigger_pattern(trigger: str) -> re.Pattern[str]:
