@@ -22,10 +22,17 @@ _INVISIBLE = frozenset("\u2028\u2029\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u
 # `params` is a small flat object; anything longer or deeper is not a training setting.
 MAX_PARAMS_CHARS = 4096
 MAX_NUMBER_DIGITS = 20
+# One picture's caption after the prefix. CLIP reads about 75 tokens (225 with --max_token_length): more is cut
+# by the tokenizer anyway.
+MAX_CAPTION_CHARS = 1000
+
+
+def is_control(ch: str) -> bool:
+    return ch in _INVISIBLE or unicodedata.category(ch) in ("Cc", "Cs")
 
 
 def has_control(text: str) -> bool:
-    return any(ch in _INVISIBLE or unicodedata.category(ch) in ("Cc", "Cs") for ch in text)
+    return any(is_control(ch) for ch in text)
 
 
 def check_name(value: str | None) -> str:
@@ -94,3 +101,28 @@ def _small_int(text: str) -> int:
 
 def _no_constant(text: str) -> float:
     raise ValueError(f"{text}, which is not a number JSON allows")
+
+
+def parse_captions(raw: str | None, *, count: int | None = None) -> list[str] | None:
+    """The `captions` form field: a JSON array of strings, one per picture in upload order (the part after the
+    fixed `<trigger> <class>` prefix). None when absent. `count` (the pictures sent) is checked when known;
+    the texts are returned as sent (captions.clean_caption makes them safe)."""
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise BadInput("'captions' is not valid JSON; send a JSON array of strings, one per picture.",
+                       key="captions") from exc
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise BadInput("'captions' must be a JSON array of strings, one per picture, such as [\"smiling\", \"\"].",
+                       key="captions")
+    for index, text in enumerate(value):
+        if len(text) > MAX_CAPTION_CHARS:
+            raise BadInput(f"The caption of picture {index + 1} is {len(text)} characters long; at most "
+                           f"{MAX_CAPTION_CHARS} are allowed.", key="captions",
+                           hint="Shorten it: the text encoder reads only the first 75 tokens or so.")
+    if count is not None and len(value) != count:
+        raise BadInput(f"{len(value)} caption(s) were sent for {count} picture(s); send one per picture, in the "
+                       "order of the pictures.", key="captions")
+    return value

@@ -25,6 +25,7 @@ from PIL import Image, UnidentifiedImageError
 
 from daemon.errors import BadInput
 from daemon.pipeline.buckets import Size, prep_size
+from daemon.pipeline.captions import caption_text
 
 MIN_IMAGES = 8
 MAX_IMAGES = 25
@@ -382,14 +383,21 @@ class PreparedImage:
     size: Size
 
 
-def prepare_images(uploads: Sequence[Upload], image_dir: Path, *, size: int, text: str) -> list[PreparedImage]:
+def prepare_images(uploads: Sequence[Upload], image_dir: Path, *, size: int, text: str,
+                   captions: Sequence[str] = ()) -> list[PreparedImage]:
     """Write `NNN.png` + `NNN.txt` per upload into `image_dir` (created), in worker processes.
 
-    Raises ImageProblem naming the first upload (in order) that cannot be decoded.
+    Each caption file is `text` (the fixed `<trigger> <class>`), then that upload's own part from `captions`
+    (cleaned, aligned with `uploads`; none given = `text` alone). Raises ImageProblem naming the first upload
+    (in order) that cannot be decoded.
     """
+    if captions and len(captions) != len(uploads):
+        raise ValueError(f"{len(captions)} captions for {len(uploads)} uploads")
+    own = list(captions) or [""] * len(uploads)
     image_dir.mkdir(parents=True, exist_ok=True)
     tasks = [
-        PrepTask(str(u.path), str(image_dir / f"{i + 1:03d}.png"), u.client_name, size, text)
+        PrepTask(str(u.path), str(image_dir / f"{i + 1:03d}.png"), u.client_name, size,
+                 caption_text(text, own[i]))
         for i, u in enumerate(uploads)
     ]
     if not tasks:

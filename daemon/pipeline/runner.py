@@ -27,7 +27,7 @@ from daemon.events import EventType
 from daemon.hub import EventHub
 from daemon.jobs.models import Job, JobError, JobState, Progress, Recovery, interrupted_error
 from daemon.jobs.store import LOG_RING, JobStore
-from daemon.pipeline import buckets, dataset, kohya, oom_retry, publish, train_state
+from daemon.pipeline import buckets, captions, dataset, kohya, oom_retry, publish, train_state
 from daemon.pipeline.env_check import GpuInfo, check_script, check_workspace, prepare_tokenizers
 from daemon.pipeline.failure import classify_failure
 from daemon.pipeline.fast_start import FastStart
@@ -488,11 +488,13 @@ class JobRunner:
                                      "Pick another base model and start again."))
         self._check_family(job, params)
         uploads = dataset.read_uploads(paths.uploads)
+        # Cleaned again: the stored file is the user's; the same texts on every start, resume and retry.
+        own = captions.clean_all(captions.read_captions(paths.uploads, [u.path.name for u in uploads]), job.trigger)
         if paths.images.exists():
             shutil.rmtree(paths.images)
         try:
             prepared = dataset.prepare_images(uploads, paths.images, size=params.resolution,
-                                              text=dataset.caption(job.trigger, job.class_token))
+                                              text=dataset.caption(job.trigger, job.class_token), captions=own)
         except dataset.ImageProblem as exc:
             raise JobFailed(JobError("bad_image", exc.message, exc.hint or "")) from exc
         counts = buckets.bucket_counts((p.size for p in prepared), params.resolution)

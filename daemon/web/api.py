@@ -21,7 +21,7 @@ from daemon.instance_id import instance_id
 from daemon.jobs import fields
 from daemon.jobs.models import Job
 from daemon.jobs.store import LOG_RING
-from daemon.pipeline import base_models, dataset, trainer_log
+from daemon.pipeline import base_models, captions, dataset, trainer_log
 from daemon.pipeline.env_check import check_tagger, run_checks, tokenizer_readiness
 from daemon.pipeline.fit import AUTO, TIER_LABELS, tiers_json
 from daemon.pipeline.model_arch import (
@@ -197,10 +197,14 @@ async def train(request: web.Request) -> web.Response:
         paths = None
         try:
             job = await _new_job(request, form.fields, form.uploads)
+            sent = fields.parse_captions(form.fields.get("captions"), count=len(form.uploads))
             paths = job_paths(config, job.id)
             with disk_errors(config.jobs_dir):
                 paths.root.mkdir(parents=True)
                 await asyncio.to_thread(dataset.write_upload_names, form.tmp_dir, form.uploads)
+                if sent is not None:
+                    await asyncio.to_thread(captions.write_captions, form.tmp_dir, [u.path.name for u in form.uploads],
+                                            captions.clean_all(sent, job.trigger))
                 await asyncio.to_thread(shutil.move, str(form.tmp_dir), str(paths.uploads))
             try:
                 await queue.submit(job)
@@ -235,6 +239,8 @@ def _check_text(name: str, value: str) -> None:
         fields.check_class_token(value)
     elif name == "params":
         fields.parse_params(value)
+    elif name == "captions":
+        fields.parse_captions(value)  # the count is checked once all pictures are in
     elif name == "base_model" and (len(value) > MAX_BASE_MODEL_CHARS or fields.has_control(value)):
         raise BadInput("'base_model' must be the file name of a model Easy Diffusion lists.", key="base_model")
 

@@ -27,9 +27,11 @@ from daemon.aio import within
 from daemon.errors import BadInput, RequestTimeout, TooMany, UnsupportedMedia, disk_errors
 from daemon.pipeline.dataset import MAX_IMAGES, Upload, display_name
 
-TEXT_FIELDS = frozenset({"name", "trigger", "class_token", "base_model", "params"})
+TEXT_FIELDS = frozenset({"name", "trigger", "class_token", "base_model", "params", "captions"})
 FILE_FIELD = "images"
 MAX_TEXT_BYTES = 64 * 1024
+# `captions` holds up to 25 captions of up to 1,000 characters: 4 UTF-8 bytes each at worst, plus JSON's quoting.
+FIELD_BYTES = {"captions": 256 * 1024}
 CHUNK = 256 * 1024
 
 # aiohttp warns (on the console) about each malformed Content-Disposition; it is the client's mistake, and
@@ -146,7 +148,7 @@ class _Reader:
                 self._check_text(name, fields[name])
             else:
                 shown = display_name(name, 0)
-                expected = "name, trigger, class_token, base_model, params and images"
+                expected = "name, trigger, class_token, base_model, params, captions and images"
                 if self._text_fields != TEXT_FIELDS:
                     expected = ", ".join(sorted(self._text_fields)) + " and images"
                 raise BadInput(f"Unknown form field '{shown}'; expected {expected}.", key=shown)
@@ -181,7 +183,7 @@ class _Reader:
         raw = b""
         while chunk := await self._step(part.read_chunk(CHUNK)):
             raw += chunk
-            if len(raw) > MAX_TEXT_BYTES:  # checked while reading: a huge field never sits in memory
+            if len(raw) > FIELD_BYTES.get(name, MAX_TEXT_BYTES):  # while reading: a huge field never sits in memory
                 raise BadInput(f"The field '{name}' is too long.", key=name)
         try:
             return raw.decode("utf-8")

@@ -6,6 +6,7 @@ import { checkHealthQuietly } from "./events.js"
 import { selectedBaseModel, baseModelArch, startBlocker, collectParams } from "./form-rules.js"
 import { clearImages } from "./images.js"
 import { renderForm } from "./views/form.js"
+import { captionsField } from "./captions.js"
 
 export async function submit() {
     const blocker = startBlocker()
@@ -20,6 +21,8 @@ export async function submit() {
     if (cls) form.append("class_token", cls)
     if (selectedBaseModel()) form.append("base_model", selectedBaseModel())
     form.append("params", JSON.stringify(collectParams()))
+    const captions = captionsField(state.images)
+    if (captions !== null) form.append("captions", captions) // aligned with the pictures, appended below in order
     for (const img of state.images) form.append("images", img.file, img.file.name)
     try {
         const res = await client.request("POST", "/train", form, { timeoutMs: 300000 })

@@ -146,7 +146,8 @@ border: var(--input-border-size, 1px) solid var(--input-border-color); border-ra
 .clora-tagger-captions ol { margin: 4px 0 0 0; padding-left: 20px; }
 .clora-tagger-captions .clora-small { color: var(--small-label-color, #999); }
 /* issue 10 C1: warnings about the pictures (badges on the cards, the set's warnings above them) */
-.clora-thumb .clora-warns { position: absolute; top: 2px; left: 2px; right: 24px; display: flex; flex-wrap: wrap; gap: 2px; pointer-events: none; }
+/* in the card's text column, above the caption (the picture itself stays clear) */
+.clora-thumb .clora-warns { display: flex; flex-wrap: wrap; gap: 2px; pointer-events: none; }
 .clora-thumb .clora-warn { position: static; width: auto; height: auto; padding: 0 4px; border-radius: 3px; border: none; font-size: 8pt; line-height: 15px; opacity: 0.92;
 background: var(--status-orange, #d97706); color: #000; cursor: help; pointer-events: auto; white-space: nowrap; max-width: 100%; overflow: hidden; text-overflow: ellipsis; }
 .clora-thumb .clora-warn[data-code="unreadable"] { background: var(--status-red, red); color: #fff; }
@@ -154,4 +155,23 @@ background: var(--status-orange, #d97706); color: #000; cursor: help; pointer-ev
 .clora-picture-set { margin-top: 8px; display: flex; flex-direction: column; gap: 4px; }
 .clora-set-warn { padding: 4px 8px; border-radius: 5px; border-left: 3px solid var(--status-orange, #d97706); background: var(--background-color3); font-size: 10pt; }
 .clora-set-warn .clora-set-hint { color: var(--small-label-color, #999); }
+/* issue 10 B2: picture cards with their captions. A card is a small square picture beside its caption (the fixed
+   "<trigger> <class>," chip, locked, then the user's text); 25 cards scroll inside the form instead of stretching it. */
+.clora-thumbs { grid-template-columns: repeat(auto-fill, minmax(210px, 1fr)); max-height: min(62vh, 560px); overflow-y: auto; padding-right: 2px; }
+.clora-thumb { aspect-ratio: auto; overflow: visible; display: grid; grid-template-columns: 64px minmax(0, 1fr); column-gap: 6px;
+align-items: start; align-content: start; padding: 3px; background: var(--background-color3); }
+.clora-thumb > .clora-thumb-pic { grid-column: 1; grid-row: 1 / span 6; position: relative; width: 64px; height: 64px; border-radius: 4px;
+overflow: hidden; background: var(--background-color4); }
+.clora-thumb > :not(.clora-thumb-pic):not(button) { grid-column: 2; min-width: 0; }
+.clora-root .clora-thumb > button { top: 5px; right: auto; left: 47px; }
+.clora-cap { display: flex; flex-direction: column; gap: 2px; min-width: 0; }
+.clora-cap-prefix { display: inline-flex; align-items: center; gap: 4px; align-self: flex-start; max-width: 100%; padding: 0 6px; border-radius: 8px;
+font-size: 8.5pt; line-height: 16px; background: var(--background-color4); color: var(--small-label-color, #999); cursor: default; user-select: none; }
+.clora-cap-prefix i { font-size: 7pt; }
+.clora-cap-prefix span { overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+.clora-root .clora-cap-input { width: 100%; box-sizing: border-box; min-height: 34px; resize: vertical; padding: 2px 4px; font-size: 9pt; line-height: 1.25;
+font-family: inherit; color: var(--input-text-color); background: var(--input-background-color);
+border: var(--input-border-size, 1px) solid var(--input-border-color); border-radius: var(--input-border-radius, 4px); }
+.clora-cap-note { font-size: 8pt; color: var(--status-orange, orange); }
+.clora-cap-note:empty { display: none; }
 `
