@@ -129,4 +129,19 @@ box-shadow: 0 4px 8px 0 rgba(0, 0, 0, 0.15), 0 6px 20px 0 rgba(0, 0, 0, 0.15); }
 .clora-jobs tr.clora-selected td { background: var(--background-color1); }
 .clora-jobs .clora-small { font-size: 9pt; color: var(--small-label-color, #999); }
 .clora-jobs button { padding: 1px 6px; }
+/* issue 10 A: the loss chart and the saved epochs */
+.clora-loss { margin-top: 8px; }
+.clora-loss-head { font-size: 10pt; margin-bottom: 4px; color: var(--text-color); }
+.clora-loss canvas { display: block; width: 100%; border-radius: 5px; background: var(--background-color1, transparent); }
+.clora-epochs { margin-top: 8px; }
+.clora-epoch-list { display: flex; flex-direction: column; gap: 6px; }
+.clora-epoch { padding: 6px 8px; border-radius: 5px; background: var(--background-color3); }
+.clora-epoch-final { border-left: 3px solid var(--accent-color, #6f6cd9); }
+.clora-epoch-head { display: flex; gap: 10px; align-items: baseline; flex-wrap: wrap; }
+.clora-epoch-head .clora-small { color: var(--small-label-color, #999); }
+.clora-epoch-pics { display: flex; gap: 6px; margin-top: 4px; overflow-x: auto; }
+.clora-epoch-pics .clora-sample { flex: none; }
+.clora-epoch-nopic { margin-top: 4px; color: var(--small-label-color, #999); }
+.clora-epoch .clora-actions { margin-top: 4px; }
+.clora-epoch code { word-break: break-all; }
 `
