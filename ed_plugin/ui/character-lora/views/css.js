@@ -144,4 +144,5 @@ box-shadow: 0 4px 8px 0 rgba(0, 0, 0, 0.15), 0 6px 20px 0 rgba(0, 0, 0, 0.15); }
 .clora-epoch-nopic { margin-top: 4px; color: var(--small-label-color, #999); }
 .clora-epoch .clora-actions { margin-top: 4px; }
 .clora-epoch code { word-break: break-all; }
+.clora-epoch .tertiaryButton:disabled { opacity: 0.5; cursor: default; }
 `

@@ -212,12 +212,12 @@ function epochCard(job, p, row, samples, busy, points, keep) {
     const ownFinal = row.final && job.state === "done" && published && published.lora_id === job.lora_id
     const actions = []
     if (published) {
-        const use = el("button", { className: ownFinal ? "secondaryButton" : "primaryButton", attrs: { type: "button", "data-clora": "epoch-use", title: "Select " + published.lora_id + " in Easy Diffusion and add the trigger word to the prompt" } }, icon("fa-wand-magic-sparkles"), " Use it")
+        const use = el("button", { className: ownFinal ? "tertiaryButton" : "primaryButton", attrs: { type: "button", "data-clora": "epoch-use", title: "Select " + published.lora_id + " in Easy Diffusion and add the trigger word to the prompt" } }, icon("fa-wand-magic-sparkles"), " Use it")
         use.disabled = finishing.has(job.id)
         use.addEventListener("click", () => (ownFinal ? useLora(job) : useEpoch(job, published)))
         actions.push(el("span", { className: "clora-small", attrs: { "data-clora": "epoch-published" } }, ownFinal ? "the job's LoRA " : "published as ", el("code", { text: published.lora_id })), use)
     } else {
-        const btn = el("button", { className: "secondaryButton", attrs: { type: "button", "data-clora": "epoch-publish", title: "Copy this epoch into Easy Diffusion's LoRA folder under its own name" } }, icon("fa-upload"), busy === true ? " Publishing…" : " Publish this epoch")
+        const btn = el("button", { className: "tertiaryButton", attrs: { type: "button", "data-clora": "epoch-publish", title: "Copy this epoch into Easy Diffusion's LoRA folder under its own name" } }, icon("fa-upload"), busy === true ? " Publishing…" : " Publish this epoch")
         btn.disabled = busy === true
         btn.addEventListener("click", () => publishEpoch(job, row.epoch))
         actions.push(btn)
