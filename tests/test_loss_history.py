@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -148,3 +149,42 @@ async def test_a_resumed_launch_counts_on_and_replaces_the_later_epochs(gpu_daem
     steps = [p[0] for p in points]
     assert steps == list(range(1, 51)) + list(range(101, 201))
     assert {p[1] for p in points if p[0] <= 50} == {1, 2} and {p[1] for p in points if p[0] > 100} == {3, 4}
+
+
+def _ok_runs() -> list[object]:
+    from tests.test_progress import run_params
+
+    return [p for p in run_params() if "_ok_" in str(getattr(p, "id", "")) or "gpu-h100" in str(getattr(p, "id", ""))]
+
+
+@pytest.mark.parametrize("run", _ok_runs())
+def test_real_kohya_output_gives_one_point_per_step_with_its_last_drawn_loss(run: Path) -> None:
+    """Real sd-scripts 48d368fa runs (shared/kohya-logs), fed as the daemon reads them (OutputParser, chunk by chunk,
+    both pipes): every step from 1 to kohya's total exactly once, with the avr_loss its bar last showed for that step
+    (read from the raw bytes here, independently of the parser), and the epoch `epoch E/N` said."""
+    from daemon.pipeline.progress import EpochStarted
+    from tests.test_progress import replay_streams
+
+    if (run / "exit_code").read_text().strip() != "0":
+        pytest.skip("not a finished run")
+    parser = OutputParser()
+    buf = LossBuffer()
+    epoch = 0
+    total = 0
+    chunks = list(replay_streams(run))
+    for parsed in [parser.feed(stream, text) for stream, text in chunks] + [parser.finish()]:
+        for event in parsed.events:
+            if isinstance(event, EpochStarted):
+                epoch = event.epoch
+            elif isinstance(event, StepProgress):
+                total = event.total
+                buf.add(event.step, epoch, event.loss)
+    points = buf.take(final=True)
+    raw = (run / "stderr.log").read_bytes().decode("utf-8", "replace") + (run / "stdout.log").read_bytes().decode(
+        "utf-8", "replace")
+    last: dict[int, float] = {}
+    for match in re.finditer(r"steps:[^\r\n]*?\| (\d+)/(\d+) \[[^\]\r\n]*?avr_loss=([0-9.e+-]+)\]", raw):
+        last[int(match.group(1))] = float(match.group(3))
+    assert total > 0 and [p.step for p in points] == list(range(1, total + 1)), run
+    assert {p.step: p.loss for p in points} == pytest.approx(last)
+    assert [p.epoch for p in points] == sorted(p.epoch for p in points) and points[0].epoch == 1
