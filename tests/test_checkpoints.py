@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from aiohttp.test_utils import TestClient
 from safetensors.numpy import save_file
 
@@ -18,6 +20,9 @@ from daemon.jobs.store import JobStore
 from daemon.pipeline import checkpoints, publish
 from daemon.pipeline.runner import job_paths
 from tests.conftest import train_form, wait_for_state
+from tests.helpers import free_port, make_config
+from tests.test_real_kohya import ENV as REAL_ENV
+from tests.test_real_kohya import needs
 
 PARAMS = json.dumps({"epochs": 3, "save_every_n_epochs": 1, "sample_every_n_epochs": 1})
 ED = "http://127.0.0.1:9000"
@@ -200,3 +205,39 @@ def test_only_complete_files_of_this_job_are_epochs(tmp_path: Path) -> None:
     assert checkpoints.published_stem("x" * 70, 6) == "x" * 58 + "-e06"
     assert checkpoints.samples_by_epoch(["H_e000002_00_20261130.png", "H_e000002_01_20261130_42.png", "odd.png"]) \
         == {2: ["H_e000002_00_20261130.png", "H_e000002_01_20261130_42.png"]}
+
+
+@pytest.mark.real_kohya
+@needs(*REAL_ENV)
+async def test_real_kohya_records_the_loss_and_an_epoch_is_published(start_daemon, tmp_path: Path) -> None:
+    """Opt-in (see tests/test_real_kohya.py for the variables): the real sd-scripts through the daemon; its loss is
+    recorded per step, its epoch file is listed once complete and publishes into ED's folder as a usable LoRA."""
+    sd = Path(os.environ["KOHYA_SD"])
+    cfg = make_config(tmp_path, port=free_port(), base_model=os.environ["KOHYA_MODEL"], allow_cpu=True,
+                      kohya={"python": os.environ["KOHYA_PYTHON"], "script_path": str(sd / "train_network.py"),
+                             "workspace": str(sd), "tokenizer_cache_dir": os.environ["KOHYA_TOKENIZER_CACHE"]})
+    client = await start_daemon(cfg)
+    params = {"resolution": 256, "epochs": 2, "repeats": 1, "batch_size": 4, "network_dim": 4, "network_alpha": 2,
+              "save_every_n_epochs": 1, "sample_every_n_epochs": 1}
+    resp = await client.post("/train", data=train_form(8, name="Real Epochs", params=json.dumps(params)))
+    assert resp.status == 202, await resp.text()
+    job_id = (await resp.json())["job_id"]
+    job = await wait_for_state(client, job_id, {"done", "error"}, timeout=900)
+    assert job["state"] == "done", (job["error"], job["logs"][-30:])
+    total = job["progress"]["total"]
+    points = (await (await client.get(f"/jobs/{job_id}/loss")).json())["points"]
+    print("loss points:", json.dumps(points))
+    assert [p[0] for p in points] == list(range(1, total + 1))
+    assert [p[1] for p in points] == [1] * (total // 2) + [2] * (total // 2)
+    assert points[-1][2] == pytest.approx(job["progress"]["loss"])
+    listed = await _list(client, job_id)
+    print("checkpoints:", json.dumps(listed))
+    assert [(c["epoch"], c["file"], c["final"]) for c in listed["checkpoints"]] == [
+        (1, "Real_Epochs-000001.safetensors", False), (2, "Real_Epochs.safetensors", True)]
+    assert [len(c["samples"]) for c in listed["checkpoints"]] == [1, 1]
+    resp = await client.post(f"/jobs/{job_id}/checkpoints/1/publish")
+    body = await resp.json()
+    print("publish:", resp.status, json.dumps(body))
+    assert resp.status == 201 and body["lora_id"] == "Real_Epochs-e01"
+    summary = publish.verify_lora(Path(body["artifact"]), expected_arch="sd1")
+    assert summary.unet_modules == 192 and summary.te_modules == 72
