@@ -86,6 +86,11 @@ async def test_publishing_an_epoch_verifies_copies_and_remembers_it(client: Test
     # the final epoch is the job's own LoRA: publishing it answers with that file
     final = await client.post(f"/jobs/{job_id}/checkpoints/3/publish")
     assert final.status == 200 and (await final.json())["artifact"] == job["artifact"]
+    # the job's own LoRA deleted from ED's folder: the final epoch is published under its epoch name, once
+    Path(job["artifact"]).rename(Path(job["artifact"]).with_suffix(".moved"))
+    for status in (201, 200):
+        resp = await client.post(f"/jobs/{job_id}/checkpoints/3/publish")
+        assert resp.status == status and (await resp.json())["lora_id"] == "Test_Hero-e03"
     # the user deleted the copy from ED's folder: publishing again makes a new one
     target.unlink()
     resp = await client.post(f"/jobs/{job_id}/checkpoints/2/publish")
@@ -94,6 +99,7 @@ async def test_publishing_an_epoch_verifies_copies_and_remembers_it(client: Test
     both = await asyncio.gather(*(client.post(f"/jobs/{job_id}/checkpoints/1/publish") for _ in range(2)))
     assert sorted(r.status for r in both) == [200, 201]
     assert len(list(config.ed_lora_dir.glob("Test_Hero-e01*"))) == 1
+    assert len(list(config.ed_lora_dir.glob("Test_Hero-e03*"))) == 1
 
 
 async def test_a_second_job_of_the_same_name_never_overwrites_a_published_epoch(client: TestClient,

@@ -81,10 +81,12 @@ def samples_by_epoch(samples: Iterable[str]) -> dict[int, list[str]]:
 
 
 def published_of(job: Job, checkpoint: Checkpoint) -> PublishedEpoch | None:
-    """The copy in ED's folder: the job's own LoRA for its final file, else what POST .../publish recorded."""
-    if checkpoint.final and job.artifact and job.lora_id:
+    """The copy in ED's folder: what POST .../publish recorded, else the job's own LoRA for its final file (a
+    recorded copy of the final epoch is newer: it was made because the job had none, or it was deleted)."""
+    recorded = job.published.get(checkpoint.epoch)
+    if recorded is None and checkpoint.final and job.artifact and job.lora_id:
         return PublishedEpoch(job.lora_id, job.artifact)
-    return job.published.get(checkpoint.epoch)
+    return recorded
 
 
 def listing(job: Job, found: list[Checkpoint], loss: Mapping[int, float]) -> dict[str, object]:
