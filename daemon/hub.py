@@ -26,8 +26,9 @@ from daemon.jobs.store import JobStore
 
 log = logging.getLogger(__name__)
 
-# Progress lives in the job row and log lines in their own table; the history keeps the rest.
-_NOT_IN_HISTORY = frozenset({EventType.PROGRESS, EventType.SNAPSHOT, EventType.JOB_DELETED, EventType.LOG})
+# Progress lives in the job row, log lines and loss points in their own tables; the history keeps the rest.
+_NOT_IN_HISTORY = frozenset({EventType.PROGRESS, EventType.SNAPSHOT, EventType.JOB_DELETED, EventType.LOG,
+                             EventType.LOSS})
 QUEUE_BYTES = 8 * 1024 * 1024  # frames waiting for one subscriber (frames are ASCII JSON: chars = bytes)
 SEND_TIMEOUT_S = 5.0  # one frame may wait this long for a subscriber's socket to take it
 

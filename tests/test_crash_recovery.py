@@ -585,4 +585,4 @@ def test_a_version_2_database_gains_the_descendants_and_recovery_columns(tmp_pat
     assert store.get("j").recovery.resumes == 1
     store.close()
     with contextlib.closing(sqlite3.connect(path)) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 4
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 5

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 
 class JobState(str, enum.Enum):
@@ -102,6 +102,26 @@ class Recovery:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
+class LossPoint(NamedTuple):
+    """kohya's avr_loss after one optimisation step; `step` counts the job's steps (across resumes), `epoch`
+    is 1-based."""
+
+    step: int
+    epoch: int
+    loss: float
+
+
+@dataclass(frozen=True)
+class PublishedEpoch:
+    """A saved epoch copied into ED's LoRA folder (POST /jobs/{id}/checkpoints/{epoch}/publish)."""
+
+    lora_id: str
+    artifact: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"lora_id": self.lora_id, "artifact": self.artifact}
+
+
 def interrupted_error() -> JobError:
     """Why a job that was running when the daemon stopped is not done."""
     return JobError("interrupted", "The daemon stopped while this job was running.",
@@ -127,6 +147,8 @@ class Job:
     logs: list[str] = field(default_factory=list)
     samples: list[str] = field(default_factory=list)  # preview pictures kohya made, oldest first
     recovery: Recovery = field(default_factory=Recovery)
+    # epoch -> its published copy; kept in its own table (store.set_published), never written by save()
+    published: dict[int, PublishedEpoch] = field(default_factory=dict)
 
     @property
     def resumable(self) -> bool:
@@ -163,6 +185,7 @@ class Job:
             "error": self.error.to_json() if self.error else None,
             "recovery": self.recovery.to_json(),
             "resumable": self.resumable,
+            "published_epochs": {str(e): p.to_json() for e, p in sorted(self.published.items())},
             "created_at": self.created_at,
             "updated_at": self.updated_at,
         }

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from daemon.events import Event
-from daemon.jobs.models import Job, JobError, JobState, Progress, Recovery
+from daemon.jobs.models import Job, JobError, JobState, LossPoint, Progress, PublishedEpoch, Recovery
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 LOG_TAIL = 60  # lines in a job's JSON (GET /jobs, the WebSocket snapshot)
 LOG_RING = 2000  # lines kept per job; the job's trainer.log keeps every line
 
@@ -58,13 +58,22 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_job ON events (job_id, id);
 """
 
-# MIGRATIONS[n] takes a database from user_version n to n + 1.
-MIGRATIONS: dict[int, str] = {
+# MIGRATIONS[n] takes a database from user_version n to n + 1 (one statement or several, in one transaction).
+MIGRATIONS: dict[int, str | tuple[str, ...]] = {
     1: "ALTER TABLE jobs ADD COLUMN samples TEXT NOT NULL DEFAULT '[]'",
     # the trainer's descendants as {pid: create time}, so a restart can stop the orphans of a crash
     2: "ALTER TABLE jobs ADD COLUMN descendants TEXT NOT NULL DEFAULT '{}'",
     # resumes, out-of-memory retries and saved-state disk use (models.Recovery)
     3: "ALTER TABLE jobs ADD COLUMN recovery TEXT NOT NULL DEFAULT '{}'",
+    # issue 10: every step's loss, and the saved epochs published into ED's folder. Their own tables: a runner's
+    # save() of its copy of the job must never undo an epoch the API published meanwhile.
+    4: (
+        "CREATE TABLE IF NOT EXISTS loss_points (job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,"
+        " step INTEGER NOT NULL, epoch INTEGER NOT NULL, loss REAL NOT NULL, PRIMARY KEY (job_id, step))"
+        " WITHOUT ROWID",
+        "CREATE TABLE IF NOT EXISTS published_epochs (job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,"
+        " epoch INTEGER NOT NULL, lora_id TEXT NOT NULL, artifact TEXT NOT NULL, PRIMARY KEY (job_id, epoch))",
+    ),
 }
 
 
@@ -93,7 +102,9 @@ class JobStore:
             for step in range(max(version, 1), SCHEMA_VERSION):
                 # One transaction per step: a crash mid-migration must not leave a column without its version.
                 self._db.execute("BEGIN IMMEDIATE")
-                self._db.execute(MIGRATIONS[step])
+                migration = MIGRATIONS[step]
+                for statement in (migration,) if isinstance(migration, str) else migration:
+                    self._db.execute(statement)
                 self._db.execute(f"PRAGMA user_version={step + 1}")
                 self._db.execute("COMMIT")
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
@@ -160,13 +171,13 @@ class JobStore:
             row = self._db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
             if row is None:
                 return None
-            return self._job(row, self._tail(job_id))
+            return self._job(row, self._tail(job_id), self._published(job_id))
 
     def list(self) -> list[Job]:
         """Newest first."""
         with self._lock:
             rows = self._db.execute("SELECT * FROM jobs ORDER BY created_at DESC, rowid DESC").fetchall()
-            return [self._job(row, self._tail(row["id"])) for row in rows]
+            return [self._job(row, self._tail(row["id"]), self._published(row["id"])) for row in rows]
 
     def ids_in_states(self, states: Iterable[JobState]) -> list[str]:
         values = [s.value for s in states]
@@ -178,9 +189,10 @@ class JobStore:
         return [row["id"] for row in rows]
 
     def artifacts(self) -> set[str]:
-        """Every published file a job has recorded."""
+        """Every published file a job has recorded: final LoRAs and published epochs."""
         with self._lock:
-            rows = self._db.execute("SELECT artifact FROM jobs WHERE artifact IS NOT NULL").fetchall()
+            rows = self._db.execute("SELECT artifact FROM jobs WHERE artifact IS NOT NULL"
+                                    " UNION SELECT artifact FROM published_epochs").fetchall()
         return {row["artifact"] for row in rows}
 
     def delete(self, job_id: str) -> None:
@@ -225,6 +237,46 @@ class JobStore:
             ).fetchall()
         return [{"type": r["type"], "data": json.loads(r["data"]), "ts": r["ts"]} for r in rows]
 
+    # -- loss history and published epochs (issue 10) ---------------------------------------------
+
+    def add_loss(self, job_id: str, points: list[LossPoint]) -> None:
+        """One transaction per batch; a point at a step already recorded (a resumed epoch) replaces it."""
+        if not points:
+            return
+        with self._lock, self._db:
+            self._db.execute("BEGIN")
+            # INSERT ... SELECT: a batch that arrives after the job was deleted is dropped, not an error
+            self._db.executemany(
+                "INSERT OR REPLACE INTO loss_points (job_id, step, epoch, loss)"
+                " SELECT ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM jobs WHERE id=?)",
+                [(job_id, p.step, p.epoch, p.loss, job_id) for p in points],
+            )
+
+    def loss(self, job_id: str) -> list[LossPoint]:
+        """The job's points, by step."""
+        with self._lock:
+            rows = self._db.execute("SELECT step, epoch, loss FROM loss_points WHERE job_id=? ORDER BY step",
+                                    (job_id,)).fetchall()
+        return [LossPoint(row[0], row[1], row[2]) for row in rows]
+
+    def forget_after(self, job_id: str, epoch: int) -> None:
+        """A launch that trains again from after `epoch` (0: from the first step): the loss of the later epochs
+        and their published records go (the copies in ED's folder stay: the user may use them)."""
+        with self._lock, self._db:
+            self._db.execute("BEGIN")
+            self._db.execute("DELETE FROM loss_points WHERE job_id=? AND epoch > ?", (job_id, epoch))
+            self._db.execute("DELETE FROM published_epochs WHERE job_id=? AND epoch > ?", (job_id, epoch))
+
+    def set_published(self, job_id: str, epoch: int, published: PublishedEpoch) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO published_epochs (job_id, epoch, lora_id, artifact) VALUES (?, ?, ?, ?)",
+                (job_id, epoch, published.lora_id, published.artifact))
+
+    def published(self, job_id: str) -> dict[int, PublishedEpoch]:
+        with self._lock:
+            return self._published(job_id)
+
     # -- helpers (lock held) ----------------------------------------------------------------------
 
     def _tail(self, job_id: str, limit: int = LOG_TAIL) -> list[str]:
@@ -233,8 +285,13 @@ class JobStore:
         ).fetchall()
         return [r["line"] for r in reversed(rows)]
 
+    def _published(self, job_id: str) -> dict[int, PublishedEpoch]:
+        rows = self._db.execute("SELECT epoch, lora_id, artifact FROM published_epochs WHERE job_id=? ORDER BY epoch",
+                                (job_id,)).fetchall()
+        return {row["epoch"]: PublishedEpoch(row["lora_id"], row["artifact"]) for row in rows}
+
     @staticmethod
-    def _job(row: sqlite3.Row, logs: list[str]) -> Job:
+    def _job(row: sqlite3.Row, logs: list[str], published: dict[int, PublishedEpoch]) -> Job:
         return Job(
             id=row["id"],
             name=row["name"],
@@ -253,6 +310,7 @@ class JobStore:
             logs=logs,
             samples=json.loads(row["samples"]),
             recovery=Recovery.from_json(json.loads(row["recovery"] or "{}")),
+            published=published,
         )
 
 

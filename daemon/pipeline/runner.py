@@ -27,7 +27,17 @@ from daemon.events import EventType
 from daemon.hub import EventHub
 from daemon.jobs.models import Job, JobError, JobState, Progress, Recovery, interrupted_error
 from daemon.jobs.store import LOG_RING, JobStore
-from daemon.pipeline import buckets, captions, dataset, kohya, oom_retry, publish, train_state
+from daemon.pipeline import (
+    buckets,
+    captions,
+    checkpoints,
+    dataset,
+    kohya,
+    loss_history,
+    oom_retry,
+    publish,
+    train_state,
+)
 from daemon.pipeline.env_check import GpuInfo, check_script, check_workspace, prepare_tokenizers
 from daemon.pipeline.failure import classify_failure
 from daemon.pipeline.fast_start import FastStart
@@ -170,6 +180,8 @@ class JobReporter:
         self.preview_step: int | None = None  # the step kohya's current preview was started at
         # epochs done before this kohya launch when it resumed from a saved state: its bar restarts at 0
         self.resumed_epochs: int | None = None
+        self._loss = loss_history.LossBuffer()
+        self._last_loss_flush = 0.0
 
     def saver(self) -> Callable[[], None]:
         # A copy: the store writes in a worker thread while this job keeps changing on the loop.
@@ -240,10 +252,31 @@ class JobReporter:
             self._skipped_logs += 1
 
     async def tick(self) -> None:
-        """Send the log lines the throttle held back; called periodically while the trainer runs (held-back
-        progress has its own timer, see progress())."""
+        """Send the log lines and loss points the throttle held back; called periodically while the trainer runs
+        (held-back progress has its own timer, see progress())."""
         if self._pending_logs and time.monotonic() - self._last_log_flush >= LOG_FLUSH_INTERVAL_S:
             await self.log_lines([], force=True)
+        if time.monotonic() - self._last_loss_flush >= loss_history.FLUSH_INTERVAL_S:
+            await self.flush_loss()
+
+    def loss_point(self, step: int, epoch: int, loss: float | None) -> None:
+        self._loss.add(step, epoch, loss)
+
+    async def flush_loss(self, *, final: bool = False) -> None:
+        """The finished steps' points as one `loss` event, stored in one transaction; `final`: the launch's
+        output ended, so its last step is finished too."""
+        self._last_loss_flush = time.monotonic()
+        points = self._loss.take(final=final)
+        if points:
+            await self._hub.emit(EventType.LOSS, self.job.id, {"points": loss_history.to_json(points)},
+                                 persist=partial(self._store.add_loss, self.job.id, points))
+
+    async def restart_loss(self, after_epoch: int) -> None:
+        """A launch trains again from after `after_epoch` (0: the first step): the later epochs' points and
+        published records go; the frame tells the tab to drop the same points."""
+        self._loss.take(final=True)  # a previous attempt's last point: the new launch redraws its step
+        await self._hub.emit(EventType.LOSS, self.job.id, {"points": [], "cleared_after_epoch": after_epoch},
+                             persist=partial(self._store.forget_after, self.job.id, after_epoch))
 
     async def sample(self, path: Path) -> None:
         if path.name in self.job.samples:  # a resumed job's folder still holds the previews of its earlier runs
@@ -265,7 +298,10 @@ class JobReporter:
         await asyncio.to_thread(self.saver())
 
     async def checkpoint(self, path: str) -> None:
-        await self._hub.emit(EventType.CHECKPOINT, self.job.id, {"file": Path(path).name})
+        """kohya says it is saving `path` (the file is written after this): the tab lists it once complete."""
+        name = Path(path).name
+        epoch = checkpoints.epoch_of(name, output_name(self.job))
+        await self._hub.emit(EventType.CHECKPOINT, self.job.id, {"file": name, "epoch": epoch})
 
     async def finish(self, state: JobState, *, error: JobError | None = None) -> None:
         await self.stop_timers()
@@ -589,6 +625,7 @@ class JobRunner:
             job.recovery.step_offset = 0
         else:
             progress = replace(job.progress)
+        await reporter.restart_loss(resume.epoch if resume is not None else 0)
         proc: TrainerProcess | None = None
         watcher = ticker = reader = None
         stop_ticking = asyncio.Event()
@@ -626,6 +663,7 @@ class JobRunner:
             finally:
                 await samples.stop()
                 await asyncio.to_thread(self._store.set_process, job.id, None, None)
+        await reporter.flush_loss(final=True)
         await reporter.progress(progress, force=True)
         await self._scan_states(reporter, paths)
         final = paths.output / f"{output_name(job)}.safetensors"
@@ -683,6 +721,7 @@ class JobRunner:
                     progress.eta_s = max(0, event.total - progress.step) / event.rate
                 if event.loss is not None and math.isfinite(event.loss):
                     progress.loss = event.loss
+                reporter.loss_point(progress.step, progress.epoch, event.loss)
                 changed = True
             elif isinstance(event, CheckpointSaved):
                 await reporter.checkpoint(event.path)

@@ -5,6 +5,7 @@ import { client, state, upsertJob, mergeSamples, scheduleRender } from "./store.
 import { connect, refreshJobs } from "./connection.js"
 import { onFinished, finishQuietly } from "./use-lora.js"
 import { renderConnection } from "./views/banner.js"
+import { applyLossFrame, checkpointAnnounced, forgetJob as forgetEpochs, jobEnded, reloadAll } from "./checkpoints.js"
 
 client.socket.addEventListener("open", () => {
     state.wsStatus = "live"
@@ -45,6 +46,7 @@ export function handleFrame(frame) {
     switch (frame.type) {
         case "snapshot":
             mergeSnapshot(data.jobs || [])
+            reloadAll() // frames may have been missed while disconnected: the panel's job asks again
             break
         case "job_created":
             upsertJob(data)
@@ -60,6 +62,7 @@ export function handleFrame(frame) {
             if (frame.ts) job.updated_at = frame.ts
             if (frame.type === "result" || isFinished(job)) {
                 onFinished(job, true)
+                jobEnded(job.id)
                 refreshDetails(job.id) // a finished job's saved state is deleted: its size goes
             }
             break
@@ -82,6 +85,11 @@ export function handleFrame(frame) {
         case "checkpoint": {
             const job = jobOrFetch(id)
             if (job) job.checkpoints = (job.checkpoints || []).concat([data.file])
+            if (id) checkpointAnnounced(id, data.file)
+            break
+        }
+        case "loss": {
+            if (id) applyLossFrame(id, data)
             break
         }
         case "notice": {
@@ -106,6 +114,7 @@ export function handleFrame(frame) {
         }
         case "job_deleted":
             state.jobs.delete(id)
+            forgetEpochs(id)
             if (state.selectedId === id) {
                 state.selectedId = null
                 state.userSelected = false

@@ -174,4 +174,20 @@ font-family: inherit; color: var(--input-text-color); background: var(--input-ba
 border: var(--input-border-size, 1px) solid var(--input-border-color); border-radius: var(--input-border-radius, 4px); }
 .clora-cap-note { font-size: 8pt; color: var(--status-orange, orange); }
 .clora-cap-note:empty { display: none; }
+/* issue 10 A: the loss chart and the saved epochs */
+.clora-loss { margin-top: 8px; }
+.clora-loss-head { font-size: 10pt; margin-bottom: 4px; color: var(--text-color); }
+.clora-loss canvas { display: block; width: 100%; border-radius: 5px; background: var(--background-color1, transparent); }
+.clora-epochs { margin-top: 8px; }
+.clora-epoch-list { display: flex; flex-direction: column; gap: 6px; }
+.clora-epoch { padding: 6px 8px; border-radius: 5px; background: var(--background-color3); }
+.clora-epoch-final { border-left: 3px solid var(--accent-color, #6f6cd9); }
+.clora-epoch-head { display: flex; gap: 10px; align-items: baseline; flex-wrap: wrap; }
+.clora-epoch-head .clora-small { color: var(--small-label-color, #999); }
+.clora-epoch-pics { display: flex; gap: 6px; margin-top: 4px; overflow-x: auto; }
+.clora-epoch-pics .clora-sample { flex: none; }
+.clora-epoch-nopic { margin-top: 4px; color: var(--small-label-color, #999); }
+.clora-epoch .clora-actions { margin-top: 4px; }
+.clora-epoch code { word-break: break-all; }
+.clora-epoch .tertiaryButton:disabled { opacity: 0.5; cursor: default; }
 `

@@ -8,6 +8,12 @@ import { finishing, useLora } from "../use-lora.js"
 import { pruneSamples, updateSamples, closeViewer } from "./gallery.js"
 import { jobSettingsText } from "../job-info.js"
 import { activeRetry, canResume, listedNotices, resumePlan, stateSizeText } from "../recovery.js"
+import { makeLossChart, updateLossChart } from "./loss-chart.js"
+import { updateEpochGallery } from "./gallery.js"
+import { ensureLoss, loadCheckpoints, losses, saved, wantsCheckpoints } from "../checkpoints.js"
+
+// the chart follows the panel's width
+window.addEventListener("resize", () => scheduleRender())
 
 export let samplesJobId = null
 export let renderedJobKey = null
@@ -47,6 +53,12 @@ export function buildJobPanel(job) {
     p.samples = el("div", { className: "clora-samples", attrs: { "data-clora": "samples", hidden: true } })
     p.sampleNodes = new Map() // sample url -> {btn, img}
     p.samplesKey = null
+    p.chart = makeLossChart()
+    p.epochs = el("div", { className: "clora-samples clora-epochs", attrs: { "data-clora": "epochs", hidden: true } })
+    p.epochSampleNodes = new Map() // sample url -> {btn, img} in the epochs' cards
+    p.epochsKey = null
+    // the job's state changed: its saved epochs (the final one, previews) may have too
+    if (wantsCheckpoints(job)) loadCheckpoints(job.id, { force: true })
     p.settings = el("div", { className: "clora-small clora-job-settings", attrs: { "data-clora": "job-settings" } })
     p.recovery = el("div", { className: "clora-recovery", attrs: { "data-clora": "recovery", hidden: true } })
     p.recoveryKey = null
@@ -117,7 +129,9 @@ export function buildJobPanel(job) {
         p.recovery,
         p.bar,
         p.stats,
+        p.chart.box,
         p.samples,
+        p.epochs,
         p.log,
         ...(result ? [result] : []),
         p.actions
@@ -205,6 +219,11 @@ export function updateJobPanel(job) {
     p.eta.textContent = isFinished(job) ? "–" : fmtDuration(pr.eta_s)
     updateRecovery(job, p)
     updateSamples(job, p)
+    const series = ensureLoss(job.id)
+    if (series.total == null && pr.total) series.total = pr.total
+    updateLossChart(p.chart, series)
+    if (wantsCheckpoints(job)) loadCheckpoints(job.id)
+    updateEpochGallery(job, p, saved.get(job.id), losses.get(job.id))
     const lines = job.logs || []
     const text = lines.join("\n")
     if (p.log.textContent !== text) {
