@@ -179,3 +179,41 @@ async def find_faces(config: Config, sources: Sequence[Path], work_dir: Path, *,
     finally:
         with contextlib.suppress(OSError):
             await asyncio.to_thread(shutil.rmtree, work_dir, True)
+
+
+Crop = tuple[int, int, int, int]
+
+
+def crop_lines(names: Sequence[str], result: FaceResult) -> list[str]:
+    """The job log's account: one line per picture, or one saying why nothing was cropped."""
+    if not result.available:
+        return [f"face crop: {result.problem} The pictures are used whole."]
+    lines = []
+    for name, pic in zip(names, result.pictures, strict=True):
+        if pic.crop is not None:
+            c = pic.crop
+            lines.append(f"face crop: {name}: face found: cropped to {c.w}×{c.h} at ({c.x}, {c.y}) of its "
+                         f"{pic.width}×{pic.height}")
+        else:
+            lines.append(f"face crop: {name}: no face: whole picture")
+    return lines
+
+
+async def job_crops(config: Config, uploads: Sequence[dataset.Upload], work_dir: Path, *, resolution: int,
+                    cancel: asyncio.Event) -> tuple[list[Crop | None], list[str]]:
+    """Per upload its crop box (or None: the whole picture), and the log lines saying so. A cancel stops the
+    detector at once (its process tree is killed) and answers no crops."""
+    finding = asyncio.ensure_future(find_faces(config, [u.path for u in uploads], work_dir, min_side=resolution))
+    cancelled = asyncio.ensure_future(cancel.wait())
+    try:
+        await asyncio.wait({finding, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        cancelled.cancel()
+        if not finding.done():
+            finding.cancel()
+        await asyncio.gather(finding, cancelled, return_exceptions=True)
+    if finding.cancelled():
+        return [None] * len(uploads), []
+    result = finding.result()
+    crops: list[Crop | None] = [(c.x, c.y, c.w, c.h) if (c := p.crop) else None for p in result.pictures]
+    return crops, crop_lines([u.client_name for u in uploads], result)

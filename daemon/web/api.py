@@ -22,7 +22,7 @@ from daemon.jobs import fields
 from daemon.jobs.models import Job
 from daemon.jobs.store import LOG_RING
 from daemon.pipeline import base_models, dataset, trainer_log
-from daemon.pipeline.env_check import run_checks, tokenizer_readiness
+from daemon.pipeline.env_check import check_face_crop, run_checks, tokenizer_readiness
 from daemon.pipeline.fit import AUTO, TIER_LABELS, tiers_json
 from daemon.pipeline.model_arch import (
     ARCH_LABELS,
@@ -91,6 +91,7 @@ async def config_test(request: web.Request) -> web.Response:
     checks = await asyncio.to_thread(run_checks, config, gpu)
     # Per family and never blocking: SDXL's second tokenizer missing must not stop SD 1.x jobs.
     tokenizers = await asyncio.to_thread(tokenizer_readiness, config)
+    face_crop = await asyncio.to_thread(check_face_crop, config)  # optional: never part of "ready"
     return web.json_response({
         "ready": all(c.ok for c in checks),
         "lora_dir": str(config.ed_lora_dir),
@@ -99,6 +100,7 @@ async def config_test(request: web.Request) -> web.Response:
         "gpu": {"name": gpu.name, "vram_gb": gpu.vram_gb} if gpu.cuda else None,
         "checks": [c.to_json() for c in checks],
         "tokenizers": {arch: check.to_json() for arch, check in tokenizers.items()},
+        "face_crop": face_crop.to_json(),
     })
 
 
