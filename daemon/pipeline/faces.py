@@ -105,8 +105,9 @@ def write_copies(sources: Sequence[Path], folder: Path) -> list[tuple[Size, Size
     return sizes
 
 
-async def run_detector(argv: Sequence[str], list_file: Path, *, timeout_s: float = DETECT_TIMEOUT_S) -> list[dict]:
+async def run_detector(argv: Sequence[str], list_file: Path, *, timeout_s: float | None = None) -> list[dict]:
     """face_detect.py's answers, in the list's order; DetectorFailed with a sentence when it did not answer."""
+    timeout_s = DETECT_TIMEOUT_S if timeout_s is None else timeout_s
     try:
         proc = await start_trainer([*argv, str(list_file)], cwd=str(list_file.parent), env=detector_env())
     except OSError as exc:
@@ -162,7 +163,7 @@ def picture_faces(sizes: Sequence[tuple[Size, Size] | None], answers: Sequence[d
 
 
 async def find_faces(config: Config, sources: Sequence[Path], work_dir: Path, *, min_side: int,
-                     timeout_s: float = DETECT_TIMEOUT_S) -> FaceResult:
+                     timeout_s: float | None = None) -> FaceResult:
     """Faces and crops of `sources` (upload files), using `work_dir` (created, and removed afterwards)."""
     try:
         sizes = await asyncio.to_thread(write_copies, sources, work_dir)
