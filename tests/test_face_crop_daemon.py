@@ -256,3 +256,29 @@ async def test_face_crop_must_be_true_or_false(start_daemon, tmp_path: Path) -> 
     assert resp.status == 400
     body = await resp.json()
     assert body["key"] == "face_crop" and "true or false" in body["error"]
+
+
+# ------------------------------------------------------------------------- the real finder, when at hand
+async def test_faces_api_with_the_real_opencv_finder(start_daemon, tmp_path: Path) -> None:
+    """The daemon's own face_detect.py run by a python with OpenCV (the kohya venv's: KH_PY) on a real photograph."""
+    from tests.test_face_crop import CV2_PYTHON, FIXTURES
+
+    if CV2_PYTHON is None:
+        pytest.skip("no python with OpenCV: set KH_PY to the kohya venv's python")
+    client = await start_daemon(make_config(tmp_path, port=free_port(), kohya={"python": CV2_PYTHON}))
+    pictures = [(FIXTURES / name).read_bytes() for name in ("astronaut.jpg", "coffee.jpg")]
+    body = await (await client.post("/pictures/faces", data=faces_form(pictures))).json()
+    assert body["available"] is True, body
+    astronaut, coffee = body["pictures"]
+    face = astronaut["face"]
+    assert 150 <= face["x"] <= 210 and 40 <= face["y"] <= 100 and 70 <= face["w"] <= 140, face
+    # 3 face heights is below 512, and the picture is 512 a side: the crop is the whole square
+    assert astronaut["crop"] == {"x": 0, "y": 0, "w": 512, "h": 512}
+    assert coffee["face"] is None and coffee["crop"] is None
+    # trained at 256 px, the crop is 3 face heights, around the face, inside the picture
+    body = await (await client.post("/pictures/faces?resolution=256", data=faces_form(pictures[:1]))).json()
+    crop = body["pictures"][0]["crop"]
+    assert crop["w"] == crop["h"] == round(face["h"] * 3) and crop["x"] <= face["x"] and crop["y"] <= face["y"]
+    assert crop["x"] + crop["w"] >= face["x"] + face["w"] and crop["y"] + crop["h"] >= face["y"] + face["h"]
+    row = (await (await client.post("/config/test")).json())["face_crop"]
+    assert row["ok"] is True and "OpenCV 4." in row["detail"]

@@ -9,6 +9,7 @@ import { submit } from "../submit.js"
 import { addFiles, clearImages } from "../images.js"
 import { renderPresets, fillParamsFromPreset, renderBaseModels, renderForm } from "./form.js"
 import { lifecycleButtons } from "./banner.js"
+import { faceCropField } from "../face-crop.js"
 
 export function field(labelText, input, { help, errorKey, extra } = {}) {
     const id = input.id
@@ -174,6 +175,7 @@ export function buildUI() {
         ui.fileInput,
         ui.drop,
         ui.thumbs,
+        faceCropField(),
         el("div", { className: "clora-count" }, el("span", {}, "Pictures: ", ui.count), ui.clearImages),
         ui.imageReason,
         ui.imageNote,
