@@ -30,8 +30,9 @@ MAX_SIDE = 640
 # Haar cascade settings from OpenCV's face-detection tutorial: 10% scale steps; 5 neighbours drops most false hits.
 SCALE_FACTOR = 1.1
 MIN_NEIGHBORS = 5
-# A face smaller than this share of the copy's shorter side is a bystander, not the subject.
-MIN_FACE_SHARE = 0.08
+# A face smaller than this share of the copy's shorter side is a bystander, not the subject (a full-length photo
+# still has its face above it: about 5% of the height).
+MIN_FACE_SHARE = 0.04
 
 EXIT_BAD_INPUT = 2
 EXIT_NO_CV2 = 3

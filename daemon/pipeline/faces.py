@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,11 @@ COPY_RESOLUTION = 640
 DETECT_TIMEOUT_S = 120.0
 # face_detect.py prints about 100 bytes a picture; more than this is not its answer.
 MAX_OUTPUT_CHARS = 1_000_000
+# Copies written at once: Pillow decodes without the GIL; each decode holds up to a whole picture (80 MP x 4 bytes
+# at worst), so a few, not one per core.
+COPY_THREADS = 4
+# What a picture that cannot be decoded raises (dataset.check_size's ImageProblem included).
+UNREADABLE = (dataset.ImageProblem, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 
 @dataclass(frozen=True)
@@ -95,14 +101,18 @@ def write_upright_copy(source: Path, target: Path) -> tuple[Size, Size]:
 def write_copies(sources: Sequence[Path], folder: Path) -> list[tuple[Size, Size] | None]:
     """Upright copies `NNN.png` in `folder`; None for a picture that cannot be read (it keeps no crop)."""
     folder.mkdir(parents=True, exist_ok=True)
-    sizes: list[tuple[Size, Size] | None] = []
-    for i, source in enumerate(sources):
+
+    def one(i: int) -> tuple[Size, Size] | None:
         try:
-            sizes.append(write_upright_copy(source, folder / f"{i + 1:03d}.png"))
-        except (dataset.ImageProblem, *dataset._READ_ERRORS) as exc:
+            return write_upright_copy(sources[i], folder / f"{i + 1:03d}.png")
+        except UNREADABLE as exc:
             log.info("face crop: picture %d cannot be read (%s); it keeps its whole picture", i + 1, exc)
-            sizes.append(None)
-    return sizes
+            return None
+
+    if not sources:
+        return []
+    with ThreadPoolExecutor(max_workers=min(COPY_THREADS, len(sources))) as pool:
+        return list(pool.map(one, range(len(sources))))
 
 
 async def run_detector(argv: Sequence[str], list_file: Path, *, timeout_s: float | None = None) -> list[dict]:
