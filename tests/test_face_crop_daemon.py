@@ -282,3 +282,15 @@ async def test_faces_api_with_the_real_opencv_finder(start_daemon, tmp_path: Pat
     assert crop["x"] + crop["w"] >= face["x"] + face["w"] and crop["y"] + crop["h"] >= face["y"] + face["h"]
     row = (await (await client.post("/config/test")).json())["face_crop"]
     assert row["ok"] is True and "OpenCV 4." in row["detail"]
+
+
+async def test_copies_that_cannot_be_written_are_an_answer_not_an_error(tmp_path: Path) -> None:
+    """The working folder cannot be made (its parent is a file): the pictures are used whole, and why is said."""
+    config = face_config(tmp_path)
+    source = tmp_path / "p.png"
+    source.write_bytes(photo((640, 480), (100, 100, 50)))
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    result = await faces.find_faces(config, [source], blocker / "faces", min_side=512)
+    assert result.available is False and "working copies could not be written" in (result.problem or "")
+    assert result.pictures == [faces.PictureFace(0, 0, None, None)]

@@ -175,22 +175,25 @@ def picture_faces(sizes: Sequence[tuple[Size, Size] | None], answers: Sequence[d
 async def find_faces(config: Config, sources: Sequence[Path], work_dir: Path, *, min_side: int,
                      timeout_s: float | None = None) -> FaceResult:
     """Faces and crops of `sources` (upload files), using `work_dir` (created, and removed afterwards)."""
+    sizes: list[tuple[Size, Size] | None] = [None] * len(sources)
     try:
-        sizes = await asyncio.to_thread(write_copies, sources, work_dir)
-        copies = [str(work_dir / f"{i + 1:03d}.png") for i in range(len(sources))]
-        list_file = work_dir / "pictures.json"
-        await asyncio.to_thread(list_file.write_text, json.dumps(copies), encoding="utf-8")
         try:
-            answers = await run_detector(detector_argv(config), list_file, timeout_s=timeout_s)
-        except DetectorFailed as exc:
-            log.warning("face crop unavailable: %s", exc.message)
-            whole = [PictureFace(s[0][0], s[0][1], None, None) if s else PictureFace(0, 0, None, None) for s in sizes]
-            return FaceResult(False, f"Faces could not be found: {exc.message}.", whole)
-        return FaceResult(True, None, picture_faces(sizes, answers, min_side=min_side))
+            sizes = await asyncio.to_thread(write_copies, sources, work_dir)
+            copies = [str(work_dir / f"{i + 1:03d}.png") for i in range(len(sources))]
+            list_file = work_dir / "pictures.json"
+            await asyncio.to_thread(list_file.write_text, json.dumps(copies), encoding="utf-8")
+        except OSError as exc:  # a full disk, a data dir gone: the crop is optional, never the job's failure
+            raise DetectorFailed(f"its working copies could not be written in {work_dir} ({exc.strerror or exc})"
+                                 ) from exc
+        answers = await run_detector(detector_argv(config), list_file, timeout_s=timeout_s)
+    except DetectorFailed as exc:
+        log.warning("face crop unavailable: %s", exc.message)
+        whole = [PictureFace(s[0][0], s[0][1], None, None) if s else PictureFace(0, 0, None, None) for s in sizes]
+        return FaceResult(False, f"Faces could not be found: {exc.message}.", whole)
     finally:
         with contextlib.suppress(OSError):
             await asyncio.to_thread(shutil.rmtree, work_dir, True)
-
+    return FaceResult(True, None, picture_faces(sizes, answers, min_side=min_side))
 
 Crop = tuple[int, int, int, int]
 
