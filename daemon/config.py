@@ -65,6 +65,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("kohya.python", None, "the kohya venv's python; when set the script is run with it directly"),
     Setting("kohya.tokenizer_cache_dir", None, "folder holding openai_clip-vit-large-patch14 for offline runs"),
     Setting("kohya.extra_args", [], "extra train_network.py arguments appended last (list of strings)"),
+    Setting("kohya.face_detect_script", None,
+            "the face finder the kohya python runs for the face crop (default: the daemon's face_detect.py)"),
 )
 
 _TOP_KEYS = {s.name for s in SETTINGS if "." not in s.name} | {"kohya"}
@@ -79,6 +81,7 @@ class KohyaConfig:
     python: Path | None = None
     tokenizer_cache_dir: Path | None = None
     extra_args: tuple[str, ...] = ()
+    face_detect_script: Path | None = None  # None: daemon/pipeline/face_detect.py
 
 
 @dataclass(frozen=True)
@@ -206,6 +209,7 @@ def parse_config(raw: Mapping[str, Any], *, base_dir: Path | None, path: Path | 
         python=_opt_path(kohya_raw, "python", base_dir, "kohya.python"),
         tokenizer_cache_dir=_opt_path(kohya_raw, "tokenizer_cache_dir", base_dir, "kohya.tokenizer_cache_dir"),
         extra_args=tuple(extra),
+        face_detect_script=_opt_path(kohya_raw, "face_detect_script", base_dir, "kohya.face_detect_script"),
     )
     stall = _int(raw, "upload_stall_s", 60, 1, 3600)
     if kohya.workspace is None and kohya.script_path is not None:
@@ -357,7 +361,7 @@ def setting_values(config: Config) -> dict[str, Any]:
         "auto_resume": config.auto_resume, "oom_retries": config.oom_retries, "fast_start": config.fast_start,
         "kohya.script_path": k.script_path, "kohya.workspace": k.workspace, "kohya.accelerate_bin": k.accelerate_bin,
         "kohya.python": k.python, "kohya.tokenizer_cache_dir": k.tokenizer_cache_dir,
-        "kohya.extra_args": k.extra_args,
+        "kohya.extra_args": k.extra_args, "kohya.face_detect_script": k.face_detect_script,
     }
 
 

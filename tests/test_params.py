@@ -148,6 +148,7 @@ def test_overrides_accept_the_exact_client_keys() -> None:
         "gradient_checkpointing": True,
         "cache_text_encoder_outputs": False,
         "fp8_base": False,
+        "face_crop": True,
     }
     assert set(overrides) == set(OVERRIDE_KEYS)
     p = resolve(overrides)
@@ -169,6 +170,7 @@ def test_overrides_accept_the_exact_client_keys() -> None:
         sample_every_n_epochs=1,
         memory_tier="12gb",
         gradient_checkpointing=True,
+        face_crop=True,
     )
     # JSON integers for float fields come out as floats (kohya prints them into argv and metadata).
     assert type(p.network_alpha) is float and type(p.text_encoder_lr) is float

@@ -284,6 +284,18 @@ def fit_picture(img: Image.Image, resolution: int) -> Image.Image:
     return flatten_rgb(img)
 
 
+def crop_upright(img: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
+    """The part `box` (x, y, w, h, in upright pixels) of `img`, upright; decodes the whole picture."""
+    img.load()
+    turn = _UPRIGHT.get(orientation(img))
+    upright = img.transpose(turn) if turn is not None else img
+    x, y, w, h = box
+    part = upright.crop((x, y, x + w, y + h))
+    # Pillow copies `info` (EXIF, XMP) into the crop: without it fit_picture does not turn the picture again
+    part.info = {k: v for k, v in img.info.items() if k == "transparency"}
+    return part
+
+
 def _turned(size: Size, turn: Image.Transpose | None) -> Size:
     """The upright size of a picture stored as `size` that `turn` makes upright."""
     sideways = turn in (Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270, Image.Transpose.TRANSVERSE,
@@ -302,6 +314,7 @@ class PrepTask:
     client_name: str
     resolution: int
     caption: str
+    crop: tuple[int, int, int, int] | None = None  # (x, y, w, h) in upright pixels: the face crop
 
 
 @dataclass(frozen=True)
@@ -315,7 +328,7 @@ def prep_one(task: PrepTask) -> PrepResult:
     try:
         with Image.open(task.source) as img:
             check_size(img.size, task.client_name)  # before any decode
-            out = fit_picture(img, task.resolution)
+            out = fit_picture(img if task.crop is None else crop_upright(img, task.crop), task.resolution)
     except ImageProblem as exc:
         return PrepResult((0, 0), exc.message)
     except _READ_ERRORS as exc:
@@ -384,12 +397,14 @@ class PreparedImage:
 
 
 def prepare_images(uploads: Sequence[Upload], image_dir: Path, *, size: int, text: str,
-                   captions: Sequence[str] = ()) -> list[PreparedImage]:
+                   captions: Sequence[str] = (),
+                   crops: Sequence[tuple[int, int, int, int] | None] | None = None) -> list[PreparedImage]:
     """Write `NNN.png` + `NNN.txt` per upload into `image_dir` (created), in worker processes.
 
     Each caption file is `text` (the fixed `<trigger> <class>`), then that upload's own part from `captions`
-    (cleaned, aligned with `uploads`; none given = `text` alone). Raises ImageProblem naming the first upload
-    (in order) that cannot be decoded.
+    (cleaned, aligned with `uploads`; none given = `text` alone). `crops`: per upload, the face crop box (upright
+    x, y, w, h) applied before the scale-down, or None. Raises ImageProblem naming the first upload (in order)
+    that cannot be decoded.
     """
     if captions and len(captions) != len(uploads):
         raise ValueError(f"{len(captions)} captions for {len(uploads)} uploads")
@@ -397,7 +412,7 @@ def prepare_images(uploads: Sequence[Upload], image_dir: Path, *, size: int, tex
     image_dir.mkdir(parents=True, exist_ok=True)
     tasks = [
         PrepTask(str(u.path), str(image_dir / f"{i + 1:03d}.png"), u.client_name, size,
-                 caption_text(text, own[i]))
+                 caption_text(text, own[i]), crops[i] if crops is not None and i < len(crops) else None)
         for i, u in enumerate(uploads)
     ]
     if not tasks:

@@ -348,3 +348,32 @@ def check_tagger(config: Config, probe: object | None = None, *, refresh: bool =
                              else tagger.OnnxProbe(), refresh=refresh)
     fix = ready.problems[0].fix if ready.problems else ""
     return Check("tagger", ready.available, ready.summary, fix)
+
+
+FACE_CHECK_TIMEOUT_S = 60
+
+
+def check_face_crop(config: Config) -> Check:
+    """Can the optional face crop run: the kohya python with OpenCV and its Haar cascade? Never blocks training
+    (a job asking for the crop trains on the whole pictures without it), so it is not one of run_checks'."""
+    from daemon.pipeline.faces import DetectorFailed, detector_argv, detector_env  # faces imports this module
+
+    fix = "Install opencv-python into the sd-scripts venv (its requirements include it), or leave the face crop off."
+    try:
+        argv = detector_argv(config)
+    except DetectorFailed as exc:
+        return Check("face_crop", False, f"face crop unavailable: {exc.message}", fix)
+    try:
+        done = subprocess.run([*argv, "--check"], capture_output=True, text=True, timeout=FACE_CHECK_TIMEOUT_S,
+                              env=detector_env(), creationflags=NO_WINDOW)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return Check("face_crop", False, f"face crop unavailable: the face finder could not run ({exc})", fix)
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines()
+        why = lines[-1].removeprefix("face_detect: ") if lines else f"the face finder exited with {done.returncode}"
+        return Check("face_crop", False, f"face crop unavailable: {why}", fix)
+    try:
+        info = json.loads(done.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return Check("face_crop", False, "face crop unavailable: the face finder's answer is not JSON", fix)
+    return Check("face_crop", True, f"face crop available (OpenCV {info.get('opencv', '?')} in {argv[0]})")

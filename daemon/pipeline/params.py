@@ -80,6 +80,9 @@ class TrainParams:
     fp8_base: bool = False
     # Why this tier and these levers ("NVIDIA GeForce RTX 4090, 24 GB → batch 8, bf16, ..."); "" before tiers.
     fit_reason: str = ""
+    # Prep crops each picture around its face (head and shoulders, daemon/pipeline/face_crop.py), the whole
+    # picture where none is found. Not a kohya argument.
+    face_crop: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -115,6 +118,7 @@ _COERCE: dict[str, Any] = {
     "cache_text_encoder_outputs": bool,
     "fp8_base": bool,
     "fit_reason": str,
+    "face_crop": bool,
 }
 
 # `repeats` here is only a placeholder: resolve_params derives it from the image count unless the client
@@ -209,6 +213,7 @@ OVERRIDE_KEYS: tuple[str, ...] = (
     "gradient_checkpointing",
     "cache_text_encoder_outputs",
     "fp8_base",
+    "face_crop",
 )
 # The levers a memory tier sets; an explicit client value of one wins over the tier's.
 FIT_KEYS: tuple[str, ...] = (
@@ -227,7 +232,7 @@ _INT_RANGES: dict[str, tuple[int, int]] = {
     "sample_every_n_epochs": (0, 100),
 }
 _FLOAT_KEYS = frozenset({"network_alpha", "unet_lr", "text_encoder_lr"})
-_BOOL_KEYS = frozenset({"gradient_checkpointing", "cache_text_encoder_outputs", "fp8_base"})
+_BOOL_KEYS = frozenset({"gradient_checkpointing", "cache_text_encoder_outputs", "fp8_base", "face_crop"})
 _CHOICES: dict[str, tuple[str, ...]] = {"optimizer": OPTIMIZERS, "mixed_precision": MIXED_PRECISIONS}
 
 

@@ -32,6 +32,7 @@ from daemon.pipeline import (
     captions,
     checkpoints,
     dataset,
+    faces,
     kohya,
     loss_history,
     oom_retry,
@@ -340,7 +341,7 @@ class JobRunner:
             resume = await self._resume_point(job, params, reporter, resumed)
             await reporter.state(JobState.PREPPING)
             cpu = await self._device(job)
-            await self._fast.prepare(partial(asyncio.to_thread, self._prepare, job, params, paths, cpu, resume),
+            await self._fast.prepare(partial(self._prep, job, params, paths, cpu, resume, reporter, cancel),
                                      job_id=job.id, base_model=job.base_model, arch=params.arch, job_root=paths.root,
                                      images=paths.images, cpu=cpu, cancel=cancel)
             if cancel.is_set():
@@ -514,8 +515,20 @@ class JobRunner:
             "no_gpu", f"No CUDA GPU was found ({gpu.error or 'torch sees no CUDA device'}).",
             "Install a CUDA build of torch in the kohya venv, or set allow_cpu: true in the daemon config."))
 
+    async def _prep(self, job: Job, params: TrainParams, paths: JobPaths, cpu: bool, resume: SavedState | None,
+                    reporter: JobReporter, cancel: asyncio.Event) -> None:
+        crops = None
+        if params.face_crop:  # never fails the job: without a detector the pictures are used whole
+            uploads = await asyncio.to_thread(dataset.read_uploads, paths.uploads)
+            crops, lines = await faces.job_crops(self._config, uploads, paths.root / "faces",
+                                                 resolution=params.resolution, cancel=cancel)
+            for line in lines:
+                log.info("job %s: %s", job.id, line)
+            await reporter.log_lines(lines, force=True)
+        await asyncio.to_thread(self._prepare, job, params, paths, cpu, resume, crops)
+
     def _prepare(self, job: Job, params: TrainParams, paths: JobPaths, cpu: bool,
-                 resume: SavedState | None = None) -> None:
+                 resume: SavedState | None = None, crops: list[faces.Crop | None] | None = None) -> None:
         for check in (check_script(self._config), check_workspace(self._config)):
             if not check.ok:
                 raise JobFailed(JobError("setup", f"kohya is not set up: {check.detail}.", check.fix))
@@ -530,7 +543,8 @@ class JobRunner:
             shutil.rmtree(paths.images)
         try:
             prepared = dataset.prepare_images(uploads, paths.images, size=params.resolution,
-                                              text=dataset.caption(job.trigger, job.class_token), captions=own)
+                                              text=dataset.caption(job.trigger, job.class_token), captions=own,
+                                              crops=crops)
         except dataset.ImageProblem as exc:
             raise JobFailed(JobError("bad_image", exc.message, exc.hint or "")) from exc
         counts = buckets.bucket_counts((p.size for p in prepared), params.resolution)

@@ -22,7 +22,7 @@ from daemon.jobs import fields
 from daemon.jobs.models import Job
 from daemon.jobs.store import LOG_RING
 from daemon.pipeline import base_models, captions, dataset, trainer_log
-from daemon.pipeline.env_check import check_tagger, run_checks, tokenizer_readiness
+from daemon.pipeline.env_check import check_face_crop, check_tagger, run_checks, tokenizer_readiness
 from daemon.pipeline.fit import AUTO, TIER_LABELS, tiers_json
 from daemon.pipeline.model_arch import (
     ARCH_LABELS,
@@ -89,11 +89,14 @@ async def shutdown(request: web.Request) -> web.Response:
 async def config_test(request: web.Request) -> web.Response:
     config = request.app[CONFIG].current
     gpu = await request.app[GPU].get(refresh=True)
+    # the face crop's check starts a python (OpenCV's import): alongside the others, not after them
+    face_check = asyncio.ensure_future(asyncio.to_thread(check_face_crop, config))  # optional: never in "ready"
     checks = await asyncio.to_thread(run_checks, config, gpu)
     # Per family and never blocking: SDXL's second tokenizer missing must not stop SD 1.x jobs.
     tokenizers = await asyncio.to_thread(tokenizer_readiness, config)
     # Optional, never blocking: automatic tags (issue 10).
     tagger = await asyncio.to_thread(check_tagger, config, request.app[TAGGER].probe, refresh=True)
+    face_crop = await face_check
     return web.json_response({
         "ready": all(c.ok for c in checks),
         "lora_dir": str(config.ed_lora_dir),
@@ -103,6 +106,7 @@ async def config_test(request: web.Request) -> web.Response:
         "checks": [c.to_json() for c in checks],
         "tokenizers": {arch: check.to_json() for arch, check in tokenizers.items()},
         "tagger": tagger.to_json(),
+        "face_crop": face_crop.to_json(),
     })
 
 

@@ -281,6 +281,8 @@ export function collectParams() {
     }
     // Automatic is the daemon's default: only a chosen tier is sent (a daemon without /fit knows no tiers)
     if (state.memoryTier !== "auto" && !state.fitUnsupported) params.memory_tier = state.memoryTier
+    // the face crop (face-crop.js): only when on and the daemon can find faces; off is the daemon's default
+    if (ui.faceCrop && ui.faceCrop.checked && !ui.faceCrop.disabled) params.face_crop = true
     return params
 }
 // Image views per epoch the daemon's default repeats aim at, per family (daemon/pipeline/params.py)

@@ -190,4 +190,12 @@ border: var(--input-border-size, 1px) solid var(--input-border-color); border-ra
 .clora-epoch .clora-actions { margin-top: 4px; }
 .clora-epoch code { word-break: break-all; }
 .clora-epoch .tertiaryButton:disabled { opacity: 0.5; cursor: default; }
+/* issue 10 C2: the face crop — the checkbox, the crop frame over a thumbnail (outside it dimmed), "no face" */
+.clora-face-crop { margin: 8px 0 4px; }
+.clora-face-crop .clora-check { display: inline-flex; align-items: center; gap: 6px; cursor: pointer; }
+.clora-face-crop .clora-help { margin-top: 2px; }
+.clora-face-crop input:disabled { cursor: not-allowed; }
+.clora-thumb-pic { position: relative; aspect-ratio: 1; overflow: hidden; }
+.clora-crop-frame { position: absolute; box-sizing: border-box; border: 2px solid var(--accent-color, #e5b94d); box-shadow: 0 0 0 999px rgba(0, 0, 0, 0.55); pointer-events: none; }
+.clora-crop-none { position: absolute; left: 0; right: 0; bottom: 0; padding: 1px 3px; font-size: 8pt; text-align: center; background: rgba(0, 0, 0, 0.6); color: #fff; pointer-events: none; }
 `

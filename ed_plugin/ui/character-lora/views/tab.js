@@ -10,6 +10,7 @@ import { addFiles, clearImages } from "../images.js"
 import { renderPresets, fillParamsFromPreset, renderBaseModels, renderForm } from "./form.js"
 import { lifecycleButtons } from "./banner.js"
 import { taggerBox } from "./tagger.js"
+import { faceCropField } from "../face-crop.js"
 
 export function field(labelText, input, { help, errorKey, extra } = {}) {
     const id = input.id
@@ -175,6 +176,7 @@ export function buildUI() {
         ui.fileInput,
         ui.drop,
         ui.thumbs,
+        faceCropField(),
         taggerBox(),
         el("div", { className: "clora-count" }, el("span", {}, "Pictures: ", ui.count), ui.clearImages),
         ui.imageReason,
