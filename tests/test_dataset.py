@@ -81,6 +81,21 @@ def test_transparency_goes_onto_white_and_nothing_is_padded(tmp_path: Path) -> N
     assert fit_picture(pal, 512).getpixel((5, 5)) == (255, 255, 255)
 
 
+def test_a_16_bit_grey_picture_is_scaled_to_8_bits_not_clipped_to_white(tmp_path: Path) -> None:
+    import numpy as np  # the daemon's own dependency since the picture checks
+
+    ramp = np.tile(np.linspace(0, 65535, 200).astype(np.uint16), (100, 1))  # black → white, left to right
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    with Image.open(tmp_path / "deep.png") as opened:
+        assert opened.mode.startswith("I")  # what Pillow makes of a 16-bit grey PNG
+        out = fit_picture(opened, 512)
+    grey = np.asarray(out.convert("L"), dtype=np.float64)
+    assert abs(grey.mean() - 127.5) < 3  # convert("RGB") alone gives ~254: almost every value clips to white
+    assert grey[:, 0].max() < 5 and grey[:, -1].min() > 250
+    mid = Image.new("I", (10, 10), 200)  # 32-bit integer grey holding 8-bit values stays as it is
+    assert fit_picture(mid, 512).getpixel((5, 5)) == (200, 200, 200)
+
+
 @pytest.mark.parametrize(
     ("size", "resolution", "expected"),
     [

@@ -248,6 +248,28 @@ def _has_alpha(img: Image.Image) -> bool:
     return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info)
 
 
+# Pillow's modes for grey with more than 8 bits (16-bit PNG/TIFF: "I;16"..., 32-bit integer "I", float "F")
+_WIDE_GREY = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
+
+
+def eight_bit(img: Image.Image) -> Image.Image:
+    """8-bit grey ("L") for a wider grey picture, scaled to its bit depth; any other picture as it is.
+
+    Pillow's convert("RGB"/"L") clips such values instead of scaling them: a 16-bit PNG would turn almost white.
+    The depth is read from the values: above 255 they are 16-bit, a float picture at most 1.0 is 0..1.
+    """
+    if img.mode not in _WIDE_GREY:
+        return img
+    low, high = img.getextrema()
+    if img.mode == "F" and high <= 1.0:
+        scale = 255.0
+    elif high > 255:
+        scale = 255.0 / 65535.0
+    else:
+        scale = 1.0
+    return img.convert("F").point(lambda v: v * scale).convert("L")
+
+
 def flatten_rgb(img: Image.Image) -> Image.Image:
     """RGB; transparent parts become white (kohya would otherwise see whatever colour hides under alpha 0)."""
     if _has_alpha(img):
@@ -273,6 +295,7 @@ def fit_picture(img: Image.Image, resolution: int) -> Image.Image:
     if img.format != "JPEG":
         turn = _UPRIGHT.get(orientation(img))
         stored_target = _stored(prep_size(_turned(img.size, turn), resolution), turn)
+    img = eight_bit(img)
     if _has_alpha(img):
         img = img.convert("RGBA")  # Pillow resizes RGBA with premultiplied alpha: no dark fringes
     elif img.mode != "RGB":

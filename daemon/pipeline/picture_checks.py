@@ -30,6 +30,7 @@ from daemon.pipeline.dataset import (
     ImageProblem,
     _unreadable,
     check_size,
+    eight_bit,
     orientation,
     upright_size,
 )
@@ -111,7 +112,7 @@ def gray_at_training_size(img: Image.Image, resolution: int) -> Image.Image:
     stored = (target[1], target[0]) if upright != img.size else target
     if img.format == "JPEG":
         img.draft("L", (int(stored[0] * DRAFT_GAP), int(stored[1] * DRAFT_GAP)))
-    gray = img.convert("L")
+    gray = eight_bit(img).convert("L")
     if gray.size != stored:
         gray = gray.resize(stored, Image.Resampling.LANCZOS, reducing_gap=REDUCING_GAP)
     return gray.transpose(turn) if turn is not None else gray
