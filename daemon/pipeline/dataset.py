@@ -260,7 +260,7 @@ def eight_bit(img: Image.Image) -> Image.Image:
     """
     if img.mode not in _WIDE_GREY:
         return img
-    low, high = img.getextrema()
+    _, high = img.getextrema()
     if img.mode == "F" and high <= 1.0:
         scale = 255.0
     elif high > 255:
