@@ -12,13 +12,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import yaml
 from PIL import Image
 
-import install_plugin
-from daemon.config import update_config_file
-from tests.ed_fake.server import FakeEd, ServerThread
-from tests.helpers import KOHYA_DOUBLE, REPO, free_port
+from tests.helpers import KOHYA_DOUBLE, REPO
 from tests.test_ui_plugin_browser import (  # noqa: F401
     DaemonProcess,
     Env,
@@ -26,6 +22,7 @@ from tests.test_ui_plugin_browser import (  # noqa: F401
     browser,
     daemon_json,
     drop_images,
+    installed_ed,
     make_ed_root,
     open_tab,
     page,
@@ -39,26 +36,11 @@ DOUBLE = REPO / "tests" / "face_detect_double.py"
 def face_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     """An install whose daemon finds faces with the double."""
     tmp = tmp_path_factory.mktemp("ui-face")
-    ed_port = free_port()
-    ed_root = make_ed_root(tmp / "easy-diffusion", listen_port=ed_port)
-    cfg = tmp / "daemon" / "config.yaml"
-    assert install_plugin.main(
-        ["--ed-root", str(ed_root), "--daemon-python", sys.executable, "--daemon-config", str(cfg), "--no-autostart"]
-    ) == 0
-    port = free_port()
     (tmp / "workspace").mkdir()
-    update_config_file(cfg, {"port": port, "data_dir": str(tmp / "daemon" / "data"), "allow_cpu": True,
-                             "kohya": {"python": sys.executable, "script_path": str(KOHYA_DOUBLE),
-                                       "workspace": str(tmp / "workspace"), "face_detect_script": str(DOUBLE)}})
-    daemon = DaemonProcess(cfg, f"http://127.0.0.1:{port}", tmp / "daemon.log")
-    fake = FakeEd(ed_root, listen_port=ed_port)
-    try:
-        daemon.start()
-        with ServerThread(fake.app(), ed_port) as server:
-            token = yaml.safe_load(cfg.read_text())["token"]
-            yield Env(ed_root, cfg, token, daemon, server.url, fake, ed_root / "models" / "lora")
-    finally:
-        daemon.stop()
+    kohya = {"python": sys.executable, "script_path": str(KOHYA_DOUBLE), "workspace": str(tmp / "workspace"),
+             "face_detect_script": str(DOUBLE)}
+    with installed_ed(tmp, {"allow_cpu": True, "kohya": kohya}) as env:
+        yield env
 
 
 def face_payload(count: int, *, with_face: bool, start: int = 0, size: tuple[int, int] = (400, 300),

@@ -15,6 +15,7 @@ Needs Debian's chromium at /usr/bin/chromium; Playwright never downloads a brows
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -1212,10 +1213,10 @@ def test_sdxl_trains_from_the_tab_to_eds_lora_list_with_its_memory_tier(env: Env
     assert toast[2] is False
 
 
-@pytest.fixture(scope="module")
-def gpu_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    """A second install whose daemon's probe finds an RTX 4090 (the torch double above)."""
-    tmp = tmp_path_factory.mktemp("ui-gpu")
+@contextlib.contextmanager
+def installed_ed(tmp: Path, settings: dict[str, Any], extra_env: dict[str, str] | None = None) -> Iterator[Env]:
+    """A fake ED install that got the plugin from install_plugin.py, and its daemon (`python -m daemon`) running
+    with `settings` merged into the config the installer wrote (the port and data dir are chosen here)."""
     ed_port = free_port()
     ed_root = make_ed_root(tmp / "easy-diffusion", listen_port=ed_port)
     cfg = tmp / "daemon" / "config.yaml"
@@ -1223,12 +1224,8 @@ def gpu_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         ["--ed-root", str(ed_root), "--daemon-python", sys.executable, "--daemon-config", str(cfg), "--no-autostart"]
     ) == 0
     port = free_port()
-    (tmp / "workspace").mkdir()
-    update_config_file(cfg, {"port": port, "data_dir": str(tmp / "daemon" / "data"),
-                             "kohya": {"python": sys.executable, "script_path": str(KOHYA_DOUBLE),
-                                       "workspace": str(tmp / "workspace")}})
-    path = torch_double_path(tmp)  # the daemon's probe finds an RTX 4090
-    daemon = DaemonProcess(cfg, f"http://127.0.0.1:{port}", tmp / "daemon.log", extra_env={"PYTHONPATH": path})
+    update_config_file(cfg, {"port": port, "data_dir": str(tmp / "daemon" / "data"), **settings})
+    daemon = DaemonProcess(cfg, f"http://127.0.0.1:{port}", tmp / "daemon.log", extra_env=extra_env)
     fake = FakeEd(ed_root, listen_port=ed_port)
     try:
         daemon.start()
@@ -1237,6 +1234,17 @@ def gpu_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             yield Env(ed_root, cfg, token, daemon, server.url, fake, ed_root / "models" / "lora")
     finally:
         daemon.stop()
+
+
+@pytest.fixture(scope="module")
+def gpu_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    """A second install whose daemon's probe finds an RTX 4090 (the torch double above)."""
+    tmp = tmp_path_factory.mktemp("ui-gpu")
+    (tmp / "workspace").mkdir()
+    kohya = {"python": sys.executable, "script_path": str(KOHYA_DOUBLE), "workspace": str(tmp / "workspace")}
+    # the daemon's probe finds an RTX 4090
+    with installed_ed(tmp, {"kohya": kohya}, extra_env={"PYTHONPATH": torch_double_path(tmp)}) as env:
+        yield env
 
 
 def test_a_gpu_daemon_picks_the_tier_by_memory_and_advanced_overrides_it(gpu_env: Env, page: Any) -> None:

@@ -18,22 +18,17 @@ from typing import Any
 
 import psutil
 import pytest
-import yaml
 from PIL import Image
 
-import install_plugin
-from daemon.config import update_config_file
 from tests import test_ui_plugin_browser as base
-from tests.ed_fake.server import FakeEd, ServerThread
-from tests.helpers import KOHYA_DOUBLE, free_port
+from tests.helpers import KOHYA_DOUBLE
 from tests.tagger_double.layout import onnx_pythonpath, sd_scripts_with_double
 from tests.test_ui_plugin_browser import (
-    DaemonProcess,
     Env,
     artifacts_dir,
     daemon_json,
     drop_images,
-    make_ed_root,
+    installed_ed,
     open_tab,
 )
 
@@ -58,26 +53,10 @@ def coloured(colours: list[tuple[int, int, int]], prefix: str = "hero") -> list[
 @pytest.fixture(scope="module")
 def tag_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     tmp = tmp_path_factory.mktemp("ui-tagger")
-    ed_port = free_port()
-    ed_root = make_ed_root(tmp / "easy-diffusion", listen_port=ed_port)
-    cfg = tmp / "daemon" / "config.yaml"
-    assert install_plugin.main(
-        ["--ed-root", str(ed_root), "--daemon-python", sys.executable, "--daemon-config", str(cfg), "--no-autostart"]
-    ) == 0
-    port = free_port()
-    update_config_file(cfg, {"port": port, "data_dir": str(tmp / "daemon" / "data"), "allow_cpu": True,
-                             "kohya": {"python": sys.executable, "script_path": str(KOHYA_DOUBLE),
-                                       "workspace": str(sd_scripts_with_double(tmp))}})
-    daemon = DaemonProcess(cfg, f"http://127.0.0.1:{port}", tmp / "daemon.log", extra_env={
-        "PYTHONPATH": onnx_pythonpath(), "TAGGER_DOUBLE_DOWNLOAD": "1", "TAGGER_DOUBLE_SLOW_S": SLOW_S})
-    fake = FakeEd(ed_root, listen_port=ed_port)
-    try:
-        daemon.start()
-        with ServerThread(fake.app(), ed_port) as server:
-            token = yaml.safe_load(cfg.read_text())["token"]
-            yield Env(ed_root, cfg, token, daemon, server.url, fake, ed_root / "models" / "lora")
-    finally:
-        daemon.stop()
+    kohya = {"python": sys.executable, "script_path": str(KOHYA_DOUBLE), "workspace": str(sd_scripts_with_double(tmp))}
+    extra_env = {"PYTHONPATH": onnx_pythonpath(), "TAGGER_DOUBLE_DOWNLOAD": "1", "TAGGER_DOUBLE_SLOW_S": SLOW_S}
+    with installed_ed(tmp, {"allow_cpu": True, "kohya": kohya}, extra_env=extra_env) as env:
+        yield env
 
 
 def wait_captions(page: Any, expected: list[str]) -> None:
