@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from daemon.pipeline.face_crop import MARGIN, Box, clamp_face, crop_box
 from daemon.pipeline.faces import BUNDLED_SCRIPT, FaceResult, PictureFace, crop_lines, picture_faces
@@ -106,6 +107,26 @@ def test_real_face_finder_finds_the_astronauts_face_and_none_in_the_coffee(tmp_p
     assert 150 <= face["x"] <= 210 and 40 <= face["y"] <= 100 and 70 <= face["w"] <= 140, face
     assert coffee == {"width": 600, "height": 400, "face": None, "error": None}
     assert missing["face"] is None and missing["error"]
+
+
+@needs_cv2
+def test_real_face_finder_finds_a_face_that_equalising_washes_out(tmp_path: Path) -> None:
+    """Seen in the real Easy Diffusion check: the astronaut pasted on a large flat background, through the daemon's
+    own upright copy (1024×768 → 704×528), was missed when the cascade saw only the equalised picture."""
+    from daemon.pipeline import faces
+
+    canvas = Image.new("RGB", (1024, 768), (90, 110, 130))
+    with Image.open(FIXTURES / "astronaut.jpg") as astronaut:
+        canvas.paste(astronaut, (400, 200))
+    canvas.save(tmp_path / "wide.jpg", quality=92)
+    assert faces.write_upright_copy(tmp_path / "wide.jpg", tmp_path / "copy.png") == ((1024, 768), (704, 528))
+    done = subprocess.run([CV2_PYTHON, str(BUNDLED_SCRIPT), "-"], input=json.dumps([str(tmp_path / "copy.png")]),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    face = json.loads(done.stdout)["pictures"][0]["face"]
+    # her face: x 176-272, y 65-161 in the 512² original, pasted at (400, 200), then scaled by 704/1024
+    assert face is not None
+    assert 370 <= face["x"] <= 420 and 160 <= face["y"] <= 200 and 50 <= face["w"] <= 100, face
 
 
 @needs_cv2
