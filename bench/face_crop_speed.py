@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.camera import camera_jpeg
 from daemon.config import parse_config
-from daemon.pipeline.dataset import Upload, _workers, prepare_images
+from daemon.pipeline.dataset import Upload, prep_workers, prepare_images
 from daemon.pipeline.faces import find_faces
 
 PORTRAIT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "face_crop" / "astronaut.jpg"
@@ -62,7 +62,7 @@ def main() -> None:
             path = src / f"{i + 1:03d}.upload"
             path.write_bytes(photo(i))
             uploads.append(Upload(path, f"IMG_{i:04d}.jpg"))
-        print(f"{args.images} JPEGs 4000x3000 with a face; {os.cpu_count()} cores, {_workers(args.images)} prep "
+        print(f"{args.images} JPEGs 4000x3000 with a face; {os.cpu_count()} cores, {prep_workers(args.images)} prep "
               f"workers, resolution {args.resolution}; finder python {args.python}")
         plain_s, find_s, crop_s = [], [], []
         found = 0

@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 from bench.camera import camera_jpeg  # noqa: E402
 from bench.upload_speed import wait_healthy, write_config  # noqa: E402
 from daemon.pipeline import picture_checks  # noqa: E402
-from daemon.pipeline.dataset import Upload, _workers, check_image  # noqa: E402
+from daemon.pipeline.dataset import Upload, check_image, prep_workers  # noqa: E402
 from tests.helpers import TOKEN, free_port  # noqa: E402
 
 
@@ -94,7 +94,7 @@ def main() -> None:
             files[-1].write_bytes(data)
         n = len(files)
         items = [(f, f.name) for f in files]
-        workers = _workers(n)
+        workers = prep_workers(n)
         decode = [timed(lambda: full_decode(files)) for _ in range(args.repeat)]
         cheap = [timed(lambda: [check_image(Upload(f, f.name)) for f in files]) for _ in range(args.repeat)]
         checks = [timed(lambda: picture_checks.check_pictures(items, args.resolution, workers=workers))

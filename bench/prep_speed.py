@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.camera import camera_jpeg
 from daemon.pipeline.buckets import bucket_counts, prep_size
-from daemon.pipeline.dataset import Upload, _workers, prepare_images
+from daemon.pipeline.dataset import Upload, prep_workers, prepare_images
 
 
 def naive(uploads: list[Upload], out: Path, resolution: int) -> None:
@@ -62,7 +62,7 @@ def main() -> None:
             path.write_bytes(data)
             uploads.append(Upload(path, f"IMG_{i:04d}.jpg"))
         print(f"{args.images} JPEGs, 4000x3000 / 3000x4000, {total / args.images / 1e6:.1f} MB each on average;"
-              f" {os.cpu_count()} cores, {_workers(args.images)} prep workers, resolution {args.resolution}")
+              f" {os.cpu_count()} cores, {prep_workers(args.images)} prep workers, resolution {args.resolution}")
 
         naive_s, prep_s = [], []
         for r in range(args.repeat):

@@ -107,7 +107,7 @@ def read_uploads(folder: Path) -> list[Upload]:
 
 
 # ---------------------------------------------------------------------------------------- checking
-def _unreadable(client_name: str, exc: BaseException) -> ImageProblem:
+def unreadable_problem(client_name: str, exc: BaseException) -> ImageProblem:
     if isinstance(exc, Image.DecompressionBombError):  # Pillow refuses headers claiming over ~179 MP
         return ImageProblem(
             f"'{client_name}' claims more pixels than any camera makes, too large to process.",
@@ -122,7 +122,7 @@ def _unreadable(client_name: str, exc: BaseException) -> ImageProblem:
 
 
 # EXIF orientation -> the transpose that makes the picture upright (as ImageOps.exif_transpose does).
-_UPRIGHT = {
+UPRIGHT = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
     3: Image.Transpose.ROTATE_180,
     4: Image.Transpose.FLIP_TOP_BOTTOM,
@@ -140,7 +140,7 @@ def orientation(img: Image.Image) -> int:
         value = img.getexif().get(0x0112, 1)
     except Exception:  # a broken EXIF block: the picture is shown as stored, as Pillow's exif_transpose does
         return 1
-    return value if value in _UPRIGHT else 1
+    return value if value in UPRIGHT else 1
 
 
 def upright_size(img: Image.Image) -> Size:
@@ -174,7 +174,7 @@ def check_size(size: Size, client_name: str) -> None:
 
 # Pillow's own bomb guard (a warning from 89 MP, an error from 179 MP) fires in Image.open, before our
 # check_size; pictures over MAX_PIXELS are refused by check_size before anything is decoded either way.
-_READ_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+READ_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 
 def jpeg_is_complete(data: bytes | mmap.mmap) -> bool:
@@ -229,15 +229,15 @@ def check_image(upload: Upload) -> None:
                 img.load()  # WebP and the rest: no cheap structural check; they are rarely camera-sized
     except ImageProblem:
         raise
-    except _READ_ERRORS as exc:
-        raise _unreadable(upload.client_name, exc) from exc
+    except READ_ERRORS as exc:
+        raise unreadable_problem(upload.client_name, exc) from exc
 
 
 def check_images(uploads: Sequence[Upload]) -> None:
     """check_image for each upload, a few at a time (Pillow decodes without the GIL); the first bad one raises."""
     if not uploads:
         return
-    with ThreadPoolExecutor(max_workers=_workers(len(uploads))) as pool:
+    with ThreadPoolExecutor(max_workers=prep_workers(len(uploads))) as pool:
         futures = [pool.submit(check_image, u) for u in uploads]
     for future in futures:  # in upload order, so the error names the first bad file
         future.result()
@@ -285,7 +285,7 @@ def fit_picture(img: Image.Image, resolution: int) -> Image.Image:
     Decodes `img` (raising Pillow's error if its data is broken). Memory: the decoded picture plus at most one
     converted copy of it (w × h, whatever the shape); turning and flattening happen after the scale-down.
     """
-    turn = _UPRIGHT.get(orientation(img)) if img.format == "JPEG" else None  # JPEG's EXIF is in the header
+    turn = UPRIGHT.get(orientation(img)) if img.format == "JPEG" else None  # JPEG's EXIF is in the header
     if img.format == "JPEG":
         stored_target = _stored(prep_size(_turned(img.size, turn), resolution), turn)
         # Decode at 1/2, 1/4 or 1/8 scale straight from the DCT: most of the speed-up for camera pictures.
@@ -293,7 +293,7 @@ def fit_picture(img: Image.Image, resolution: int) -> Image.Image:
     # Decoded here, before anything that could swallow a decode error (a PNG's EXIF may follow its pixels).
     img.load()
     if img.format != "JPEG":
-        turn = _UPRIGHT.get(orientation(img))
+        turn = UPRIGHT.get(orientation(img))
         stored_target = _stored(prep_size(_turned(img.size, turn), resolution), turn)
     img = eight_bit(img)
     if _has_alpha(img):
@@ -310,7 +310,7 @@ def fit_picture(img: Image.Image, resolution: int) -> Image.Image:
 def crop_upright(img: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
     """The part `box` (x, y, w, h, in upright pixels) of `img`, upright; decodes the whole picture."""
     img.load()
-    turn = _UPRIGHT.get(orientation(img))
+    turn = UPRIGHT.get(orientation(img))
     upright = img.transpose(turn) if turn is not None else img
     x, y, w, h = box
     part = upright.crop((x, y, x + w, y + h))
@@ -354,15 +354,15 @@ def prep_one(task: PrepTask) -> PrepResult:
             out = fit_picture(img if task.crop is None else crop_upright(img, task.crop), task.resolution)
     except ImageProblem as exc:
         return PrepResult((0, 0), exc.message)
-    except _READ_ERRORS as exc:
-        return PrepResult((0, 0), _unreadable(task.client_name, exc).message)
+    except READ_ERRORS as exc:
+        return PrepResult((0, 0), unreadable_problem(task.client_name, exc).message)
     # Errors from here on (a full disk, ...) are not the picture's fault: they propagate as they are.
     out.save(task.target, format="PNG", **PNG_OPTIONS)
     Path(task.target).with_suffix(".txt").write_text(task.caption + "\n", encoding="utf-8")
     return PrepResult(out.size)
 
 
-def _workers(jobs: int) -> int:
+def prep_workers(jobs: int) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(cores, jobs, MAX_WORKERS))
 
@@ -385,7 +385,7 @@ def _mp_context() -> multiprocessing.context.BaseContext:
 def prep_pool(jobs: int) -> ProcessPoolExecutor:
     """Worker processes for `jobs` pictures: no more than the cores, each ending itself if the daemon dies."""
     me = psutil.Process()
-    return ProcessPoolExecutor(max_workers=_workers(jobs), mp_context=_mp_context(),
+    return ProcessPoolExecutor(max_workers=prep_workers(jobs), mp_context=_mp_context(),
                                initializer=_watch_daemon, initargs=(me.pid, me.create_time()))
 
 

@@ -221,7 +221,7 @@ FIT_KEYS: tuple[str, ...] = (
 )
 
 # key -> (min, max) for the plain integer ranges; the cross-field checks live in _check_relations.
-_INT_RANGES: dict[str, tuple[int, int]] = {
+INT_RANGES: dict[str, tuple[int, int]] = {
     "resolution": (256, 1024),
     "epochs": (1, 100),
     "repeats": (1, 100),
@@ -238,7 +238,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {"optimizer": OPTIMIZERS, "mixed_precisio
 
 def default_repeats(image_count: int, arch: str = "sd1") -> int:
     target = TARGET_IMAGES_PER_EPOCH_BY_ARCH.get(arch, TARGET_IMAGES_PER_EPOCH)
-    return max(1, min(_INT_RANGES["repeats"][1], round(target / image_count)))
+    return max(1, min(INT_RANGES["repeats"][1], round(target / image_count)))
 
 
 def presets_for(arch: str) -> dict[str, TrainParams]:
@@ -351,8 +351,8 @@ def _preset_name(value: object, presets: Mapping[str, TrainParams]) -> str:
 
 
 def _validate_value(key: str, value: object) -> object:
-    if key in _INT_RANGES:
-        low, high = _INT_RANGES[key]
+    if key in INT_RANGES:
+        low, high = INT_RANGES[key]
         # bool is an int subclass in Python; JSON true must not train 1 epoch.
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             raise BadInput(f"'{key}' must be a whole number from {low} to {high}.", key=key)

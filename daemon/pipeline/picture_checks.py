@@ -23,15 +23,15 @@ from PIL import Image
 
 from daemon.pipeline.buckets import Size, bucket_of, prep_size
 from daemon.pipeline.dataset import (
-    _READ_ERRORS,
-    _UPRIGHT,
     DRAFT_GAP,
+    READ_ERRORS,
     REDUCING_GAP,
+    UPRIGHT,
     ImageProblem,
-    _unreadable,
     check_size,
     eight_bit,
     orientation,
+    unreadable_problem,
     upright_size,
 )
 
@@ -107,7 +107,7 @@ def gray_at_training_size(img: Image.Image, resolution: int) -> Image.Image:
     """Upright grayscale at the size prep writes (never enlarged): the blur number then means the same for a
     phone's 12 MP and a 1 MP crop. JPEGs decode at 1/2..1/8 scale straight from the DCT (draft)."""
     upright = upright_size(img)
-    turn = _UPRIGHT.get(orientation(img))
+    turn = UPRIGHT.get(orientation(img))
     target = prep_size(upright, resolution)
     stored = (target[1], target[0]) if upright != img.size else target
     if img.format == "JPEG":
@@ -140,8 +140,8 @@ def measure_picture(path: Path, name: str, resolution: int) -> Measure:
             gray = gray_at_training_size(img, resolution)
     except ImageProblem as exc:
         return Measure(name, problem=exc.message)
-    except _READ_ERRORS as exc:
-        return Measure(name, problem=_unreadable(name, exc).message)
+    except READ_ERRORS as exc:
+        return Measure(name, problem=unreadable_problem(name, exc).message)
     return Measure(name, size=size, phash=imagehash.phash(gray), sharpness=sharpness(gray))
 
 

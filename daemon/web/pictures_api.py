@@ -10,9 +10,9 @@ from pathlib import Path
 from aiohttp import web
 
 from daemon.errors import BadInput
-from daemon.pipeline.dataset import _workers
+from daemon.pipeline.dataset import prep_workers
 from daemon.pipeline.faces import find_faces
-from daemon.pipeline.params import _INT_RANGES
+from daemon.pipeline.params import INT_RANGES
 from daemon.web.api import upload_limits
 from daemon.web.keys import CONFIG
 from daemon.web.uploads import UPLOAD_SLOTS, read_train_form
@@ -27,7 +27,7 @@ CHECK_RESOLUTION = 512
 
 def check_resolution(raw: str | None) -> int:
     """`?resolution=`: the training resolution the pictures are judged for (the same range as the param)."""
-    low, high = _INT_RANGES["resolution"]
+    low, high = INT_RANGES["resolution"]
     if raw is None or raw == "":
         return CHECK_RESOLUTION
     try:
@@ -71,7 +71,7 @@ def _run_checks(items: list[tuple[Path, str]], resolution: int) -> dict[str, obj
     # lifetime (tests/test_publish.py keeps numpy out of a daemon that never checks pictures).
     from daemon.pipeline import picture_checks
 
-    return picture_checks.check_pictures(items, resolution, workers=_workers(len(items))).to_json()
+    return picture_checks.check_pictures(items, resolution, workers=prep_workers(len(items))).to_json()
 
 
 def _remove_when_done(tmp_dir: Path, work: asyncio.Future[dict[str, object]] | None) -> None:
