@@ -8,12 +8,12 @@ restart, a resume or an out-of-memory retry prepares the same captions.
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from daemon.jobs.fields import MAX_CAPTION_CHARS, is_control
+from daemon.pipeline.side_files import read_json_map, write_json_map
 
 __all__ = ["MAX_CAPTION_CHARS", "caption_text", "clean_all", "clean_caption", "read_captions", "write_captions"]
 
@@ -54,16 +54,10 @@ def clean_all(texts: Sequence[str], trigger: str) -> list[str]:
 # ------------------------------------------------------------------------------------------ stored with the job
 def write_captions(folder: Path, upload_names: Sequence[str], texts: Sequence[str]) -> None:
     """Keep each upload's cleaned caption beside it, keyed by our own upload file name (as names.json is)."""
-    data = dict(zip(upload_names, texts, strict=True))
-    (folder / CAPTIONS_FILE).write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    write_json_map(folder / CAPTIONS_FILE, dict(zip(upload_names, texts, strict=True)))
 
 
 def read_captions(folder: Path, upload_names: Sequence[str]) -> list[str]:
     """The stored caption of each upload, "" where none was given (a job from before captions, or no file)."""
-    try:
-        data = json.loads((folder / CAPTIONS_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        data = {}
-    if not isinstance(data, Mapping):
-        data = {}
+    data = read_json_map(folder / CAPTIONS_FILE)
     return [v if isinstance(v := data.get(name), str) else "" for name in upload_names]

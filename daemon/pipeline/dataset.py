@@ -7,7 +7,6 @@ in prep, which runs in worker processes so that it neither holds the daemon's GI
 
 from __future__ import annotations
 
-import json
 import mmap
 import multiprocessing
 import os
@@ -26,6 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from daemon.errors import BadInput
 from daemon.pipeline.buckets import Size, prep_size
 from daemon.pipeline.captions import caption_text
+from daemon.pipeline.side_files import read_json_map, write_json_map
 
 MIN_IMAGES = 8
 MAX_IMAGES = 25
@@ -90,18 +90,12 @@ def check_count(count: int) -> None:
 # ------------------------------------------------------------------------------------------ names
 def write_upload_names(folder: Path, uploads: Sequence[Upload]) -> None:
     """Remember the client's file names next to the uploads, so a job failing later can name the picture."""
-    names = {u.path.name: u.client_name for u in uploads}
-    (folder / NAMES_FILE).write_text(json.dumps(names, ensure_ascii=False), encoding="utf-8")
+    write_json_map(folder / NAMES_FILE, {u.path.name: u.client_name for u in uploads})
 
 
 def read_uploads(folder: Path) -> list[Upload]:
     """The stored uploads in order, with the client's names where they were recorded."""
-    try:
-        names = json.loads((folder / NAMES_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        names = {}
-    if not isinstance(names, dict):
-        names = {}
+    names = read_json_map(folder / NAMES_FILE)
     files = sorted(p for p in folder.iterdir() if p.suffix == UPLOAD_SUFFIX and p.is_file())
     return [Upload(p, str(names.get(p.name) or p.name)) for p in files]
 

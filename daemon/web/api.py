@@ -89,14 +89,19 @@ async def shutdown(request: web.Request) -> web.Response:
 async def config_test(request: web.Request) -> web.Response:
     config = request.app[CONFIG].current
     gpu = await request.app[GPU].get(refresh=True)
-    # the face crop's check starts a python (OpenCV's import): alongside the others, not after them
-    face_check = asyncio.ensure_future(asyncio.to_thread(check_face_crop, config))  # optional: never in "ready"
-    checks = await asyncio.to_thread(run_checks, config, gpu)
-    # Per family and never blocking: SDXL's second tokenizer missing must not stop SD 1.x jobs.
-    tokenizers = await asyncio.to_thread(tokenizer_readiness, config)
-    # Optional, never blocking: automatic tags (issue 10).
-    tagger = await asyncio.to_thread(check_tagger, config, request.app[TAGGER].probe, refresh=True)
-    face_crop = await face_check
+
+    async def in_turn() -> tuple:
+        checks = await asyncio.to_thread(run_checks, config, gpu)
+        # Per family and never blocking: SDXL's second tokenizer missing must not stop SD 1.x jobs.
+        tokenizers = await asyncio.to_thread(tokenizer_readiness, config)
+        # Optional, never blocking: automatic tags (issue 10).
+        tagger = await asyncio.to_thread(check_tagger, config, request.app[TAGGER].probe, refresh=True)
+        return checks, tokenizers, tagger
+
+    # The face crop's check starts a python (OpenCV's import): alongside the others, not after them. gather,
+    # so that when one side raises, the other's outcome is still collected rather than left unawaited.
+    (checks, tokenizers, tagger), face_crop = await asyncio.gather(
+        in_turn(), asyncio.to_thread(check_face_crop, config))  # face crop: optional, never in "ready"
     return web.json_response({
         "ready": all(c.ok for c in checks),
         "lora_dir": str(config.ed_lora_dir),

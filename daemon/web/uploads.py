@@ -100,18 +100,20 @@ async def read_train_form(request: web.Request, *, tmp_root: Path, limits: Uploa
         if isinstance(exc, asyncio.CancelledError):
             # aiohttp cancels the handler of a client that hung up mid-upload (or all of them at shutdown):
             # normal, so one quiet line, not an error
-            log.info("the client left during POST /train (or the daemon is stopping); its upload was removed")
+            log.info("the client left during %s %s (or the daemon is stopping); its upload was removed",
+                     request.method, request.path)
         raise
     return form
 
 
 def _check_body_headers(request: web.Request) -> None:
     if not request.content_type.startswith("multipart/form-data"):
-        raise BadInput("POST /train expects multipart/form-data with fields name, trigger and images.")
+        raise BadInput(f"{request.method} {request.path} expects multipart/form-data, the pictures as `images` parts.")
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
         # The daemon reads bodies as sent (see app.py, auto_decompress=False): pictures do not compress.
-        raise UnsupportedMedia("POST /train takes an uncompressed body; send it without Content-Encoding.")
+        raise UnsupportedMedia(
+            f"{request.method} {request.path} takes an uncompressed body; send it without Content-Encoding.")
 
 
 class _Reader:
