@@ -366,3 +366,30 @@ async def test_resume_is_refused_with_429_when_the_queue_is_full(site: Site) -> 
     assert status == 429 and "The queue is full" in body["error"], body
     job = await site.job(job_id)
     assert job["state"] == "interrupted" and job["recovery"]["state_bytes"] > 0  # nothing lost
+
+
+async def test_a_resume_while_the_job_is_being_deleted_is_refused_and_nothing_comes_back(site: Site) -> None:
+    """DELETE removes the job's folder before its row: a resume arriving meanwhile must not queue the job, or its run
+    recreates files under the deleted job's folder (and, had the pictures still been there, trained a LoRA for it)."""
+    set_config(site, auto_resume=False)
+    job_id, _ = await crash_after_first_state(site)
+    await site.start(FAST)
+    root = site.config.data_dir / "jobs" / job_id
+    bulk = root / "bulk"  # so that removing the folder takes a while
+    bulk.mkdir()
+    names = [f"f{i}" for i in range(20000)]
+    for name in names:
+        (bulk / name).touch()
+    deleting = asyncio.create_task(call(site, "DELETE", f"/jobs/{job_id}"))
+    sample = [bulk / name for name in names[::400]]
+    end = time.monotonic() + 20
+    while all(p.exists() for p in sample):  # until the removal is under way
+        assert time.monotonic() < end and not deleting.done(), "the folder was never removed"
+        await asyncio.sleep(0.001)
+    status, body = await call(site, "POST", f"/jobs/{job_id}/resume")
+    assert status in (404, 409) and job_id in body["error"], (status, body)
+    assert (await deleting)[0] == 200
+    await asyncio.sleep(2.0)  # time for a wrongly queued run to have started
+    assert not root.exists(), sorted(p.name for p in root.rglob("*"))
+    assert (await call(site, "GET", f"/jobs/{job_id}/status"))[0] == 404
+    assert site.loras() == []

@@ -42,6 +42,8 @@ class JobQueue:
         self._worker: asyncio.Task[None] | None = None
         self._submitting = asyncio.Lock()
         self._resuming: dict[str, str] = {}  # job id -> "resumed" | "auto_resumed", until its run starts
+        # Jobs whose folder DELETE is removing (its row goes last): a resume meanwhile would run a deleted job.
+        self._deleting: set[str] = set()
 
     @property
     def current(self) -> str | None:
@@ -92,6 +94,8 @@ class JobQueue:
         from the first step when there is none). It keeps its id, logs, previews and progress."""
         async with self._submitting:
             job = await self._get(job_id)
+            if job_id in self._deleting:
+                raise Conflict(f"Job {job_id} is being deleted; it cannot be resumed.")
             if job.state is not JobState.INTERRUPTED:
                 raise Conflict(f"Job {job_id} is {job.state.value}; only an interrupted job can be resumed.")
             await self.check_room()
@@ -154,21 +158,30 @@ class JobQueue:
         return job
 
     async def delete(self, job_id: str) -> None:
-        job = await self._get(job_id)
-        if job.state.active or self._current == job_id:
-            raise Conflict(
-                f"Job {job_id} is {job.state.value}; cancel it before deleting it.",
-                hint=f"POST /jobs/{job_id}/cancel first.",
-            )
-        if job.state is JobState.QUEUED:
-            await self.cancel(job_id)
-            if self._current == job_id:  # the worker took it while cancel() read the store
-                raise Conflict(f"Job {job_id} was just starting; it is being cancelled.",
-                               hint="Delete it once it shows as cancelled.")
-        # Only the job's working files; a LoRA published into ED's folder stays.
-        await asyncio.to_thread(shutil.rmtree, job_paths(self._live.current, job_id).root, True)
-        await self._hub.emit(EventType.JOB_DELETED, job_id, {}, persist=partial(self._store.delete, job_id))
-        self._cancels.pop(job_id, None)
+        # Checked and marked under the lock resume() takes: a resume either ran before (the job is queued, so it
+        # is cancelled here) or sees the mark; it can never queue the job while its folder is being removed.
+        async with self._submitting:
+            job = await self._get(job_id)
+            if job_id in self._deleting:
+                raise Conflict(f"Job {job_id} is already being deleted.")
+            if job.state.active or self._current == job_id:
+                raise Conflict(
+                    f"Job {job_id} is {job.state.value}; cancel it before deleting it.",
+                    hint=f"POST /jobs/{job_id}/cancel first.",
+                )
+            self._deleting.add(job_id)
+        try:
+            if job.state is JobState.QUEUED:
+                await self.cancel(job_id)
+                if self._current == job_id:  # the worker took it while cancel() read the store
+                    raise Conflict(f"Job {job_id} was just starting; it is being cancelled.",
+                                   hint="Delete it once it shows as cancelled.")
+            # Only the job's working files; a LoRA published into ED's folder stays.
+            await asyncio.to_thread(shutil.rmtree, job_paths(self._live.current, job_id).root, True)
+            await self._hub.emit(EventType.JOB_DELETED, job_id, {}, persist=partial(self._store.delete, job_id))
+            self._cancels.pop(job_id, None)
+        finally:
+            self._deleting.discard(job_id)
 
     async def _get(self, job_id: str) -> Job:
         job = await asyncio.to_thread(self._store.get, job_id)
