@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -393,3 +394,35 @@ async def test_a_resume_while_the_job_is_being_deleted_is_refused_and_nothing_co
     assert not root.exists(), sorted(p.name for p in root.rglob("*"))
     assert (await call(site, "GET", f"/jobs/{job_id}/status"))[0] == 404
     assert site.loras() == []
+
+
+async def test_a_resume_whose_pictures_were_removed_says_so(site: Site) -> None:
+    """The job's uploads folder deleted by hand (freeing disk): the resumed run ends with a sentence naming what is
+    gone and what to do, not an internal error asking for a bug report."""
+    set_config(site, auto_resume=False)
+    job_id, _ = await crash_after_first_state(site)
+    await site.start(FAST)
+    uploads = site.config.data_dir / "jobs" / job_id / "uploads"
+    shutil.rmtree(uploads)
+    status, _ = await call(site, "POST", f"/jobs/{job_id}/resume")
+    assert status == 202
+    job = await site.wait_for(job_id, {"done", "error"}, timeout=60)
+    assert job["state"] == "error"
+    error = job["error"]
+    assert error["kind"] == "no_data", error
+    assert error["message"] == f"The job's pictures are gone: {uploads} no longer exists.", error
+    assert error["hint"] == "Start a new job with the pictures.", error
+    assert job["recovery"]["state_bytes"] == 0  # an error: its states are removed, as for any ended job
+
+
+async def test_a_job_whose_pictures_were_emptied_out_says_so(site: Site) -> None:
+    set_config(site, auto_resume=False)
+    job_id, _ = await crash_after_first_state(site)
+    await site.start(FAST)
+    uploads = site.config.data_dir / "jobs" / job_id / "uploads"
+    for picture in uploads.iterdir():
+        picture.unlink()
+    assert (await call(site, "POST", f"/jobs/{job_id}/resume"))[0] == 202
+    job = await site.wait_for(job_id, {"done", "error"}, timeout=60)
+    assert job["error"]["kind"] == "no_data", job["error"]
+    assert job["error"]["message"] == f"The job's pictures are gone: {uploads} holds none.", job["error"]

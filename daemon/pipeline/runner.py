@@ -519,7 +519,7 @@ class JobRunner:
                     reporter: JobReporter, cancel: asyncio.Event) -> None:
         crops = None
         if params.face_crop:  # never fails the job: without a detector the pictures are used whole
-            uploads = await asyncio.to_thread(dataset.read_uploads, paths.uploads)
+            uploads = await asyncio.to_thread(stored_uploads, paths)
             crops, lines = await faces.job_crops(self._config, uploads, paths.root / "faces",
                                                  resolution=params.resolution, cancel=cancel)
             for line in lines:
@@ -536,7 +536,7 @@ class JobRunner:
             raise JobFailed(JobError("model_not_found", f"The base model {job.base_model} no longer exists.",
                                      "Pick another base model and start again."))
         self._check_family(job, params)
-        uploads = dataset.read_uploads(paths.uploads)
+        uploads = stored_uploads(paths)
         # Cleaned again: the stored file is the user's; the same texts on every start, resume and retry.
         own = captions.clean_all(captions.read_captions(paths.uploads, [u.path.name for u in uploads]), job.trigger)
         if paths.images.exists():
@@ -815,6 +815,21 @@ async def _drained(reader: asyncio.Task[None], meter: _OutputMeter, stall_s: flo
             return True
         if meter.chars == seen:
             return False
+
+
+def stored_uploads(paths: JobPaths) -> list[dataset.Upload]:
+    """The job's stored pictures; a sentence when they are gone (a resume or retry after the folder was deleted by
+    hand, to free disk), before kohya is started on nothing."""
+    try:
+        uploads = dataset.read_uploads(paths.uploads)
+    except FileNotFoundError:
+        uploads, missing = [], "no longer exists"
+    else:
+        missing = "holds none"
+    if not uploads:
+        raise JobFailed(JobError("no_data", f"The job's pictures are gone: {paths.uploads} {missing}.",
+                                 "Start a new job with the pictures."))
+    return uploads
 
 
 def job_tail(path: Path, lines: int = 40) -> list[str]:
