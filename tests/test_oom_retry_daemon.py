@@ -4,6 +4,7 @@ out of memory above a batch size or without gradient checkpointing (KOHYA_DOUBLE
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -24,6 +25,7 @@ from tests.conftest import train_form, wait_for_state
 from tests.helpers import TOKEN, free_port, make_config, torch_double_path
 from tests.test_crash_recovery import Site
 from tests.test_crash_recovery import site as site  # a fixture: pytest finds it by name
+from tests.test_resume import kill_all
 
 RTX_4090 = GpuInfo(cuda=True, name="NVIDIA GeForce RTX 4090", vram_gb=23.99, bf16=True, torch="2.5.1")
 QUICK = '{"epochs": 2}'  # 8 pictures x 25 repeats = 200 views an epoch: 25 steps at batch 8, 50 at batch 4
@@ -267,3 +269,27 @@ async def test_a_daemon_process_on_a_gpu_retries_and_finishes(site: Site) -> Non
     assert (job["params"]["memory_tier"], job["params"]["batch_size"]) == ("16gb", 4)
     assert [r["batch"] for r in runs(site.config, job_id)] == [8, 4]
     assert [lora.name for lora in site.loras()] == ["Test_Hero.safetensors"]
+
+
+async def test_the_retries_used_before_a_restart_still_count(site: Site) -> None:
+    """oom_retries is per job: a job that used its retry, then was resumed after the daemon died, ends when it runs
+    out of memory again, and its error names every attempt, those before the restart too."""
+    site.config_path.write_text(site.config_path.read_text(encoding="utf-8") + "oom_retries: 1\n", encoding="utf-8")
+    gpu = {"PYTHONPATH": torch_double_path(site.root), "KOHYA_DOUBLE_STEP_SECONDS": "0.05"}
+    daemon = await site.start({**gpu, "KOHYA_DOUBLE_OOM_ABOVE_BATCH": "4"})
+    job_id = await site.submit(train_form(8, params='{"epochs": 3, "save_every_n_epochs": 1}'))
+    end = time.monotonic() + 90
+    while not ((job := await site.job(job_id))["recovery"]["retries"] and job["recovery"]["state_epoch"]):
+        assert time.monotonic() < end and job["state"] not in ("done", "error"), job
+        await asyncio.sleep(0.05)
+    assert job["params"]["batch_size"] == 4  # the retry's batch, which saved a state
+    kill_all(site, daemon)
+    # after the restart even batch 4 runs out of memory (say Easy Diffusion now holds more of the card)
+    await site.start({**gpu, "KOHYA_DOUBLE_OOM_ABOVE_BATCH": "2"})
+    job = await site.wait_for(job_id, {"done", "error"}, timeout=90)
+    assert job["state"] == "error" and job["error"]["kind"] == "out_of_memory", job["error"]
+    assert job["error"]["message"] == ("The graphics card ran out of memory 2 times: batch 8 (24 GB tier), then "
+                                       "batch 4 (16 GB tier). That was the last of the 1 automatic retries "
+                                       "(oom_retries).")
+    assert [r["attempt"] for r in job["recovery"]["retries"]] == [1]
+    assert [r["batch"] for r in runs(site.config, job_id)] == [8, 4, 4]  # never a third, unasked-for batch

@@ -31,8 +31,9 @@ keeps the optimizer and the learning rates, and the stored params say so.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 from daemon.pipeline.fit import TABLE, TIER_LABELS, TIERS, Fit, Hardware, choose_fit
 from daemon.pipeline.params import PRESETS_BY_ARCH, TrainParams, scaled_lr
@@ -84,12 +85,16 @@ def plan_retry(params: TrainParams, gpu: Hardware, *, attempt: int, limit: int,
     return None
 
 
-def final_error(tried: Sequence[TrainParams], gpu: Hardware, *, limit: int) -> tuple[str, str]:
+def final_error(tried: Sequence[TrainParams], gpu: Hardware, *, limit: int,
+                earlier: Sequence[Mapping[str, Any]] = ()) -> tuple[str, str]:
     """(message, hint) of the out_of_memory error once the retries are used up or nothing lower is left:
-    what was tried, and what the user can do."""
+    what was tried, and what the user can do. `earlier`: the job's recovery.retries from its runs before this one
+    (the daemon died in between); each names the batch and tier that failed."""
     last = tried[-1]
-    attempts = [f"{_described(p)} ({TIER_LABELS.get(p.memory_tier, p.memory_tier)} tier)" for p in tried]
-    times = "once" if len(tried) == 1 else f"{len(tried)} times"
+    attempts = [f"batch {r.get('from_batch')} ({TIER_LABELS.get(str(r.get('from_tier')), r.get('from_tier'))} tier)"
+                for r in earlier]
+    attempts += [f"{_described(p)} ({TIER_LABELS.get(p.memory_tier, p.memory_tier)} tier)" for p in tried]
+    times = "once" if len(attempts) == 1 else f"{len(attempts)} times"
     lower = plan_retry(last, gpu, attempt=len(tried), limit=limit)
     if lower is None:
         why = "These are the smallest settings for this card."

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from daemon.config import Config
 from daemon.errors import DaemonError
@@ -349,13 +349,16 @@ class JobRunner:
                 return
             await reporter.state(JobState.TRAINING)
             tried: list[TrainParams] = []  # the settings of each attempt that ran out of GPU memory
+            # ...and the retries of its runs before this one (the daemon died meanwhile): oom_retries is per job
+            earlier = list(job.recovery.retries)
             while True:
                 try:
                     result = await self._train(job, params, paths, cpu, reporter, cancel, resume=resume)
                     break
                 except JobFailed as failed:
                     # raises `failed`, or the final out-of-memory error, when there is nothing to retry
-                    params, resume = await self._retry_after_oom(job, params, failed, tried, paths, cpu, reporter)
+                    params, resume = await self._retry_after_oom(job, params, failed, tried, earlier, paths, cpu,
+                                                                  reporter)
                 if cancel.is_set():
                     await self._finish(reporter, JobState.CANCELLED)
                     return
@@ -389,7 +392,7 @@ class JobRunner:
                 "See the daemon's console output; please report this."))
 
     async def _retry_after_oom(self, job: Job, params: TrainParams, failed: JobFailed, tried: list[TrainParams],
-                               paths: JobPaths, cpu: bool,
+                               earlier: list[dict[str, Any]], paths: JobPaths, cpu: bool,
                                reporter: JobReporter) -> tuple[TrainParams, SavedState | None]:
         """The next attempt after kohya ran out of GPU memory: its settings one memory tier lower
         (daemon/pipeline/oom_retry.py), stored with the job, announced (a notice event and a log line) and in
@@ -402,18 +405,19 @@ class JobRunner:
         if limit == 0:
             raise failed
         tried.append(params)
+        attempt = len(earlier) + len(tried)
         gpu = await self._gpu()
         state = await asyncio.to_thread(train_state.find_resume_state, paths.output, output_name(job))
         plan = None
-        if len(tried) <= limit:
-            plan = oom_retry.plan_retry(params, gpu, attempt=len(tried), limit=limit,
+        if attempt <= limit:
+            plan = oom_retry.plan_retry(params, gpu, attempt=attempt, limit=limit,
                                         state_epoch=state.epoch if state is not None else None)
         if plan is None:
-            message, hint = oom_retry.final_error(tried, gpu, limit=limit)
+            message, hint = oom_retry.final_error(tried, gpu, limit=limit, earlier=earlier)
             raise JobFailed(JobError(failed.error.kind, message, hint)) from failed
         job.params = plan.params.to_json()  # a new dict: a saver's copy of the job may still hold the old one
         job.recovery.retries.append({
-            "attempt": len(tried), "from_tier": plan.from_tier, "to_tier": plan.to_tier,
+            "attempt": attempt, "from_tier": plan.from_tier, "to_tier": plan.to_tier,
             "from_batch": params.batch_size, "to_batch": plan.params.batch_size, "at_step": job.progress.step,
             "message": plan.message,
         })
