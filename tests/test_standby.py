@@ -334,6 +334,7 @@ async def test_it_exits_when_the_daemon_is_sigkilled(site: Site) -> None:  # noq
     assert time.monotonic() - t0 < 5  # its parent check, not its max wait
     with contextlib.suppress(FileNotFoundError):
         assert not any(p.name.endswith("go.json") for p in data_dir.iterdir())
+    assert list(data_dir.glob("standby-*")) == []  # nor its ready marker: no daemon is left to remove it
 
 
 def test_the_wrapper_never_runs_a_go_file_once_orphaned(tmp_path: Path) -> None:
@@ -408,3 +409,28 @@ def test_bench_standby_mode_and_a_report_after_every_run(tmp_path: Path) -> None
     assert report["summary"]["standby"]["saved_s"] == 18.0
     assert standby_line(runs) == "standby: tab opened → ready (imports done), median 6.50 s; idle RSS 431 MiB"
     assert standby_line(runs[:1]) == "standby: no run"
+
+
+async def test_a_job_that_takes_the_standby_mid_import_leaves_no_marker_behind(start_daemon, tmp_path: Path,
+                                                                                monkeypatch) -> None:
+    """The job clicked while the standby still imports takes it; the standby's `.ready` marker, made once the imports
+    are done, must not then stay in the data dir (one more file per job, forever)."""
+    kohya = tmp_path / "sd-scripts"
+    kohya.mkdir()
+    for script in KOHYA_DOUBLE.parent.glob("*.py"):
+        (kohya / script.name).write_text(script.read_text(encoding="utf-8"), encoding="utf-8")
+    sdxl = kohya / "sdxl_train_network.py"  # what the standby imports: slow, as kohya's imports are
+    sdxl.write_text("import time\ntime.sleep(2)\n" + sdxl.read_text(encoding="utf-8"), encoding="utf-8")
+    spy = StartSpy(monkeypatch)
+    cfg = make_config(tmp_path, port=free_port(), kohya={"script_path": str(kohya / "train_network.py")})
+    client = await start_daemon(cfg)
+    assert (await client.get("/models")).status == 200
+    sb = _standby_of(client)
+    await _until(lambda: sb.pid is not None)
+    assert not sb.ready  # still importing
+    job_id = (await (await client.post("/train", data=train_form(8))).json())["job_id"]
+    job = await wait_for_state(client, job_id, {"done", "error"}, timeout=90)
+    assert job["state"] == "done", job["error"]
+    assert spy.job == [] and len(spy.standby) >= 1  # the standby ran it
+    await client.close()  # no standby left waiting, so none of its files is current
+    assert sorted(p.name for p in cfg.data_dir.glob("standby-*")) == []

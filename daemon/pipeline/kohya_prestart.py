@@ -132,6 +132,11 @@ def main() -> int:
         with contextlib.suppress(OSError), open(opts.ready, "w", encoding="utf-8"):
             pass
     go = wait_for_go(opts.go, opts.max_wait, opts.parent)
+    if opts.ready:
+        # No longer waiting, told to go or not: removed here, since a job that took us mid-import removed it before
+        # we made it, and a dead daemon never will.
+        with contextlib.suppress(OSError):
+            os.unlink(opts.ready)
     if go is None:
         return EXIT_NO_GO
     run_script = os.path.abspath(str(go.get("script") or script))
