@@ -426,3 +426,25 @@ async def test_a_job_whose_pictures_were_emptied_out_says_so(site: Site) -> None
     job = await site.wait_for(job_id, {"done", "error"}, timeout=60)
     assert job["error"]["kind"] == "no_data", job["error"]
     assert job["error"]["message"] == f"The job's pictures are gone: {uploads} holds none.", job["error"]
+
+
+async def test_the_job_that_was_training_goes_on_before_the_jobs_queued_behind_it(site: Site) -> None:
+    """First in, first out across a crash: the job training when the daemon died is resumed before the job that was
+    waiting behind it, not sent to the back of the queue."""
+    daemon = await site.start(SLOW)
+    first = await site.submit(train_form(8, name="First", params=PARAMS))
+    await wait_job(site, first, lambda j: j["recovery"]["state_epoch"] is not None)
+    second = await site.submit(train_form(8, name="Second", params=PARAMS))
+    assert (await site.job(second))["state"] == "queued"
+    kill_all(site, daemon)
+    await site.start(FAST)
+    for job_id in (first, second):
+        assert (await site.wait_for(job_id, {"done", "error"}, timeout=90))["state"] == "done"
+
+    async def preps(job_id: str) -> list[float]:  # when each of its runs began
+        return [e["ts"] for e in await events(site, job_id)
+                if e["type"] == "state" and e["data"]["state"] == "prepping"]
+
+    resumed, waited = await preps(first), await preps(second)
+    assert len(resumed) == 2 and len(waited) == 1  # before and after the crash; only after it
+    assert resumed[1] < waited[0]

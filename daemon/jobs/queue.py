@@ -51,11 +51,16 @@ class JobQueue:
 
     async def start(self) -> None:
         await asyncio.to_thread(self._recover)
-        for job_id in await asyncio.to_thread(self._store.ids_in_states, [JobState.QUEUED]):
-            self._pending.put_nowait(job_id)
-        if self._live.current.auto_resume:
-            for job_id in await asyncio.to_thread(self._store.ids_in_states, [JobState.INTERRUPTED]):
-                await self._auto_resume(job_id)
+        # In the order the jobs were made, first in first out: the job that was training when the daemon died goes
+        # on before the jobs that were waiting behind it.
+        resuming = self._live.current.auto_resume
+        states = [JobState.QUEUED, JobState.INTERRUPTED] if resuming else [JobState.QUEUED]
+        for job_id in await asyncio.to_thread(self._store.ids_in_states, states):
+            job = await asyncio.to_thread(self._store.get, job_id)
+            if job is not None and job.state is JobState.QUEUED:
+                self._pending.put_nowait(job_id)
+            elif job is not None:
+                await self._auto_resume(job)
         self._worker = asyncio.create_task(self._work(), name="job-worker")
 
     async def stop(self) -> None:
@@ -71,9 +76,9 @@ class JobQueue:
         for job_id in self._store.ids_in_states(_ACTIVE):
             recover_job(self._live.current, self._store, job_id, taken)
 
-    async def _auto_resume(self, job_id: str) -> None:
+    async def _auto_resume(self, job: Job) -> None:
         """At start-up: a job a crash or shutdown interrupted continues from its saved state, if it has one."""
-        job = await self._get(job_id)
+        job_id = job.id
         state = await asyncio.to_thread(self._saved_state, job)
         if state is None:
             return  # nothing to continue from: it waits for the user (POST /jobs/{id}/resume trains it again)
