@@ -372,8 +372,13 @@ async def test_a_crash_between_publishing_and_recording_is_reconciled(site: Site
     job = await site.job(done)
     assert (job["state"], job["artifact"], job["lora_id"], job["error"]) == ("done", str(hero), "Hero", None)
     assert any("the LoRA had been published" in line for line in job["logs"])
+    # the torn copy is never taken for the job's LoRA: the complete one in the job's folder is copied again
     job = await site.job(torn)
-    assert (job["state"], job["artifact"]) == ("interrupted", None)
+    assert job["state"] == "done" and job["artifact"] not in (None, str(torn_file)), job
+    again = Path(job["artifact"])
+    assert again.read_bytes() == (site.config.data_dir / "jobs" / torn / "output" / "Torn.safetensors").read_bytes()
+    assert publish.verify_lora(again).unet_modules > 0
+    assert torn_file.stat().st_size == 1000  # not ours to remove: it is not one of our temporary names
 
 
 async def test_a_power_cut_leaves_only_foreign_files(site: Site) -> None:
@@ -586,3 +591,27 @@ def test_a_version_2_database_gains_the_descendants_and_recovery_columns(tmp_pat
     store.close()
     with contextlib.closing(sqlite3.connect(path)) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == 5
+
+
+async def test_killed_while_copying_the_trained_lora_is_published_at_the_restart(site: Site) -> None:
+    """Training was over: the LoRA lay complete in the job's folder while the daemon copied it into ED's. A restart
+    finishes the copy; the job is done, not interrupted with its finished training thrown away (a job without a
+    saved state would have had to train again from the first step, which empties its output folder)."""
+    daemon = await site.start({**FAST, "KOHYA_DOUBLE_LORA_MB": "150"})
+    job_id = await site.submit(train_form(8, name="Copy Me", params='{"epochs": 1}'))
+    lora_dir = site.config.ed_lora_dir
+    end = time.monotonic() + 30
+    while not any(OUR_TEMP.fullmatch(name) for name in os.listdir(lora_dir)):
+        assert time.monotonic() < end, (await site.job(job_id))["state"]
+        time.sleep(0.001)  # blocking on purpose: the kill must follow the partial file's creation at once
+    site.sigkill(daemon)
+    assert site.db_state(job_id) == "copying"
+    trained = site.config.data_dir / "jobs" / job_id / "output" / "Copy_Me.safetensors"
+    await site.start(FAST)
+    job = await site.job(job_id)
+    assert (job["state"], job["error"]) == ("done", None), job
+    final = lora_dir / "Copy_Me.safetensors"
+    assert (job["artifact"], job["lora_id"]) == (str(final), "Copy_Me")
+    assert final.read_bytes() == trained.read_bytes()
+    assert site.temp_files() == [] and site.loras() == [final]
+    assert any("finished copying" in line for line in job["logs"]), job["logs"][-5:]

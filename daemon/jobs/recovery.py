@@ -51,6 +51,19 @@ def _verifies(path: Path) -> bool:
     return True
 
 
+def finish_copy(config: Config, job: Job, stem: str) -> Path | None:
+    """The copy into ED's folder of a job that was copying: training was over, its LoRA is complete in the job's
+    output folder (kohya had saved it before the copy began), so it is published now rather than trained again."""
+    output = job_paths(config, job.id).output / f"{stem}.safetensors"
+    arch = job.params.get("arch")
+    try:
+        publish.verify_lora(output, expected_arch=arch if isinstance(arch, str) else None)
+        return publish.publish(output, config.ed_lora_dir, stem)
+    except publish.PublishError as exc:
+        log.warning("job %s: its trained LoRA could not be published after the restart: %s", job.id, exc.message)
+        return None
+
+
 def recover_job(config: Config, store: JobStore, job_id: str, taken: set[Path]) -> Job | None:
     """Settle one job the dead daemon was running; `taken` (artifacts of all jobs) grows by what it claims."""
     killed: list[ProcInfo] = []
@@ -74,6 +87,10 @@ def recover_job(config: Config, store: JobStore, job_id: str, taken: set[Path]) 
     recorded = Path(job.artifact) if job.artifact else None
     published = published_file(job.state, recorded, found, _verifies)
     was = job.state.value
+    copied = False
+    if published is None and job.state is JobState.COPYING:
+        published = finish_copy(config, job, stem)
+        copied = published is not None
     if published is not None:
         job.state, job.error, job.artifact = JobState.DONE, None, str(published)
         # ValueError: recorded under another lora folder (the config changed): keep the id it had
@@ -83,8 +100,13 @@ def recover_job(config: Config, store: JobStore, job_id: str, taken: set[Path]) 
         # done: nothing will resume from its saved training states
         train_state.remove_states(job_paths(config, job_id).output, stem)
         job.recovery.state_epoch, job.recovery.state_bytes, job.recovery.resume_next = None, 0, False
-        log.warning("job %s was %s when the daemon stopped; its LoRA %s is complete: done", job_id, was, published)
-        notes.append(f"The daemon stopped while this job was {was}; the LoRA had been published: {published}")
+        if copied:
+            log.warning("job %s was copying when the daemon stopped; finished copying its LoRA to %s: done", job_id,
+                        published)
+            notes.append(f"The daemon stopped while it copied this job's LoRA; finished copying it: {published}")
+        else:
+            log.warning("job %s was %s when the daemon stopped; its LoRA %s is complete: done", job_id, was, published)
+            notes.append(f"The daemon stopped while this job was {was}; the LoRA had been published: {published}")
     else:
         job.state, job.error = JobState.INTERRUPTED, interrupted_error()
         # its saved training state is kept: the job resumes from it (by hand, or at start-up with auto_resume)
