@@ -25,18 +25,22 @@ _check_log = logging.getLogger(__name__ + ".check")
 CHECK_RESOLUTION = 512
 
 
-def check_resolution(raw: str | None) -> int:
-    """`?resolution=`: the training resolution the pictures are judged for (the same range as the param)."""
-    low, high = INT_RANGES["resolution"]
-    if raw is None or raw == "":
-        return CHECK_RESOLUTION
-    try:
-        value = int(raw)
-    except ValueError:
-        value = -1
-    if not low <= value <= high:
+def query_resolution(raw: str | None, *, default: int, low: int, high: int) -> int:
+    """`?resolution=` as plain ASCII digits, or `default` when absent. Not int(raw): it takes ' 512', '+512',
+    '5_12' and '٥١٢', and raises ValueError past 4,300 digits; not str.isdigit() alone: it is true for '²', which
+    int() refuses."""
+    if raw is None:
+        return default
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 6) or not low <= int(raw) <= high:
         raise BadInput(f"'resolution' must be a whole number of pixels from {low} to {high}.", key="resolution")
-    return value
+    return int(raw)
+
+
+def check_resolution(raw: str | None) -> int:
+    """`?resolution=`: the training resolution the pictures are judged for (the same range as the param); empty
+    is the default."""
+    low, high = INT_RANGES["resolution"]
+    return query_resolution(raw or None, default=CHECK_RESOLUTION, low=low, high=high)
 
 
 def _only_images(name: str, value: str) -> None:
@@ -90,12 +94,8 @@ FACES_RESOLUTIONS = (256, 2048)
 
 def _faces_resolution(raw: str | None) -> int:
     """`?resolution=`: the crop is at least this wide where the picture allows (the training resolution)."""
-    if raw is None:
-        return FACES_DEFAULT_RESOLUTION
     low, high = FACES_RESOLUTIONS
-    if not raw.isdigit() or not low <= int(raw) <= high:
-        raise BadInput(f"'resolution' must be a whole number from {low} to {high}.", key="resolution")
-    return int(raw)
+    return query_resolution(raw, default=FACES_DEFAULT_RESOLUTION, low=low, high=high)
 
 
 def _faces_text(name: str, value: str) -> None:

@@ -1,0 +1,423 @@
+"""The bad-input corpus of the newer routes (picture checks, face preview, tagger, saved epochs, captions, the
+face crop, samples and resume), against one real `python -m daemon` process that holds a finished job.
+
+Each case is answered with its status and a JSON `{"error": sentence}` (or, where the route documents it, its
+success); afterwards the daemon still answers, the jobs list is what it was, nothing of the request is left in
+<data_dir>/tmp, no file appeared, vanished or changed anywhere under the test's folder (the job's folder and ED's
+LoRA folder included), and the daemon's console holds no ERROR line and no traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from PIL import Image
+
+from tests import rawhttp
+from tests.helpers import REPO, TOKEN, free_port, make_config, picture_bytes
+from tests.rawhttp import BOUNDARY, field, image, multipart, request
+from tests.tagger_double.layout import onnx_pythonpath, sd_scripts_with_double, write_model
+
+FACE_DOUBLE = REPO / "tests" / "face_detect_double.py"
+MULTIPART = f"multipart/form-data; boundary={BOUNDARY}"
+JOB_PARAMS = json.dumps({"epochs": 3, "save_every_n_epochs": 1, "sample_every_n_epochs": 1})
+STALL_S = 2
+MAX_UPLOADS = 2
+
+
+@dataclass
+class Live:
+    """The real daemon, its folders and its one finished job."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    root: Path
+    data_dir: Path
+    lora_dir: Path
+    log: Path
+    job_id: str
+    jobs: Any  # GET /jobs as it was once the job had finished
+    sample: str  # one preview the job recorded
+    log_seen: int = 0  # how much of the console the previous checks read
+
+    def output(self) -> str:
+        return self.log.read_text(encoding="utf-8", errors="replace")
+
+
+def _call(port: int, method: str, path: str, body: bytes = b"", **headers: str) -> rawhttp.Reply:
+    return asyncio.run(rawhttp.send(port, request(port, method, path, body=body, headers=headers)))
+
+
+def _train(port: int, parts: list[rawhttp.Part]) -> rawhttp.Reply:
+    return asyncio.run(rawhttp.send(port, request(port, "POST", "/train", body=multipart(parts),
+                                                  headers={"Content-Type": MULTIPART})))
+
+
+def _eight() -> list[rawhttp.Part]:
+    return [field("name", "Hero"), field("trigger", "ohwx"), *(image(i, f"pic{i}.png") for i in range(8))]
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    root = tmp_path_factory.mktemp("newer-routes")
+    port = free_port()
+    workspace = sd_scripts_with_double(root)  # the tagger double at finetune/, as sd-scripts has the tagger
+    config = make_config(root, port=port, upload_stall_s=STALL_S, max_uploads=MAX_UPLOADS,
+                         kohya={"workspace": str(workspace), "face_detect_script": str(FACE_DOUBLE)})
+    raw = {"port": port, "token": TOKEN, "data_dir": str(config.data_dir), "ed_lora_dir": str(config.ed_lora_dir),
+           "ed_models_dir": str(config.ed_models_dir), "base_model": str(config.base_model), "allow_cpu": True,
+           "upload_stall_s": STALL_S, "max_uploads": MAX_UPLOADS,
+           "kohya": {"python": sys.executable, "script_path": str(config.kohya.script_path),
+                     "workspace": str(workspace), "face_detect_script": str(FACE_DOUBLE)}}
+    config_path = root / "config.yaml"
+    config_path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    write_model(config.data_dir / "wd14_tagger_model")  # the tagger is ready: a good run would start
+    log = root / "daemon.log"
+    env = {**os.environ, "PYTHONPATH": onnx_pythonpath(), "KOHYA_DOUBLE_STEP_SECONDS": "0.005"}
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "daemon", "--config", str(config_path)], cwd=REPO, env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        _wait_healthy(proc, port, log)
+        reply = _train(port, [*_eight()[:2], field("params", JOB_PARAMS), *_eight()[2:]])
+        assert reply.status == 202, reply
+        job_id = reply.json()["job_id"]
+        end = time.monotonic() + 60
+        while (job := _call(port, "GET", f"/jobs/{job_id}/status").json())["state"] not in ("done", "error"):
+            assert time.monotonic() < end, job
+            time.sleep(0.05)
+        assert job["state"] == "done", job
+        jobs = _call(port, "GET", "/jobs").json()
+        yield Live(proc, port, root, config.data_dir, config.ed_lora_dir, log, job_id, jobs,
+                   job["samples"][0]["file"])
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, log.read_text(errors="replace")[-3000:]
+
+
+def _wait_healthy(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
+    end = time.monotonic() + 30
+    while time.monotonic() < end:
+        assert proc.poll() is None, log.read_text(errors="replace")
+        with contextlib.suppress(OSError, ValueError):
+            if _call(port, "GET", "/health").status == 200:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"the daemon did not answer within 30 s:\n{log.read_text(errors='replace')}")
+
+
+# ------------------------------------------------------------------------------------------------ what is stored
+VOLATILE = ("jobs.sqlite3", "jobs.sqlite3-wal", "jobs.sqlite3-shm", "daemon.log")
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file under the test's folder (the database and the console excepted: reads touch them) with its
+    size and modification time."""
+    found = {}
+    for path in root.rglob("*"):
+        if path.name in VOLATILE or path.is_dir():
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            stat = path.lstat()
+            found[str(path.relative_to(root))] = (stat.st_size, stat.st_mtime_ns)
+    return found
+
+
+def tmp_entries(live: Live) -> list[str]:
+    tmp = live.data_dir / "tmp"
+    return sorted(p.name for p in tmp.iterdir()) if tmp.exists() else []
+
+
+async def settle_tmp(live: Live, timeout: float = 10.0) -> list[str]:
+    """<data_dir>/tmp once the daemon has removed what the request left (a check thread may outlive the request)."""
+    end = time.monotonic() + timeout
+    while (left := tmp_entries(live)) and time.monotonic() < end:
+        await asyncio.sleep(0.05)
+    return left
+
+
+def new_console(live: Live) -> str:
+    text = live.output()
+    fresh, live.log_seen = text[live.log_seen:], len(text)
+    return fresh
+
+
+def trouble(console: str) -> list[str]:
+    return [line for line in console.splitlines() if " ERROR " in line or "Traceback" in line
+            or " CRITICAL " in line]
+
+
+async def assert_unharmed(live: Live, before: dict[str, tuple[int, int]]) -> None:
+    assert live.proc.poll() is None, live.output()[-3000:]
+    health = await rawhttp.send(live.port, request(live.port, "GET", "/health"))
+    assert health.status == 200
+    jobs = await rawhttp.send(live.port, request(live.port, "GET", "/jobs"))
+    assert jobs.json() == live.jobs
+    assert await settle_tmp(live) == []
+    assert snapshot(live.root) == before
+    assert trouble(new_console(live)) == []
+
+
+def is_sentence(text: object) -> bool:
+    return isinstance(text, str) and len(text) >= 12 and " " in text and text.rstrip().endswith(".")
+
+
+# ------------------------------------------------------------------------------------------------ the cases
+@dataclass(frozen=True)
+class Ctx:
+    port: int
+    job_id: str
+    sample: str
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    status: int
+    build: Callable[[Ctx], bytes | list[bytes]]
+    key: str | None = None  # the field the answer names, where it names one
+
+
+def call(method: str, path: str | Callable[[Ctx], str], body: bytes = b"",
+         **headers: str | bytes | None) -> Callable[[Ctx], bytes]:
+    def build(c: Ctx) -> bytes:
+        target = path(c) if callable(path) else path
+        return request(c.port, method, target, body=body, headers={k.replace("_", "-"): v for k, v in headers.items()})
+    return build
+
+
+def form(path: str | Callable[[Ctx], str], *parts: rawhttp.Part,
+         **headers: str | bytes | None) -> Callable[[Ctx], bytes]:
+    def build(c: Ctx) -> bytes:
+        target = path(c) if callable(path) else path
+        return request(c.port, "POST", target, body=multipart(list(parts)),
+                       headers={"Content-Type": MULTIPART, **{k.replace("_", "-"): v for k, v in headers.items()}})
+    return build
+
+
+def png(size: tuple[int, int], colour: tuple[int, int, int] = (120, 120, 120)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A small PNG whose header claims `width` x `height` pixels (10 G pixels: a decompression bomb)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    rows = zlib.compress(b"\x00" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+
+
+def pics(count: int) -> list[rawhttp.Part]:
+    return [image(i, f"p{i}.png") for i in range(count)]
+
+
+def text_as_file(name: str, value: bytes) -> rawhttp.Part:
+    return (f'Content-Disposition: form-data; name="{name}"; filename="{name}.txt"\r\nContent-Type: text/plain'
+            .encode(), value)
+
+
+def picture_as_text(index: int) -> rawhttp.Part:
+    return (b'Content-Disposition: form-data; name="images"', picture_bytes(index))
+
+
+def job(suffix: str) -> Callable[[Ctx], str]:
+    return lambda c: f"/jobs/{c.job_id}{suffix}"
+
+
+def publish(epoch: str) -> Callable[[Ctx], str]:
+    return job(f"/checkpoints/{epoch}/publish")
+
+
+def train(*parts: rawhttp.Part) -> Callable[[Ctx], bytes]:
+    return form("/train", field("name", "Hero"), field("trigger", "ohwx"), *parts)
+
+
+CHECK, FACES, TAG = "/pictures/check", "/pictures/faces", "/tagger/runs"
+
+CASES: list[Case] = [
+    # --- POST /pictures/check: the query ---
+    *(Case(f"check-resolution-{label}", 400, form(f"{CHECK}?resolution={value}", *pics(1)), "resolution")
+      for label, value in (("minus-1", "-1"), ("1e9", "1e9"), ("nan", "NaN"), ("1000000000", "1000000000"),
+                           ("5000-digits", "9" * 5000), ("float", "512.0"), ("superscript-2", "%C2%B2"),
+                           ("arabic-digit", "%D9%A1"), ("nul", "%00"), ("repeated-bad-first", "-1&resolution=512"),
+                           ("space", "%20"), ("hex", "0x200"), ("arabic-512", "%D9%A5%D9%A1%D9%A2"),
+                           ("plus-512", "%2B512"), ("underscore-512", "5_12"), ("padded-512", "%20512"))),
+    # --- POST /pictures/check: the form ---
+    Case("check-no-images", 400, form(CHECK), "images"),
+    Case("check-only-end-boundary", 400, call("POST", CHECK, f"--{BOUNDARY}--\r\n".encode(), Content_Type=MULTIPART)),
+    Case("check-zero-byte-picture", 400, form(CHECK, image(0, "empty.png", b"")), "images"),
+    Case("check-26-pictures", 400, form(CHECK, *pics(26)), "images"),
+    Case("check-text-field", 400, form(CHECK, field("resolution", "768"), *pics(1)), "resolution"),
+    Case("check-name-field", 400, form(CHECK, field("name", "Hero"), *pics(1)), "name"),
+    Case("check-text-sent-as-file", 400, form(CHECK, *pics(1), text_as_file("name", b"Hero")), "name"),
+    Case("check-json-body", 400, call("POST", CHECK, b"{}", Content_Type="application/json")),
+    Case("check-no-content-type", 400, call("POST", CHECK, b"x")),
+    Case("check-gzip", 415, form(CHECK, *pics(1), Content_Encoding="gzip")),
+    Case("check-get", 405, call("GET", CHECK)),
+    Case("check-no-token", 401, form(CHECK, *pics(1), Authorization=None)),
+    Case("check-foreign-origin", 403, form(CHECK, *pics(1), Origin="http://evil.example")),
+    Case("check-foreign-host", 403, form(CHECK, *pics(1), Host="evil.example")),
+    # --- POST /pictures/faces ---
+    *(Case(f"faces-resolution-{label}", 400, form(f"{FACES}?resolution={value}", *pics(1)), "resolution")
+      for label, value in (("minus-1", "-1"), ("1e9", "1e9"), ("nan", "NaN"), ("empty", ""), ("float", "512.0"),
+                           ("5000-digits", "9" * 5000), ("superscript-2", "%C2%B2"),
+                           ("arabic-digits", "%D9%A5%D9%A1%D9%A2"), ("fullwidth-digits", "%EF%BC%95%EF%BC%91%EF%BC%92"),
+                           ("repeated-bad-first", "x&resolution=512"))),
+    Case("faces-no-images", 400, form(FACES), "images"),
+    Case("faces-zero-byte-picture", 400, form(FACES, image(0, "empty.png", b"")), "images"),
+    Case("faces-26-pictures", 400, form(FACES, *pics(26)), "images"),
+    Case("faces-text-field", 400, form(FACES, field("threshold", "0.3"), *pics(1)), "threshold"),
+    Case("faces-text-sent-as-file", 400, form(FACES, text_as_file("trigger", b"ohwx")), "trigger"),
+    Case("faces-json-body", 400, call("POST", FACES, b"{}", Content_Type="application/json")),
+    Case("faces-deflate", 415, form(FACES, *pics(1), Content_Encoding="deflate")),
+    Case("faces-get", 405, call("GET", FACES)),
+    Case("faces-wrong-token", 401, form(FACES, *pics(1), Authorization="Bearer nope")),
+    Case("faces-foreign-origin", 403, form(FACES, *pics(1), Origin="http://evil.example")),
+    # --- the tagger ---
+    *(Case(f"tag-threshold-{label}", 400, form(TAG, field("threshold", value), *pics(2)), "threshold")
+      for label, value in (("nan", "NaN"), ("inf", "inf"), ("minus", "-0.5"), ("over-1", "1.5"), ("1e999", "1e999"),
+                           ("word", "half"), ("5000-digits", "9" * 5000), ("nul", "0.\x005"))),
+    Case("tag-threshold-twice", 400, form(TAG, field("threshold", "0.3"), field("threshold", "0.4"), *pics(2)),
+         "threshold"),
+    Case("tag-threshold-not-utf8", 400, form(TAG, field("threshold", b"0.\xff"), *pics(2)), "threshold"),
+    Case("tag-bad-threshold-as-file", 400, form(TAG, text_as_file("threshold", b"2"), *pics(2)), "threshold"),
+    Case("tag-unknown-field", 400, form(TAG, field("trigger", "ohwx"), *pics(2)), "trigger"),
+    Case("tag-no-images", 400, form(TAG, field("threshold", "0.35")), "images"),
+    Case("tag-zero-byte-picture", 400, form(TAG, *pics(1), image(1, "empty.png", b"")), "images"),
+    Case("tag-26-pictures", 400, form(TAG, *pics(26)), "images"),
+    Case("tag-not-a-picture", 400, form(TAG, *pics(1), image(1, "evil.png", b"#!/bin/sh\nrm -rf /\n")), "images"),
+    Case("tag-decompression-bomb", 400, form(TAG, *pics(1), image(1, "bomb.png", bomb_png())), "images"),
+    Case("tag-text-as-picture", 400, form(TAG, *pics(1), field("images", "not a picture")), "images"),
+    Case("tag-json-body", 400, call("POST", TAG, b"{}", Content_Type="application/json")),
+    Case("tag-br", 415, form(TAG, *pics(1), Content_Encoding="br")),
+    Case("tag-put", 405, call("PUT", TAG)),
+    Case("tag-readiness-post", 405, call("POST", "/tagger")),
+    Case("tag-no-token", 401, form(TAG, *pics(1), Authorization=None)),
+    Case("tag-readiness-no-token", 401, call("GET", "/tagger", Authorization=None)),
+    Case("tag-foreign-origin", 403, form(TAG, *pics(1), Origin="http://evil.example")),
+    *(Case(f"tag-run-{label}", 404, call(method, f"/tagger/runs/{task}"))
+      for method in ("GET", "DELETE")
+      for label, task in ((f"{method}-unknown", "000000000000"), (f"{method}-dotdot-encoded", "..%2F..%2Fetc%2Fpasswd"),
+                          (f"{method}-dotdot-encoded-dots", "%2e%2e"), (f"{method}-nul", "%00"),
+                          (f"{method}-5000-chars", "a" * 5000), (f"{method}-backslash", "..%5C..%5Cconfig.yaml"),
+                          (f"{method}-absolute", "%2Fetc%2Fpasswd"), (f"{method}-quote", "'%20OR%201=1--"))),
+    Case("tag-run-post", 405, call("POST", "/tagger/runs/000000000000")),
+    Case("tag-run-delete-no-token", 401, call("DELETE", "/tagger/runs/000000000000", Authorization=None)),
+    # --- the loss and the saved epochs ---
+    Case("loss-unknown-job", 404, call("GET", "/jobs/000000000000/loss")),
+    Case("loss-job-id-nul", 404, call("GET", "/jobs/%00/loss")),
+    Case("loss-post", 405, call("POST", job("/loss"))),
+    Case("loss-no-token", 401, call("GET", job("/loss"), Authorization=None)),
+    Case("checkpoints-unknown-job", 404, call("GET", "/jobs/nope/checkpoints")),
+    Case("checkpoints-job-id-5000-chars", 404, call("GET", "/jobs/" + "a" * 5000 + "/checkpoints")),
+    Case("checkpoints-delete", 405, call("DELETE", job("/checkpoints"))),
+    Case("checkpoints-foreign-host", 403, call("GET", job("/checkpoints"), Host="evil.example:1")),
+    *(Case(f"publish-epoch-{label}", 404, call("POST", publish(epoch)))
+      for label, epoch in (("minus-1", "-1"), ("0", "0"), ("huge", "999999999999999999999"), ("float", "1.0"),
+                           ("dotdot-encoded", "%2e%2e"), ("slash-encoded", "..%2F1"), ("arabic-1", "%D9%A1"),
+                           ("superscript-1", "%C2%B9"), ("fullwidth-1", "%EF%BC%91"), ("plus-1", "%2B1"),
+                           ("space-1", "%201"), ("nul", "1%00"), ("hex", "0x1"), ("5000-digits", "1" * 5000),
+                           ("not-saved", "7"), ("final-name", "Hero"))),
+    Case("publish-unknown-job", 404, call("POST", "/jobs/nope/checkpoints/1/publish")),
+    Case("publish-job-id-traversal", 404, call("POST", "/jobs/..%2F..%2Fdata/checkpoints/1/publish")),
+    Case("publish-get", 405, call("GET", publish("1"))),
+    Case("publish-no-token", 401, call("POST", publish("1"), Authorization=None)),
+    Case("publish-wrong-token", 401, call("POST", publish("1"), Authorization="Bearer " + "x" * len(TOKEN))),
+    Case("publish-foreign-origin", 403, call("POST", publish("1"), Origin="http://evil.example")),
+    Case("publish-foreign-host", 403, call("POST", publish("1"), Host="evil.example")),
+    Case("publish-null-origin", 403, call("POST", publish("1"), Origin="null")),
+    # --- previews with odd names ---
+    *(Case(f"sample-{label}", 404, call("GET", job(f"/samples/{name}")))
+      for label, name in (("dotdot-db", "..%2F..%2Fjobs.sqlite3"), ("dotdot-dots", "%2e%2e"),
+                          ("dotdot-config", "..%2F..%2F..%2Fconfig.yaml"), ("backslash", "..%5C..%5Cjobs.sqlite3"),
+                          ("absolute", "%2Fetc%2Fpasswd"), ("nul", "x%00.png"), ("5000-chars", "a" * 5000 + ".png"),
+                          ("unicode", "%D9%A1.png"), ("dot", "."), ("uploads", "..%2Fuploads%2F001.upload"),
+                          ("output", "..%2Foutput%2FHero.safetensors"))),
+    Case("sample-in-list-with-dotdot", 404, lambda c: request(c.port, "GET", f"/jobs/{c.job_id}/samples/..%2F"
+                                                              f"samples%2F{c.sample}")),
+    Case("sample-unknown-job", 404, lambda c: request(c.port, "GET", f"/jobs/nope/samples/{c.sample}")),
+    Case("sample-post", 405, lambda c: request(c.port, "POST", f"/jobs/{c.job_id}/samples/{c.sample}")),
+    Case("sample-no-token", 401, lambda c: request(c.port, "GET", f"/jobs/{c.job_id}/samples/{c.sample}",
+                                                   headers={"Authorization": None})),
+    # --- resume on odd ids ---
+    Case("resume-done-job", 409, call("POST", job("/resume"))),
+    *(Case(f"resume-{label}", 404, call("POST", f"/jobs/{job_id}/resume"))
+      for label, job_id in (("unknown", "000000000000"), ("nul", "%00"), ("dotdot-encoded", "..%2F..%2Fetc"),
+                            ("5000-chars", "a" * 5000), ("quote", "'%20OR%201=1--"), ("unicode", "%D9%A1"),
+                            ("dots", "%2e%2e"))),
+    Case("resume-get", 405, call("GET", job("/resume"))),
+    Case("resume-no-token", 401, call("POST", job("/resume"), Authorization=None)),
+    # --- POST /train: captions ---
+    Case("captions-not-json", 400, train(field("captions", "[\"a\""), *pics(8)), "captions"),
+    Case("captions-an-object", 400, train(field("captions", '{"0": "a"}'), *pics(8)), "captions"),
+    Case("captions-numbers", 400, train(field("captions", json.dumps([1] * 8)), *pics(8)), "captions"),
+    Case("captions-null-entries", 400, train(field("captions", json.dumps([None] * 8)), *pics(8)), "captions"),
+    Case("captions-nested", 400, train(field("captions", json.dumps([["a"]] * 8)), *pics(8)), "captions"),
+    Case("captions-nan", 400, train(field("captions", "[NaN]"), *pics(8)), "captions"),
+    Case("captions-5000-digit-number", 400, train(field("captions", "[" + "9" * 5000 + "]"), *pics(8)), "captions"),
+    Case("captions-30000-deep", 400, train(field("captions", "[" * 30_000 + "]" * 30_000), *pics(8)), "captions"),
+    Case("captions-too-few", 400, train(field("captions", json.dumps(["a"] * 7)), *pics(8)), "captions"),
+    Case("captions-too-many", 400, train(field("captions", json.dumps(["a"] * 9)), *pics(8)), "captions"),
+    Case("captions-one-too-long", 400, train(field("captions", json.dumps(["a" * 1001] + [""] * 7)), *pics(8)),
+         "captions"),
+    Case("captions-over-256k", 400, train(field("captions", json.dumps(["a" * 1000] * 300)), *pics(8)), "captions"),
+    Case("captions-twice", 400, train(field("captions", json.dumps([""] * 8)), field("captions", "[]"), *pics(8)),
+         "captions"),
+    Case("captions-not-utf8", 400, train(field("captions", b'["\xff"]'), *pics(8)), "captions"),
+    Case("captions-bad-as-file", 400, train(text_as_file("captions", b"nope"), *pics(8)), "captions"),
+    Case("captions-after-pictures-count", 400, train(*pics(8), field("captions", json.dumps([""] * 3))), "captions"),
+    # --- POST /train: the face crop ---
+    *(Case(f"face-crop-{label}", 400, train(field("params", json.dumps({"face_crop": value})), *pics(8)),
+           "face_crop")
+      for label, value in (("string", "yes"), ("one", 1), ("null", None), ("list", [True]), ("zero", 0))),
+    Case("face-crop-as-form-field", 400, train(field("face_crop", "true"), *pics(8)), "face_crop"),
+    # --- POST /train: the pictures ---
+    Case("train-decompression-bomb", 400, train(*pics(7), image(7, "bomb.png", bomb_png())), "images"),
+    Case("train-text-as-picture", 400, train(*pics(7), field("images", "hello")), "images"),
+    Case("train-picture-as-text-field", 400, train(*pics(7), (b'Content-Disposition: form-data; name="trigger"',
+                                                              picture_bytes(1))), "trigger"),
+]
+
+
+def test_the_corpus_names_are_unique() -> None:
+    assert len({c.id for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES])
+async def test_each_bad_request_gets_its_4xx_sentence(case: Case, live: Live) -> None:
+    before = snapshot(live.root)
+    new_console(live)
+    reply = await rawhttp.send(live.port, case.build(Ctx(live.port, live.job_id, live.sample)))
+    assert reply.status == case.status, reply
+    assert reply.content_type == "application/json", reply
+    body = reply.json()
+    assert isinstance(body, dict) and is_sentence(body.get("error")), body
+    if case.key is not None:
+        assert body.get("key") == case.key, body
+    await assert_unharmed(live, before)
