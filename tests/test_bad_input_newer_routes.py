@@ -87,7 +87,9 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     config_path.write_text(yaml.safe_dump(raw), encoding="utf-8")
     write_model(config.data_dir / "wd14_tagger_model")  # the tagger is ready: a good run would start
     log = root / "daemon.log"
-    env = {**os.environ, "PYTHONPATH": onnx_pythonpath(), "KOHYA_DOUBLE_STEP_SECONDS": "0.005"}
+    env = {**os.environ, "PYTHONPATH": onnx_pythonpath(), "KOHYA_DOUBLE_STEP_SECONDS": "0.005",
+           "PATH": f"{fake_ghostscript(root / 'bin')}{os.pathsep}{os.environ.get('PATH', '')}",
+           "GS_MARKER": str(root / GS_MARKER)}
     with log.open("wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "daemon", "--config", str(config_path)], cwd=REPO, env=env,
                                 stdout=out, stderr=subprocess.STDOUT)
@@ -112,6 +114,19 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, log.read_text(errors="replace")[-3000:]
+
+
+GS_MARKER = "ghostscript-ran.txt"
+
+
+def fake_ghostscript(folder: Path) -> Path:
+    """A `gs` that notes its arguments: Pillow renders an EPS by running Ghostscript on it, a program with a long
+    record of -dSAFER escapes. No upload may ever make the daemon run it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    script = folder / "gs"
+    script.write_text('#!/bin/sh\necho "$@" >> "$GS_MARKER"\nexit 0\n', encoding="utf-8")
+    script.chmod(0o755)
+    return folder
 
 
 def _wait_healthy(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
@@ -173,6 +188,7 @@ async def assert_unharmed(live: Live, before: dict[str, tuple[int, int]]) -> Non
     jobs = await rawhttp.send(live.port, request(live.port, "GET", "/jobs"))
     assert jobs.json() == live.jobs
     assert await settle_tmp(live) == []
+    assert not (live.root / GS_MARKER).exists(), "the daemon ran Ghostscript on an upload"
     assert snapshot(live.root) == before
     assert trouble(new_console(live)) == []
 
@@ -231,6 +247,10 @@ def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     rows = zlib.compress(b"\x00" * 64)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+
+
+EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 100 120\n%%EndComments\n"
+       b"newpath 0 0 moveto 100 120 lineto stroke\nshowpage\n%%EOF\n")
 
 
 def pics(count: int) -> list[rawhttp.Part]:
@@ -313,6 +333,7 @@ CASES: list[Case] = [
     Case("tag-26-pictures", 400, form(TAG, *pics(26)), "images"),
     Case("tag-not-a-picture", 400, form(TAG, *pics(1), image(1, "evil.png", b"#!/bin/sh\nrm -rf /\n")), "images"),
     Case("tag-decompression-bomb", 400, form(TAG, *pics(1), image(1, "bomb.png", bomb_png())), "images"),
+    Case("tag-eps", 400, form(TAG, *pics(1), image(1, "drawing.eps", EPS)), "images"),
     Case("tag-text-as-picture", 400, form(TAG, *pics(1), field("images", "not a picture")), "images"),
     Case("tag-json-body", 400, call("POST", TAG, b"{}", Content_Type="application/json")),
     Case("tag-br", 415, form(TAG, *pics(1), Content_Encoding="br")),
@@ -399,6 +420,8 @@ CASES: list[Case] = [
     Case("face-crop-as-form-field", 400, train(field("face_crop", "true"), *pics(8)), "face_crop"),
     # --- POST /train: the pictures ---
     Case("train-decompression-bomb", 400, train(*pics(7), image(7, "bomb.png", bomb_png())), "images"),
+    Case("train-eps", 400, train(*pics(7), image(7, "drawing.eps", EPS)), "images"),
+    Case("train-eps-as-png", 400, train(*pics(7), image(7, "drawing.png", EPS)), "images"),
     Case("train-text-as-picture", 400, train(*pics(7), field("images", "hello")), "images"),
     Case("train-picture-as-text-field", 400, train(*pics(7), (b'Content-Disposition: form-data; name="trigger"',
                                                               picture_bytes(1))), "trigger"),
@@ -420,4 +443,110 @@ async def test_each_bad_request_gets_its_4xx_sentence(case: Case, live: Live) ->
     assert isinstance(body, dict) and is_sentence(body.get("error")), body
     if case.key is not None:
         assert body.get("key") == case.key, body
+    await assert_unharmed(live, before)
+
+
+# ------------------------------------------------------------------------------------------------ answered 200
+def odd_pictures() -> list[rawhttp.Part]:
+    return [image(0, "ok.png"), image(1, "bomb.png", bomb_png()), image(2, "evil.png", b"#!/bin/sh\nrm -rf /\n"),
+            picture_as_text(3), image(4, "cut.png", picture_bytes(4)[:40]), image(5, "drawing.eps", EPS)]
+
+
+async def test_the_picture_check_answers_odd_pictures_with_warnings(live: Live) -> None:
+    """Advice, never a refusal: a decompression bomb, a script, a picture sent as a text part and a cut file each
+    get their sentence; the good one is measured."""
+    before = snapshot(live.root)
+    new_console(live)
+    reply = await rawhttp.send(live.port, form(f"{CHECK}?resolution=512", *odd_pictures())(Ctx(live.port, "", "")))
+    assert reply.status == 200, reply
+    pictures = reply.json()["pictures"]
+    assert [p["index"] for p in pictures] == [0, 1, 2, 3, 4, 5]
+    assert [pictures[i]["width"] for i in (0, 3)] == [96, 96]  # the picture sent as a text part is a picture
+    for bad in (pictures[i] for i in (1, 2, 4, 5)):
+        assert [w["code"] for w in bad["warnings"]] == ["unreadable"], bad
+        assert is_sentence(bad["warnings"][0]["message"])
+    assert "pixels" in pictures[1]["warnings"][0]["message"]  # the bomb is named as such
+    await assert_unharmed(live, before)
+
+
+async def test_the_face_preview_answers_odd_pictures_with_width_0(live: Live) -> None:
+    before = snapshot(live.root)
+    new_console(live)
+    reply = await rawhttp.send(live.port, form(f"{FACES}?resolution=512", *odd_pictures())(Ctx(live.port, "", "")))
+    assert reply.status == 200, reply
+    body = reply.json()
+    assert body["available"] is True, body
+    assert [(p["index"], p["width"] > 0) for p in body["pictures"]] == [(0, True), (1, False), (2, False),
+                                                                        (3, True), (4, False), (5, False)]
+    await assert_unharmed(live, before)
+
+
+async def test_the_tagger_readiness_and_its_unknown_runs(live: Live) -> None:
+    before = snapshot(live.root)
+    new_console(live)
+    ready = await rawhttp.send(live.port, request(live.port, "GET", "/tagger"))
+    assert ready.status == 200 and ready.json()["available"] is True, ready
+    await assert_unharmed(live, before)
+
+
+# ------------------------------------------------------------------------------------------------ more than one
+UPLOAD_ROUTES = {"check": CHECK, "faces": FACES, "tagger": TAG, "train": "/train"}
+
+
+def big_form(route: str) -> bytes:
+    """A form of 8 pictures large enough (about 3 MB) that half of it is never one read."""
+    noisy = [image(i, f"big{i}.png", os.urandom(400_000)) for i in range(8)]
+    head = [field("name", "Hero"), field("trigger", "ohwx")] if route == "/train" else []
+    return request(0, "POST", route, body=multipart([*head, *noisy]), headers={"Content-Type": MULTIPART})
+
+
+async def hold_upload(live: Live, route: str) -> asyncio.StreamWriter:
+    """Half an upload, then silence (shorter than the stall limit): the daemon has started storing it."""
+    data = big_form(route).replace(b"Host: 127.0.0.1:0", f"Host: 127.0.0.1:{live.port}".encode(), 1)
+    _reader, writer = await asyncio.open_connection("127.0.0.1", live.port)
+    known = set(tmp_entries(live))
+    writer.write(data[: len(data) // 2])
+    await writer.drain()
+    end = time.monotonic() + 10
+    while not (set(tmp_entries(live)) - known):
+        assert time.monotonic() < end, "the daemon never started storing the upload"
+        await asyncio.sleep(0.02)
+    return writer
+
+
+@pytest.mark.parametrize("route", list(UPLOAD_ROUTES))
+async def test_a_client_that_leaves_mid_upload_leaves_nothing(route: str, live: Live) -> None:
+    before = snapshot(live.root)
+    new_console(live)
+    writer = await hold_upload(live, UPLOAD_ROUTES[route])
+    writer.transport.abort()  # a dropped connection, no FIN handshake
+    assert await settle_tmp(live) == []
+    await asyncio.sleep(0.2)  # the handler's last line
+    console = new_console(live)
+    assert "client left" in console, console
+    assert trouble(console) == []
+    await assert_unharmed(live, before)
+
+
+async def test_uploads_beyond_max_uploads_are_429_and_every_slot_comes_back(live: Live) -> None:
+    before = snapshot(live.root)
+    new_console(live)
+    holders = [await hold_upload(live, CHECK), await hold_upload(live, TAG)]  # max_uploads is 2
+    try:
+        ctx = Ctx(live.port, live.job_id, live.sample)
+        refused = await asyncio.gather(*(rawhttp.send(live.port, form(route, *pics(2))(ctx))
+                                         for route in (CHECK, FACES, TAG, CHECK, FACES, TAG)))
+        refused.append(await rawhttp.send(live.port, train(*pics(8))(ctx)))
+        for reply in refused:
+            assert reply.status == 429, reply
+            assert is_sentence(reply.json()["error"]) and "max_uploads" in reply.json()["error"]
+    finally:
+        for writer in holders:
+            writer.transport.abort()
+    assert await settle_tmp(live) == []
+    # the slots came back: many at once now get 200 or 429, never anything else, and the daemon keeps no picture
+    ctx = Ctx(live.port, live.job_id, live.sample)
+    many = await asyncio.gather(*(rawhttp.send(live.port, form(CHECK, *pics(3))(ctx)) for _ in range(12)))
+    assert {r.status for r in many} <= {200, 429} and 200 in {r.status for r in many}, [r.status for r in many]
+    assert all(r.content_type == "application/json" for r in many)
     await assert_unharmed(live, before)
