@@ -550,3 +550,49 @@ async def test_uploads_beyond_max_uploads_are_429_and_every_slot_comes_back(live
     assert {r.status for r in many} <= {200, 429} and 200 in {r.status for r in many}, [r.status for r in many]
     assert all(r.content_type == "application/json" for r in many)
     await assert_unharmed(live, before)
+
+
+# ------------------------------------------------------------------------------------------------ publishing
+async def test_an_epoch_with_leading_zeros_is_that_epoch_published_inside_eds_folder(live: Live) -> None:
+    """Runs last against the live daemon: it is the one request here that stores something."""
+    before = snapshot(live.root)
+    new_console(live)
+    first = await rawhttp.send(live.port, request(live.port, "POST", f"/jobs/{live.job_id}/checkpoints/01/publish"))
+    assert first.status == 201, first
+    target = live.lora_dir / "Hero-e01.safetensors"
+    assert first.json() == {"epoch": 1, "lora_id": "Hero-e01", "artifact": str(target)}
+    again = await rawhttp.send(live.port, request(live.port, "POST", f"/jobs/{live.job_id}/checkpoints/1/publish"))
+    assert again.status == 200 and again.json() == first.json()
+    after = snapshot(live.root)
+    assert set(after) - set(before) == {str(target.relative_to(live.root))}
+    assert {k: v for k, v in after.items() if k in before} == before
+    assert trouble(new_console(live)) == []
+
+
+HOSTILE_NAMES = ["../../../pwned", "..", ".", "/etc/pwned", "a/../../b", "..\\..\\pwned", "C:\\pwned", "CON",
+                 "x" * 500, "\u202epwned", "", " ", "-", "~root", "$(touch pwned)", "pwned\x00.txt", "Zoë/../é"]
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_a_published_epoch_stays_in_eds_folder_whatever_the_jobs_name(tmp_path: Path, name: str) -> None:
+    """The job's name reaches the file name only through slugify (the API refuses such names; an old or edited
+    database could still hold one)."""
+    from daemon.jobs.models import Job
+    from daemon.pipeline import checkpoints
+    from daemon.pipeline.runner import output_name
+
+    lora_dir = tmp_path / "ed" / "models" / "lora"
+    source = tmp_path / "job" / "out.safetensors"
+    source.parent.mkdir(parents=True)
+    source.write_bytes(b"lora bytes")
+    job = Job(id="j1", name=name, trigger="ohwx", class_token="person", base_model="/m.safetensors", params={},
+              image_count=8)
+    stem = output_name(job)
+    for epoch in (1, 100, 999_999):
+        published = checkpoints.copy_epoch(checkpoints.Checkpoint(epoch, source, 10, False, True), lora_dir, stem)
+        target = Path(published.artifact)
+        assert target.parent == lora_dir and target.read_bytes() == b"lora bytes", target
+        assert "/" not in published.lora_id and ".." not in published.lora_id
+    everything = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()}
+    assert everything == {"job/out.safetensors", *(f"ed/models/lora/{p.name}" for p in lora_dir.iterdir())}
+    assert len(list(lora_dir.iterdir())) == 3  # no temporary file left either
