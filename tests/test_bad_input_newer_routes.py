@@ -469,6 +469,17 @@ async def test_the_picture_check_answers_odd_pictures_with_warnings(live: Live) 
     await assert_unharmed(live, before)
 
 
+async def test_the_picture_check_names_a_traversing_file_by_its_last_part_only(live: Live) -> None:
+    before = snapshot(live.root)
+    new_console(live)
+    names = ["../../../../pwned.png", "/etc/pwned.png", "C:/Users/pwned.png", "ok/../../x.png", ".."]
+    parts = [image(i, name) for i, name in enumerate(names)]
+    reply = await rawhttp.send(live.port, form(CHECK, *parts)(Ctx(live.port, "", "")))
+    assert reply.status == 200, reply
+    assert [p["name"] for p in reply.json()["pictures"]] == ["pwned.png", "pwned.png", "pwned.png", "x.png", ".."]
+    await assert_unharmed(live, before)
+
+
 async def test_the_face_preview_answers_odd_pictures_with_width_0(live: Live) -> None:
     before = snapshot(live.root)
     new_console(live)
@@ -486,6 +497,38 @@ async def test_the_tagger_readiness_and_its_unknown_runs(live: Live) -> None:
     new_console(live)
     ready = await rawhttp.send(live.port, request(live.port, "GET", "/tagger"))
     assert ready.status == 200 and ready.json()["available"] is True, ready
+    await assert_unharmed(live, before)
+
+
+def formats() -> list[rawhttp.Part]:
+    """Pictures in each format a phone or an editor saves (a phone's MPO too), all readable."""
+    parts = []
+    for i, fmt in enumerate(("JPEG", "MPO", "GIF", "BMP", "TIFF", "WEBP")):
+        buf = io.BytesIO()
+        extra = {"save_all": True, "append_images": [Image.new("RGB", (96, 128))]} if fmt == "MPO" else {}
+        Image.new("RGB", (96, 128), (200, 10 * i, 10)).save(buf, format=fmt, **extra)
+        parts.append(image(i, f"p{i}.{fmt.lower()}", buf.getvalue()))
+    return parts
+
+
+async def test_a_tagging_run_of_every_format_is_read_and_forgotten(live: Live) -> None:
+    before = snapshot(live.root)
+    new_console(live)
+    ctx = Ctx(live.port, live.job_id, live.sample)
+    started = await rawhttp.send(live.port, form(TAG, field("threshold", "0.35"), *formats())(ctx))
+    assert started.status == 202, started
+    task_id = started.json()["task_id"]
+    end = time.monotonic() + 60
+    while (run := (await rawhttp.send(live.port, request(live.port, "GET", f"{TAG}/{task_id}"))).json())[
+            "state"] == "running":
+        assert time.monotonic() < end, run
+        await asyncio.sleep(0.1)
+    assert run["state"] == "done" and len(run["pictures"]) == 6, run
+    gone = await rawhttp.send(live.port, request(live.port, "DELETE", f"{TAG}/{task_id}"))
+    assert gone.status == 200 and gone.json() == {"deleted": task_id, "state": "done"}
+    for method in ("GET", "DELETE"):
+        again = await rawhttp.send(live.port, request(live.port, method, f"{TAG}/{task_id}"))
+        assert again.status == 404 and is_sentence(again.json()["error"])
     await assert_unharmed(live, before)
 
 
