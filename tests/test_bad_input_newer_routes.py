@@ -211,6 +211,7 @@ class Case:
     status: int
     build: Callable[[Ctx], bytes | list[bytes]]
     key: str | None = None  # the field the answer names, where it names one
+    says: str | None = None  # words the sentence must hold
 
 
 def call(method: str, path: str | Callable[[Ctx], str], body: bytes = b"",
@@ -287,13 +288,30 @@ CASES: list[Case] = [
                            ("5000-digits", "9" * 5000), ("float", "512.0"), ("superscript-2", "%C2%B2"),
                            ("arabic-digit", "%D9%A1"), ("nul", "%00"), ("repeated-bad-first", "-1&resolution=512"),
                            ("space", "%20"), ("hex", "0x200"), ("arabic-512", "%D9%A5%D9%A1%D9%A2"),
-                           ("plus-512", "%2B512"), ("underscore-512", "5_12"), ("padded-512", "%20512"))),
+                           ("plus-512", "%2B512"), ("underscore-512", "5_12"), ("padded-512", "%20512"),
+                           ("not-utf8", "%FF"), ("bad-escape", "%ZZ"), ("half-escape", "5%2"))),
     # --- POST /pictures/check: the form ---
+    Case("check-empty-boundary", 400, form(CHECK, *pics(1), Content_Type="multipart/form-data; boundary=")),
+    Case("check-only-boundary-no-crlf", 400, call("POST", CHECK, f"--{BOUNDARY}--".encode(), Content_Type=MULTIPART)),
+    Case("check-nested-multipart", 400, form(CHECK, (b'Content-Disposition: form-data; name="images"\r\n'
+                                                     b"Content-Type: multipart/mixed; boundary=inner",
+                                                     b"--inner\r\n\r\nx\r\n--inner--"))),
+    Case("check-part-without-name", 400, form(CHECK, (b"Content-Disposition: form-data", picture_bytes(0))),
+         says="has no field name"),
+    Case("check-part-empty-name", 400, form(CHECK, (b'Content-Disposition: form-data; name=""', b"x")),
+         says="has no field name"),
+    Case("tag-part-without-disposition", 400, form(TAG, (b"Content-Type: image/png", picture_bytes(0))),
+         says="has no field name"),
+    Case("train-part-without-name", 400, train((b'Content-Disposition: form-data; filename="a.png"', b"x")),
+         says="has no field name"),
     Case("check-no-images", 400, form(CHECK), "images"),
     Case("check-only-end-boundary", 400, call("POST", CHECK, f"--{BOUNDARY}--\r\n".encode(), Content_Type=MULTIPART)),
     Case("check-zero-byte-picture", 400, form(CHECK, image(0, "empty.png", b"")), "images"),
     Case("check-26-pictures", 400, form(CHECK, *pics(26)), "images"),
-    Case("check-text-field", 400, form(CHECK, field("resolution", "768"), *pics(1)), "resolution"),
+    Case("check-text-field", 400, form(CHECK, field("resolution", "768"), *pics(1)), "resolution",
+         says="POST /pictures/check takes only pictures"),
+    Case("check-unknown-field", 400, form(CHECK, *pics(1), field("foo", "1")), "foo",
+         says="POST /pictures/check takes only pictures"),
     Case("check-name-field", 400, form(CHECK, field("name", "Hero"), *pics(1)), "name"),
     Case("check-text-sent-as-file", 400, form(CHECK, *pics(1), text_as_file("name", b"Hero")), "name"),
     Case("check-json-body", 400, call("POST", CHECK, b"{}", Content_Type="application/json")),
@@ -312,7 +330,10 @@ CASES: list[Case] = [
     Case("faces-no-images", 400, form(FACES), "images"),
     Case("faces-zero-byte-picture", 400, form(FACES, image(0, "empty.png", b"")), "images"),
     Case("faces-26-pictures", 400, form(FACES, *pics(26)), "images"),
-    Case("faces-text-field", 400, form(FACES, field("threshold", "0.3"), *pics(1)), "threshold"),
+    Case("faces-text-field", 400, form(FACES, field("threshold", "0.3"), *pics(1)), "threshold",
+         says="POST /pictures/faces takes only pictures"),
+    Case("faces-captions-field", 400, form(FACES, field("captions", "[]"), *pics(1)), "captions",
+         says="POST /pictures/faces takes only pictures"),
     Case("faces-text-sent-as-file", 400, form(FACES, text_as_file("trigger", b"ohwx")), "trigger"),
     Case("faces-json-body", 400, call("POST", FACES, b"{}", Content_Type="application/json")),
     Case("faces-deflate", 415, form(FACES, *pics(1), Content_Encoding="deflate")),
@@ -348,6 +369,8 @@ CASES: list[Case] = [
                           (f"{method}-dotdot-encoded-dots", "%2e%2e"), (f"{method}-nul", "%00"),
                           (f"{method}-5000-chars", "a" * 5000), (f"{method}-backslash", "..%5C..%5Cconfig.yaml"),
                           (f"{method}-absolute", "%2Fetc%2Fpasswd"), (f"{method}-quote", "'%20OR%201=1--"))),
+    Case("tag-run-not-utf8", 404, call("GET", "/tagger/runs/%FF%FE")),
+    Case("tag-run-bad-escape", 404, call("DELETE", "/tagger/runs/%ZZ")),
     Case("tag-run-post", 405, call("POST", "/tagger/runs/000000000000")),
     Case("tag-run-delete-no-token", 401, call("DELETE", "/tagger/runs/000000000000", Authorization=None)),
     # --- the loss and the saved epochs ---
@@ -364,7 +387,8 @@ CASES: list[Case] = [
                            ("dotdot-encoded", "%2e%2e"), ("slash-encoded", "..%2F1"), ("arabic-1", "%D9%A1"),
                            ("superscript-1", "%C2%B9"), ("fullwidth-1", "%EF%BC%91"), ("plus-1", "%2B1"),
                            ("space-1", "%201"), ("nul", "1%00"), ("hex", "0x1"), ("5000-digits", "1" * 5000),
-                           ("not-saved", "7"), ("final-name", "Hero"))),
+                           ("not-saved", "7"), ("final-name", "Hero"), ("not-utf8", "%FF"), ("bad-escape", "%ZZ"),
+                           ("six-zeros", "000000"), ("seven-digits", "0000001"))),
     Case("publish-unknown-job", 404, call("POST", "/jobs/nope/checkpoints/1/publish")),
     Case("publish-job-id-traversal", 404, call("POST", "/jobs/..%2F..%2Fdata/checkpoints/1/publish")),
     Case("publish-get", 405, call("GET", publish("1"))),
@@ -443,6 +467,8 @@ async def test_each_bad_request_gets_its_4xx_sentence(case: Case, live: Live) ->
     assert isinstance(body, dict) and is_sentence(body.get("error")), body
     if case.key is not None:
         assert body.get("key") == case.key, body
+    if case.says is not None:
+        assert case.says in body["error"], body
     await assert_unharmed(live, before)
 
 

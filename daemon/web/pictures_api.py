@@ -43,11 +43,6 @@ def check_resolution(raw: str | None) -> int:
     return query_resolution(raw or None, default=CHECK_RESOLUTION, low=low, high=high)
 
 
-def _only_images(name: str, value: str) -> None:
-    raise BadInput(f"POST /pictures/check takes only pictures in 'images', not '{name}' (the training resolution "
-                   "goes in the query: ?resolution=768).", key=name)
-
-
 @routes.post("/pictures/check")
 async def check_pictures(request: web.Request) -> web.Response:
     """Warnings about the pictures (never blocking): the work runs in threads, the event loop stays free."""
@@ -57,7 +52,7 @@ async def check_pictures(request: web.Request) -> web.Response:
         raise BadInput("POST /pictures/check expects multipart/form-data with the pictures in 'images'.")
     with request.app[UPLOAD_SLOTS].take(config.max_uploads):
         form = await read_train_form(request, tmp_root=config.data_dir / "tmp", limits=upload_limits(config),
-                                     check_text=_only_images)
+                                     text_fields=frozenset())
         work: asyncio.Future[dict[str, object]] | None = None
         try:
             if not form.uploads:
@@ -98,10 +93,6 @@ def _faces_resolution(raw: str | None) -> int:
     return query_resolution(raw, default=FACES_DEFAULT_RESOLUTION, low=low, high=high)
 
 
-def _faces_text(name: str, value: str) -> None:
-    raise BadInput(f"POST /pictures/faces takes only pictures (the field 'images'), not '{name}'.", key=name)
-
-
 @routes.post("/pictures/faces")
 async def pictures_faces(request: web.Request) -> web.Response:
     """The largest face of each picture and the crop prep would use, for the tab's preview. A picture that
@@ -110,7 +101,7 @@ async def pictures_faces(request: web.Request) -> web.Response:
     resolution = _faces_resolution(request.query.get("resolution"))
     with request.app[UPLOAD_SLOTS].take(config.max_uploads):
         form = await read_train_form(request, tmp_root=config.data_dir / "tmp", limits=upload_limits(config),
-                                     check_text=_faces_text)
+                                     text_fields=frozenset())
         try:
             if not form.uploads:
                 raise BadInput("No pictures were sent; send them in the field 'images'.", key="images")
