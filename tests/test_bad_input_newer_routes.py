@@ -431,7 +431,12 @@ CASES: list[Case] = [
     Case("captions-too-many", 400, train(field("captions", json.dumps(["a"] * 9)), *pics(8)), "captions"),
     Case("captions-one-too-long", 400, train(field("captions", json.dumps(["a" * 1001] + [""] * 7)), *pics(8)),
          "captions"),
-    Case("captions-over-256k", 400, train(field("captions", json.dumps(["a" * 1000] * 300)), *pics(8)), "captions"),
+    Case("captions-over-the-field-limit", 400, train(field("captions", json.dumps(["a" * 1000] * 400)), *pics(8)),
+         "captions", says="too long"),
+    # the longest captions allowed, \u-escaped as Python's json.dumps writes them (12 bytes an emoji): read whole,
+    # so the request is refused for its bad picture, not for the size of the field
+    Case("captions-25-longest-escaped", 400, train(field("captions", json.dumps(["\U0001F600" * 1000] * 25)),
+                                                   *pics(24), image(24, "drawing.eps", EPS)), "images"),
     Case("captions-twice", 400, train(field("captions", json.dumps([""] * 8)), field("captions", "[]"), *pics(8)),
          "captions"),
     Case("captions-not-utf8", 400, train(field("captions", b'["\xff"]'), *pics(8)), "captions"),
@@ -594,6 +599,42 @@ async def test_a_client_that_leaves_mid_upload_leaves_nothing(route: str, live: 
     console = new_console(live)
     assert "client left" in console, console
     assert trouble(console) == []
+    await assert_unharmed(live, before)
+
+
+@pytest.mark.parametrize("route", ["check", "faces", "tagger"])
+async def test_a_stalled_upload_is_answered_408_and_removed(route: str, live: Live) -> None:
+    before = snapshot(live.root)
+    new_console(live)
+    data = form(UPLOAD_ROUTES[route], *pics(8))(Ctx(live.port, "", ""))
+    reader, writer = await asyncio.open_connection("127.0.0.1", live.port)
+    try:
+        writer.write(data[: len(data) - 300])  # and then nothing more
+        await writer.drain()
+        reply = await asyncio.wait_for(rawhttp.read_reply(reader), STALL_S + 10)
+    finally:
+        writer.close()
+    assert reply.status == 408 and f"nothing arrived for {STALL_S} s" in reply.json()["error"], reply
+    await assert_unharmed(live, before)
+
+
+async def test_tagging_runs_started_at_once_are_one_run_and_sentences(live: Live) -> None:
+    before = snapshot(live.root)
+    new_console(live)
+    ctx = Ctx(live.port, "", "")
+    replies = await asyncio.gather(*(rawhttp.send(live.port, form(TAG, *pics(2))(ctx)) for _ in range(4)))
+    statuses = sorted(r.status for r in replies)
+    assert set(statuses) <= {202, 409, 429} and statuses.count(202) >= 1, statuses
+    for reply in replies:
+        assert reply.content_type == "application/json"
+        assert reply.status == 202 or is_sentence(reply.json()["error"]), reply
+    for task_id in (r.json()["task_id"] for r in replies if r.status == 202):
+        end = time.monotonic() + 60
+        while (await rawhttp.send(live.port, request(live.port, "GET", f"{TAG}/{task_id}"))).json()[
+                "state"] == "running":
+            assert time.monotonic() < end
+            await asyncio.sleep(0.1)
+        assert (await rawhttp.send(live.port, request(live.port, "DELETE", f"{TAG}/{task_id}"))).status == 200
     await assert_unharmed(live, before)
 
 

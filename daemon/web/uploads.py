@@ -25,13 +25,15 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from daemon.aio import within
 from daemon.errors import BadInput, RequestTimeout, TooMany, UnsupportedMedia, disk_errors
+from daemon.jobs.fields import MAX_CAPTION_CHARS
 from daemon.pipeline.dataset import MAX_IMAGES, Upload, display_name
 
 TEXT_FIELDS = frozenset({"name", "trigger", "class_token", "base_model", "params", "captions"})
 FILE_FIELD = "images"
 MAX_TEXT_BYTES = 64 * 1024
-# `captions` holds up to 25 captions of up to 1,000 characters: 4 UTF-8 bytes each at worst, plus JSON's quoting.
-FIELD_BYTES = {"captions": 256 * 1024}
+# `captions` holds up to 25 captions of up to 1,000 characters. At worst 12 bytes a character: JSON writers that
+# escape what is not ASCII (Python's json.dumps) send an emoji as a surrogate pair, "\ud83d\ude00"; plus quotes.
+FIELD_BYTES = {"captions": MAX_IMAGES * (MAX_CAPTION_CHARS * 12 + 4) + 2}
 CHUNK = 256 * 1024
 
 # aiohttp warns (on the console) about each malformed Content-Disposition; it is the client's mistake, and
