@@ -177,8 +177,12 @@ def new_console(live: Live) -> str:
 
 
 def trouble(console: str) -> list[str]:
-    return [line for line in console.splitlines() if " ERROR " in line or "Traceback" in line
-            or " CRITICAL " in line]
+    """ERROR lines, tracebacks, and lines with characters a client could forge a line or drive the terminal with
+    (a decoded %0D, %1B, %00 or bidi control in a path)."""
+    from daemon.jobs.fields import is_control
+
+    return [line for line in console.split("\n") if " ERROR " in line or "Traceback" in line
+            or " CRITICAL " in line or line.startswith("FORGED") or any(is_control(ch) and ch != "\t" for ch in line)]
 
 
 async def assert_unharmed(live: Live, before: dict[str, tuple[int, int]]) -> None:
@@ -397,6 +401,13 @@ CASES: list[Case] = [
     Case("publish-foreign-origin", 403, call("POST", publish("1"), Origin="http://evil.example")),
     Case("publish-foreign-host", 403, call("POST", publish("1"), Host="evil.example")),
     Case("publish-null-origin", 403, call("POST", publish("1"), Origin="null")),
+    # --- paths that would write into the daemon's console: a forged line, terminal escapes, a NUL ---
+    Case("console-forged-line", 404, call("GET", "/jobs/x%0AFORGED%20daemon:%20all%20jobs%20deleted/loss")),
+    Case("console-forged-line-cr", 404, call("GET", "/tagger/runs/x%0DFORGED%20line")),
+    Case("console-terminal-escape", 404, call("POST", "/jobs/%1B%5B2J%1B%5B31mred/resume")),
+    Case("console-nul", 404, call("GET", "/jobs/%00/checkpoints")),
+    Case("console-bidi", 404, call("DELETE", "/tagger/runs/%E2%80%AEgnp.exe")),
+    Case("console-no-token-forged-line", 401, call("GET", "/jobs%0AFORGED%20line", Authorization=None)),
     # --- previews with odd names ---
     *(Case(f"sample-{label}", 404, call("GET", job(f"/samples/{name}")))
       for label, name in (("dotdot-db", "..%2F..%2Fjobs.sqlite3"), ("dotdot-dots", "%2e%2e"),

@@ -27,6 +27,7 @@ from daemon.aio import within
 from daemon.errors import BadInput, RequestTimeout, TooMany, UnsupportedMedia, disk_errors
 from daemon.jobs.fields import MAX_CAPTION_CHARS
 from daemon.pipeline.dataset import MAX_IMAGES, Upload, display_name
+from daemon.web.middlewares import shown_path
 
 TEXT_FIELDS = frozenset({"name", "trigger", "class_token", "base_model", "params", "captions"})
 FILE_FIELD = "images"
@@ -104,7 +105,7 @@ async def read_train_form(request: web.Request, *, tmp_root: Path, limits: Uploa
             # aiohttp cancels the handler of a client that hung up mid-upload (or all of them at shutdown):
             # normal, so one quiet line, not an error
             log.info("the client left during %s %s (or the daemon is stopping); its upload was removed",
-                     request.method, request.path)
+                     request.method, shown_path(request))
         raise
     return form
 
