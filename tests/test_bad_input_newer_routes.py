@@ -717,3 +717,48 @@ def test_a_published_epoch_stays_in_eds_folder_whatever_the_jobs_name(tmp_path: 
     everything = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()}
     assert everything == {"job/out.safetensors", *(f"ed/models/lora/{p.name}" for p in lora_dir.iterdir())}
     assert len(list(lora_dir.iterdir())) == 3  # no temporary file left either
+
+
+# ------------------------------------------------------------------------------------------------ the tagger probe
+async def test_many_tagger_readiness_calls_at_once_start_one_probe_and_starve_nothing(
+        tmp_path: Path, start_daemon: Callable[..., Any]) -> None:
+    """GET /tagger asks the kohya python whether it imports onnxruntime (a subprocess, up to a minute cold). Forty
+    calls at once while nothing is cached run one probe, and the daemon's worker threads stay free for others."""
+    probes = tmp_path / "probes.txt"
+    python = tmp_path / "slow-python"
+    python.write_text(f'#!/bin/sh\necho "$@" >> {probes}\nsleep 3\necho "No module named onnxruntime" >&2\nexit 1\n',
+                      encoding="utf-8")
+    python.chmod(0o755)
+    cfg = make_config(tmp_path, port=free_port(), kohya={"python": str(python),
+                                                         "workspace": str(sd_scripts_with_double(tmp_path))})
+    client = await start_daemon(cfg)
+    calls = [asyncio.create_task(client.get("/tagger")) for _ in range(40)]
+    await asyncio.sleep(0.5)  # every call has reached the daemon; the probe runs
+    started = time.monotonic()
+    jobs = await client.get("/jobs")
+    assert jobs.status == 200 and time.monotonic() - started < 1.5, "GET /jobs waited for the tagger probes"
+    answers = await asyncio.gather(*calls)
+    for resp in answers:
+        body = await resp.json()
+        assert resp.status == 200 and body["available"] is False, body
+        assert "onnxruntime" in body["problems"][0]["detail"]
+    assert len([line for line in probes.read_text().splitlines() if "onnx" in line]) == 1
+
+
+def test_the_onnx_probe_runs_once_for_callers_that_ask_together(tmp_path: Path) -> None:
+    """/config/test asks from its own thread: callers in threads share one probe too; a refresh asks again."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from daemon.pipeline.tagger import OnnxProbe
+
+    probes = tmp_path / "probes.txt"
+    python = tmp_path / "slow-python"
+    python.write_text(f'#!/bin/sh\necho "$@" >> {probes}\nsleep 1\nexit 1\n', encoding="utf-8")
+    python.chmod(0o755)
+    probe = OnnxProbe()
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda _: probe.problem(str(python)), range(6)))
+    assert len(set(answers)) == 1 and answers[0] is not None
+    assert len(probes.read_text().splitlines()) == 1
+    probe.problem(str(python), refresh=True)
+    assert len(probes.read_text().splitlines()) == 2
