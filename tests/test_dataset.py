@@ -179,6 +179,29 @@ def test_prepare_fails_naming_the_clients_file(tmp_path: Path) -> None:
     assert info.value.key == "images"
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF"])
+def test_the_picture_formats_people_save_are_read(tmp_path: Path, fmt: str) -> None:
+    path = tmp_path / "x.upload"
+    extra = {"save_all": True, "append_images": [Image.new("RGB", (96, 96))]} if fmt == "MPO" else {}
+    Image.new("RGB", (96, 96), (10, 200, 30)).save(path, format=fmt, **extra)  # MPO: a phone's two-frame JPEG
+    check_image(Upload(path, f"x.{fmt.lower()}"))
+    prepared = prepare_images([Upload(path, "x")], tmp_path / "img", size=64, text="ohwx")
+    assert prepared[0].path.is_file()
+
+
+@pytest.mark.parametrize("fmt", ["EPS", "ICO", "PCX", "TGA", "SGI", "PPM"])
+def test_formats_outside_the_list_are_refused_by_name(tmp_path: Path, fmt: str) -> None:
+    """Pillow reads them, but nobody trains on them: EPS is rendered by running Ghostscript on the file."""
+    path = tmp_path / "x.upload"
+    if fmt == "EPS":
+        path.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 100 120\nshowpage\n%%EOF\n")
+        assert Image.open(path).format == "EPS"  # what Pillow alone would have opened (and rendered with gs)
+    else:
+        Image.new("RGB", (96, 96)).save(path, format=fmt)
+    with pytest.raises(ImageProblem, match="is not a picture that can be read"):
+        check_image(Upload(path, f"x.{fmt.lower()}"))
+
+
 def test_check_image_names_the_bad_file(tmp_path: Path) -> None:
     bad = tmp_path / "x.upload"
     bad.write_bytes(b"GIF89a broken")

@@ -101,6 +101,17 @@ def read_uploads(folder: Path) -> list[Upload]:
 
 
 # ---------------------------------------------------------------------------------------- checking
+# What pictures are read as: the formats cameras, phones, browsers and editors save (a phone's JPEG with MPF
+# extensions opens as JPEG). Never all that Pillow knows: it renders an EPS by running Ghostscript on the file,
+# a program with a long record of sandbox escapes, and it has decoders for dozens of rare formats nobody trains on.
+PICTURE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
+
+
+def open_picture(path: Path | str) -> Image.Image:
+    """Image.open limited to PICTURE_FORMATS: anything else raises UnidentifiedImageError (one of READ_ERRORS)."""
+    return Image.open(path, formats=PICTURE_FORMATS)
+
+
 def unreadable_problem(client_name: str, exc: BaseException) -> ImageProblem:
     if isinstance(exc, Image.DecompressionBombError):  # Pillow refuses headers claiming over ~179 MP
         return ImageProblem(
@@ -210,7 +221,7 @@ def check_image(upload: Upload) -> None:
     picture); that full decode happens in prep, which fails the job naming the file if it breaks there.
     """
     try:
-        with Image.open(upload.path) as img:
+        with open_picture(upload.path) as img:
             check_size(img.size, upload.client_name)
             if img.format == "JPEG":
                 with upload.path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
@@ -343,7 +354,7 @@ class PrepResult:
 def prep_one(task: PrepTask) -> PrepResult:
     """One picture to `NNN.png` + `NNN.txt`. Top-level and picklable: it runs in a worker process."""
     try:
-        with Image.open(task.source) as img:
+        with open_picture(task.source) as img:
             check_size(img.size, task.client_name)  # before any decode
             out = fit_picture(img if task.crop is None else crop_upright(img, task.crop), task.resolution)
     except ImageProblem as exc:

@@ -90,7 +90,7 @@ def detector_env() -> dict[str, str]:
 
 def write_upright_copy(source: Path, target: Path) -> tuple[Size, Size]:
     """A small upright RGB PNG of `source` at `target`; returns (the picture's upright size, the copy's size)."""
-    with Image.open(source) as img:
+    with dataset.open_picture(source) as img:
         full = dataset.upright_size(img)
         dataset.check_size(full, source.name)  # before any decode: no bomb is decoded here either
         copy = dataset.fit_picture(img, COPY_RESOLUTION)

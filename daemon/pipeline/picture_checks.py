@@ -30,6 +30,7 @@ from daemon.pipeline.dataset import (
     ImageProblem,
     check_size,
     eight_bit,
+    open_picture,
     orientation,
     unreadable_problem,
     upright_size,
@@ -134,7 +135,7 @@ def sharpness(gray: Image.Image) -> float:
 def measure_picture(path: Path, name: str, resolution: int) -> Measure:
     """Decode once and measure; never raises for a bad picture (its problem is the sentence /train would say)."""
     try:
-        with Image.open(path) as img:
+        with open_picture(path) as img:
             size = upright_size(img)
             check_size(size, name)  # refuses a bomb before any decode
             gray = gray_at_training_size(img, resolution)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -124,17 +125,24 @@ class OnnxProbe:
 
     def __init__(self) -> None:
         self._answers: dict[tuple[str, str], tuple[str | None, float]] = {}
+        # One probe at a time: callers that arrive while one runs wait for its answer instead of starting a
+        # python each (GET /tagger, a tagging run and /config/test can ask at once).
+        self._lock = threading.Lock()
 
     def problem(self, python: str, *, refresh: bool = False) -> str | None:
         """None when both import, else what failed (a sentence)."""
         key = (python, os.environ.get("PYTHONPATH", ""))
-        cached = self._answers.get(key)
-        fresh = cached is not None and (cached[0] is None or time.monotonic() - cached[1] < NEGATIVE_PROBE_TTL_S)
-        if cached is not None and fresh and not refresh:
-            return cached[0]
-        answer = _probe_onnx(python)
-        self._answers[key] = (answer, time.monotonic())
-        return answer
+        asked = time.monotonic()
+        with self._lock:
+            cached = self._answers.get(key)
+            fresh = cached is not None and (cached[0] is None or time.monotonic() - cached[1] < NEGATIVE_PROBE_TTL_S)
+            # a refresh is satisfied by a probe that started after it was asked for
+            if cached is not None and fresh and (not refresh or cached[1] >= asked):
+                return cached[0]
+            started = time.monotonic()
+            answer = _probe_onnx(python)
+            self._answers[key] = (answer, started)
+            return answer
 
 
 def _probe_onnx(python: str) -> str | None:

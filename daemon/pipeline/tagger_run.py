@@ -27,6 +27,7 @@ from daemon.pipeline.tagger import (
     BATCH_SIZE,
     SUGGEST_RULE,
     OnnxProbe,
+    Readiness,
     TaggerProgress,
     build_argv,
     failure_sentence,
@@ -80,7 +81,14 @@ class TaggerRuns:
         self._emit = emit
         self._training = training
         self.probe = OnnxProbe()
+        # The readiness check may run a probe for up to a minute: requests that ask meanwhile wait here, not in
+        # worker threads of their own, which every other handler's file and database work needs.
+        self._asking = asyncio.Lock()
         self._runs: collections.OrderedDict[str, TaggingRun] = collections.OrderedDict()
+
+    async def readiness(self) -> Readiness:
+        async with self._asking:
+            return await asyncio.to_thread(readiness, tagger_setup(self._live.current), self.probe)
 
     @property
     def running(self) -> TaggingRun | None:
@@ -90,8 +98,7 @@ class TaggerRuns:
         """Start tagging the stored `uploads` (the run owns `upload_dir` from here on, also when this raises)."""
         try:
             self._check_free()
-            setup = tagger_setup(self._live.current)
-            ready = await asyncio.to_thread(readiness, setup, self.probe)
+            ready = await self.readiness()
             if not ready.available:
                 first = ready.problems[0]
                 raise EnvProblem(f"The tagger cannot run: {first.detail}.", hint=first.fix)

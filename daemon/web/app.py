@@ -25,7 +25,7 @@ from daemon.pipeline.standby import Standby
 from daemon.web import checkpoints_api, pictures_api, tagger_api
 from daemon.web.api import SHUTDOWN, Shutdown, routes
 from daemon.web.keys import CONFIG, GPU, HUB, QUEUE, STORE
-from daemon.web.middlewares import error_middleware, protocol_logger, security_middleware
+from daemon.web.middlewares import error_middleware, protocol_logger, security_middleware, shown_path
 from daemon.web.uploads import UPLOAD_SLOTS, UploadSlots
 from daemon.web.ws import websocket_handler
 
@@ -131,4 +131,4 @@ class AccessLogger(AbstractAccessLogger):
     """Method, path, status, time: never the query string, where the WebSocket carries the token."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        self.logger.info("%s %s %s %.3fs", request.method, request.path, response.status, time)
+        self.logger.info("%s %s %s %.3fs", request.method, shown_path(request), response.status, time)

@@ -17,6 +17,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from daemon.config import Config, LiveConfig
 from daemon.errors import DaemonError, Forbidden, Unauthorized
+from daemon.jobs.fields import is_control
 
 log = logging.getLogger(__name__)
 
@@ -57,16 +58,23 @@ def error_middleware() -> Callable[[web.Request, Handler], Awaitable[web.StreamR
     return middleware
 
 
+def shown_path(request: web.BaseRequest) -> str:
+    """The request's path for the console. It is percent-decoded, so a client could put a line break (a forged
+    log line), a terminal escape, a NUL or a bidi control in it (%0A, %1B, %00, %E2%80%AE): those are written as
+    Python escapes, and every request stays one plain line."""
+    return "".join(ascii(ch)[1:-1] if is_control(ch) else ch for ch in request.path)
+
+
 def unexpected_error_response(request: web.Request) -> web.Response:
     """A bug: logged with its traceback, answered without one. Call from an `except` block."""
-    log.exception("unhandled error in %s %s", request.method, request.path)
+    log.exception("unhandled error in %s %s", request.method, shown_path(request))
     return web.json_response({"error": "The daemon hit an unexpected error; see its console output."}, status=500)
 
 
 def client_gone_response(request: web.Request) -> web.Response:
     """The client hung up mid-request (a closed tab, a dropped upload): normal, so one quiet line. The handler
     has already removed what the request stored; this answer reaches no one."""
-    log.info("the client left during %s %s", request.method, request.path)
+    log.info("the client left during %s %s", request.method, shown_path(request))
     return web.json_response({"error": "The connection closed before the request was complete."}, status=400)
 
 

@@ -25,23 +25,22 @@ _check_log = logging.getLogger(__name__ + ".check")
 CHECK_RESOLUTION = 512
 
 
-def check_resolution(raw: str | None) -> int:
-    """`?resolution=`: the training resolution the pictures are judged for (the same range as the param)."""
-    low, high = INT_RANGES["resolution"]
-    if raw is None or raw == "":
-        return CHECK_RESOLUTION
-    try:
-        value = int(raw)
-    except ValueError:
-        value = -1
-    if not low <= value <= high:
+def query_resolution(raw: str | None, *, default: int, low: int, high: int) -> int:
+    """`?resolution=` as plain ASCII digits, or `default` when absent. Not int(raw): it takes ' 512', '+512',
+    '5_12' and '٥١٢', and raises ValueError past 4,300 digits; not str.isdigit() alone: it is true for '²', which
+    int() refuses."""
+    if raw is None:
+        return default
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 6) or not low <= int(raw) <= high:
         raise BadInput(f"'resolution' must be a whole number of pixels from {low} to {high}.", key="resolution")
-    return value
+    return int(raw)
 
 
-def _only_images(name: str, value: str) -> None:
-    raise BadInput(f"POST /pictures/check takes only pictures in 'images', not '{name}' (the training resolution "
-                   "goes in the query: ?resolution=768).", key=name)
+def check_resolution(raw: str | None) -> int:
+    """`?resolution=`: the training resolution the pictures are judged for (the same range as the param); empty
+    is the default."""
+    low, high = INT_RANGES["resolution"]
+    return query_resolution(raw or None, default=CHECK_RESOLUTION, low=low, high=high)
 
 
 @routes.post("/pictures/check")
@@ -53,7 +52,7 @@ async def check_pictures(request: web.Request) -> web.Response:
         raise BadInput("POST /pictures/check expects multipart/form-data with the pictures in 'images'.")
     with request.app[UPLOAD_SLOTS].take(config.max_uploads):
         form = await read_train_form(request, tmp_root=config.data_dir / "tmp", limits=upload_limits(config),
-                                     check_text=_only_images)
+                                     text_fields=frozenset())
         work: asyncio.Future[dict[str, object]] | None = None
         try:
             if not form.uploads:
@@ -90,16 +89,8 @@ FACES_RESOLUTIONS = (256, 2048)
 
 def _faces_resolution(raw: str | None) -> int:
     """`?resolution=`: the crop is at least this wide where the picture allows (the training resolution)."""
-    if raw is None:
-        return FACES_DEFAULT_RESOLUTION
     low, high = FACES_RESOLUTIONS
-    if not raw.isdigit() or not low <= int(raw) <= high:
-        raise BadInput(f"'resolution' must be a whole number from {low} to {high}.", key="resolution")
-    return int(raw)
-
-
-def _faces_text(name: str, value: str) -> None:
-    raise BadInput(f"POST /pictures/faces takes only pictures (the field 'images'), not '{name}'.", key=name)
+    return query_resolution(raw, default=FACES_DEFAULT_RESOLUTION, low=low, high=high)
 
 
 @routes.post("/pictures/faces")
@@ -110,7 +101,7 @@ async def pictures_faces(request: web.Request) -> web.Response:
     resolution = _faces_resolution(request.query.get("resolution"))
     with request.app[UPLOAD_SLOTS].take(config.max_uploads):
         form = await read_train_form(request, tmp_root=config.data_dir / "tmp", limits=upload_limits(config),
-                                     check_text=_faces_text)
+                                     text_fields=frozenset())
         try:
             if not form.uploads:
                 raise BadInput("No pictures were sent; send them in the field 'images'.", key="images")

@@ -12,7 +12,7 @@ from aiohttp import web
 from daemon.errors import BadInput
 from daemon.events import EventType
 from daemon.pipeline import dataset
-from daemon.pipeline.tagger import DEFAULT_THRESHOLD, MAX_THRESHOLD, MIN_THRESHOLD, readiness, tagger_setup
+from daemon.pipeline.tagger import DEFAULT_THRESHOLD, MAX_THRESHOLD, MIN_THRESHOLD
 from daemon.pipeline.tagger_run import TaggerRuns
 from daemon.web.keys import CONFIG, HUB, QUEUE
 from daemon.web.uploads import UPLOAD_SLOTS, UploadLimits, read_train_form
@@ -36,8 +36,7 @@ async def tagger_ctx(app: web.Application) -> AsyncIterator[None]:
 
 @routes.get("/tagger")
 async def tagger_readiness(request: web.Request) -> web.Response:
-    setup = tagger_setup(request.app[CONFIG].current)
-    ready = await asyncio.to_thread(readiness, setup, request.app[TAGGER].probe)
+    ready = await request.app[TAGGER].readiness()
     return web.json_response(ready.to_json())
 
 

@@ -25,13 +25,16 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from daemon.aio import within
 from daemon.errors import BadInput, RequestTimeout, TooMany, UnsupportedMedia, disk_errors
+from daemon.jobs.fields import MAX_CAPTION_CHARS
 from daemon.pipeline.dataset import MAX_IMAGES, Upload, display_name
+from daemon.web.middlewares import shown_path
 
 TEXT_FIELDS = frozenset({"name", "trigger", "class_token", "base_model", "params", "captions"})
 FILE_FIELD = "images"
 MAX_TEXT_BYTES = 64 * 1024
-# `captions` holds up to 25 captions of up to 1,000 characters: 4 UTF-8 bytes each at worst, plus JSON's quoting.
-FIELD_BYTES = {"captions": 256 * 1024}
+# `captions` holds up to 25 captions of up to 1,000 characters. At worst 12 bytes a character: JSON writers that
+# escape what is not ASCII (Python's json.dumps) send an emoji as a surrogate pair, "\ud83d\ude00"; plus quotes.
+FIELD_BYTES = {"captions": MAX_IMAGES * (MAX_CAPTION_CHARS * 12 + 4) + 2}
 CHUNK = 256 * 1024
 
 # aiohttp warns (on the console) about each malformed Content-Disposition; it is the client's mistake, and
@@ -84,10 +87,11 @@ UPLOAD_SLOTS = web.AppKey("upload_slots", UploadSlots)
 
 
 async def read_train_form(request: web.Request, *, tmp_root: Path, limits: UploadLimits,
-                          check_text: TextCheck, text_fields: frozenset[str] = TEXT_FIELDS) -> TrainForm:
+                          check_text: TextCheck | None = None,
+                          text_fields: frozenset[str] = TEXT_FIELDS) -> TrainForm:
     """Store the form's files under `tmp_root`; each text field is passed to `check_text` as it arrives,
     so a bad name sent before the pictures is refused before any picture is stored. Other forms with pictures
-    (the tagger's) name their own `text_fields`."""
+    name their own `text_fields` (the tagger's: threshold; the picture checks': none)."""
     _check_body_headers(request)
     tmp_dir = tmp_root / f"upload-{secrets.token_hex(8)}"
     with disk_errors(tmp_root):
@@ -101,7 +105,7 @@ async def read_train_form(request: web.Request, *, tmp_root: Path, limits: Uploa
             # aiohttp cancels the handler of a client that hung up mid-upload (or all of them at shutdown):
             # normal, so one quiet line, not an error
             log.info("the client left during %s %s (or the daemon is stopping); its upload was removed",
-                     request.method, request.path)
+                     request.method, shown_path(request))
         raise
     return form
 
@@ -117,7 +121,7 @@ def _check_body_headers(request: web.Request) -> None:
 
 
 class _Reader:
-    def __init__(self, request: web.Request, tmp_dir: Path, limits: UploadLimits, check_text: TextCheck,
+    def __init__(self, request: web.Request, tmp_dir: Path, limits: UploadLimits, check_text: TextCheck | None,
                  text_fields: frozenset[str] = TEXT_FIELDS) -> None:
         self._request = request
         self._text_fields = text_fields
@@ -141,20 +145,30 @@ class _Reader:
             if not isinstance(part, BodyPartReader):
                 raise BadInput("Nested multipart bodies are not accepted.")
             name = part.name or ""
+            if not name:  # display_name would call it "image #1", a name the client never sent
+                raise BadInput("A part of the form has no field name (Content-Disposition: form-data; name=...); "
+                               "the pictures go in 'images'.")
             if name == FILE_FIELD:
                 uploads.append(await self._store_file(part, len(uploads)))
             elif name in self._text_fields:
                 if name in fields:
                     raise BadInput(f"The field '{name}' was sent twice.", key=name)
                 fields[name] = await self._text(part, name)
-                self._check_text(name, fields[name])
+                if self._check_text is not None:
+                    self._check_text(name, fields[name])
             else:
                 shown = display_name(name, 0)
-                expected = "name, trigger, class_token, base_model, params, captions and images"
-                if self._text_fields != TEXT_FIELDS:
-                    expected = ", ".join(sorted(self._text_fields)) + " and images"
-                raise BadInput(f"Unknown form field '{shown}'; expected {expected}.", key=shown)
+                raise BadInput(f"Unknown form field '{shown}'; {self._expected()}.", key=shown)
         return TrainForm(fields=fields, uploads=uploads, tmp_dir=self._tmp_dir)
+
+    def _expected(self) -> str:
+        """What this route's form takes, for the sentence that refuses another field."""
+        if not self._text_fields:
+            return (f"{self._request.method} {self._request.path} takes only pictures, in 'images' (settings such "
+                    "as the resolution go in the query: ?resolution=768)")
+        if self._text_fields == TEXT_FIELDS:
+            return "expected name, trigger, class_token, base_model, params, captions and images"
+        return "expected " + ", ".join(sorted(self._text_fields)) + " and images"
 
     async def _store_file(self, part: BodyPartReader, index: int) -> Upload:
         if index >= MAX_IMAGES:
