@@ -448,3 +448,39 @@ async def test_the_job_that_was_training_goes_on_before_the_jobs_queued_behind_i
     resumed, waited = await preps(first), await preps(second)
     assert len(resumed) == 2 and len(waited) == 1  # before and after the crash; only after it
     assert resumed[1] < waited[0]
+
+
+async def test_a_resume_that_cannot_find_its_base_model_keeps_the_saved_state_for_later(site: Site) -> None:
+    """The base model's drive not mounted when the job resumes: hours of saved training must not be thrown away
+    with the error. The job stays interrupted with the reason and a fix, its state kept; once the model is back,
+    Resume goes on from that state to the same end."""
+    job_id, before = await crash_after_first_state(site)
+    model = Path(before["base_model"])
+    away = model.with_name(model.name + ".unplugged")
+    model.rename(away)
+    daemon = await site.start(FAST)  # auto_resume (default) tries at once, and fails before kohya
+    job = await site.wait_for(job_id, {"interrupted", "error", "done"}, timeout=60)
+    await asyncio.sleep(0.3)  # the state frame is sent before the store is written; then it must stay
+    job = await site.job(job_id)
+    assert job["state"] == "interrupted" and job["resumable"] is True, job
+    error = job["error"]
+    assert error["kind"] == "model_not_found", error
+    assert error["message"] == f"The base model {model} no longer exists.", error
+    assert error["hint"].startswith(f"Put the base model back at {model}"), error
+    assert "then press Resume: the training saved after epoch " in error["hint"], error
+    rec = job["recovery"]
+    assert rec["state_epoch"] >= 1 and rec["state_bytes"] > 0, rec
+    assert rec["auto_resumes"] == 0, rec  # not a crash: no step towards the cap on automatic resumes
+    states = list((site.config.data_dir / "jobs" / job_id / "output").glob("*-state"))
+    assert states, "the saved state was removed"
+    assert "is kept for a resume" in daemon.output()
+
+    away.rename(model)
+    status, body = await call(site, "POST", f"/jobs/{job_id}/resume")
+    assert status == 202, body
+    done = await site.wait_for(job_id, {"done", "error", "interrupted"}, timeout=60)
+    assert done["state"] == "done", done["error"]
+    assert done["progress"]["step"] == done["progress"]["total"]
+    assert done["recovery"]["notices"][-1].startswith(f"Resumed from the state saved after epoch {rec['state_epoch']}")
+    assert done["recovery"]["state_bytes"] == 0
+

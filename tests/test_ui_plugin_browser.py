@@ -1392,6 +1392,21 @@ def test_recovery_views_from_the_job_json_and_notice_frames(env: Env, page: Any)
         "Resume starts again from the first step with the same pictures."
     assert page.is_hidden("[data-clora=recovery]")  # no state on disk, no notices: nothing to say
 
+    # a resume that found its base model gone (drive unplugged): kept resumable, the reason, the fix AND the plan
+    unplugged = fed_job("fedunplugged", "interrupted",
+                        recovery=recovery_json(state_epoch=2, state_bytes=84_000_000, step_offset=0),
+                        error={"kind": "model_not_found",
+                               "message": "The base model /m/x.safetensors no longer exists.",
+                               "hint": "Put the base model back at /m/x.safetensors (or reconnect its drive), then "
+                                       "press Resume: the training saved after epoch 2 is kept."})
+    feed(page, {"type": "job_created", "job_id": unplugged["id"], "data": unplugged})
+    page.evaluate("async (id) => (await import('/character-lora/ui/store.js')).selectJob(id)", unplugged["id"])
+    assert page.is_visible("[data-clora=resume]")
+    assert page.inner_text("[data-clora=result]").startswith("The base model /m/x.safetensors no longer exists.")
+    assert page.inner_text("[data-clora=resume-plan]") == \
+        "Resume continues from epoch 3 of 10 (the state saved after epoch 2)."
+    assert page.inner_text("[data-clora=fix]").startswith("Fix: Put the base model back at /m/x.safetensors")
+
     # a GPU job runs out of memory at batch 8: the notice frame's sentence stands out while the retry runs, and the
     # settings line follows the params of the retried run
     running = fed_job("fedoom", "training", progress={"step": 3, "total": 40, "epoch": 1, "epochs": 10, "rate": 2.0,

@@ -72,6 +72,9 @@ OUTPUT_STALL_S = 10.0
 DESCENDANT_SCAN_TICKS = 13  # ~2 s
 STATE_SCAN_TICKS = 13  # how often the saved training states are looked at while kohya runs (~2 s)
 RESUME_KINDS = ("resumed", "auto_resumed")
+# Failures before kohya could go on, whose cause is outside the job and can be put right: a job with a saved state
+# keeps it (see JobRunner._fail). Not no_data (its pictures are gone for good) nor anything kohya said.
+FIXABLE_AROUND_THE_RUN = frozenset({"setup", "model_not_found", "tokenizer_missing", "no_gpu"})
 LOG_FLUSH_INTERVAL_S = 0.3
 # What one log batch (saved in the job's ring, sent on the WebSocket) may hold; a chatty trainer's
 # surplus is counted and named in the batch instead. trainer.log keeps every line.
@@ -375,9 +378,9 @@ class JobRunner:
             await reporter.log_lines([f"LoRA published: {job.artifact}"], force=True)
             await self._finish(reporter, JobState.DONE)
         except JobFailed as exc:
-            await self._finish(reporter, JobState.ERROR, error=exc.error)
+            await self._fail(reporter, exc.error)
         except DaemonError as exc:
-            await self._finish(reporter, JobState.ERROR, error=JobError("setup", exc.message, exc.hint or ""))
+            await self._fail(reporter, JobError("setup", exc.message, exc.hint or ""))
         except asyncio.CancelledError:
             await reporter.stop_timers()
             await self._interrupted(job, copying)
@@ -459,6 +462,32 @@ class JobRunner:
                                 epochs=params.epochs)
         await reporter.notice(resumed if resumed in RESUME_KINDS else "resumed", message)
         return state
+
+    async def _fail(self, reporter: JobReporter, error: JobError) -> None:
+        """The job failed. When it failed on something around the run that the user can put right (the base model's
+        drive not mounted, kohya's venv moved, no GPU) and it has a saved training state, that state is worth hours:
+        the job stays interrupted with the reason, keeps the state, and Resume (or the next start-up's automatic
+        resume) continues from it once the cause is fixed. Every other failure ends the job, states removed."""
+        job = reporter.job
+        if error.kind in FIXABLE_AROUND_THE_RUN:
+            paths = job_paths(self._config, job.id)
+            state = await asyncio.to_thread(train_state.find_resume_state, paths.output, output_name(job))
+            if state is not None:
+                rec = job.recovery
+                rec.resume_next = False
+                rec.auto_resumes = 0  # not the job taking the daemon down: the cap on automatic resumes is for that
+                await asyncio.to_thread(train_state.record_states, rec, paths.output, output_name(job))
+                await reporter.recovery_changed()
+                kept = f"the training saved after epoch {state.epoch} is kept."
+                hint = (f"Put the base model back at {job.base_model} (or reconnect its drive), then press Resume: "
+                        f"{kept}" if error.kind == "model_not_found"
+                        else f"{error.hint} Then press Resume: {kept}".strip())
+                log.warning("job %s: %s; its saved state (epoch %d) is kept for a resume", job.id, error.message,
+                            state.epoch)
+                await reporter.log_lines([f"{error.message} The saved training state is kept: {hint}"], force=True)
+                await reporter.finish(JobState.INTERRUPTED, error=JobError(error.kind, error.message, hint))
+                return
+        await self._finish(reporter, JobState.ERROR, error=error)
 
     async def _finish(self, reporter: JobReporter, state: JobState, *, error: JobError | None = None) -> None:
         """The job's end; a finished job cannot be resumed, so its saved training states go (they are ~3x the

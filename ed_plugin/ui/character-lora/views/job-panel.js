@@ -116,8 +116,9 @@ export function buildJobPanel(job) {
             { className: "clora-result clora-error", attrs: { "data-clora": "result" } },
             el("div", { text: err.message || (job.state === "cancelled" ? "Training was cancelled." : job.state === "interrupted" ? "Training was interrupted (the daemon stopped)." : "Training failed.") }),
             // an interrupted job's hint ("start it again") is what Resume does: say what Resume will do instead
-            resumable ? el("div", { className: "clora-small", attrs: { "data-clora": "resume-plan" }, text: resumePlan(job) })
-                : err.hint ? el("div", { className: "clora-fix clora-small", text: "Fix: " + err.hint }) : null,
+            resumable ? el("div", { className: "clora-small", attrs: { "data-clora": "resume-plan" }, text: resumePlan(job) }) : null,
+            // ...but a job kept resumable after a failure it can get over (its base model's drive unplugged) says the fix
+            err.hint && !(resumable && err.kind === "interrupted") ? el("div", { className: "clora-fix clora-small", attrs: { "data-clora": "fix" }, text: "Fix: " + err.hint }) : null,
             resumable ? p.resumeError : null
         )
     }
