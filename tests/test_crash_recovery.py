@@ -320,7 +320,8 @@ async def test_killed_while_prepping(site: Site) -> None:
     await assert_recovered(site, job_id, tree, {"interrupted"})
 
 
-async def test_killed_while_copying_leaves_no_partial_file_and_no_false_result(site: Site) -> None:
+async def kill_while_copying(site: Site) -> tuple[str, list[tuple[int, float]]]:
+    """A 150 MB LoRA trained, the daemon SIGKILLed the moment its copy into ED's folder has begun."""
     daemon = await site.start({**FAST, "KOHYA_DOUBLE_LORA_MB": "150"})
     job_id = await site.submit(train_form(8, name="Copy Me", params='{"epochs": 1}'))
     lora_dir = site.config.ed_lora_dir
@@ -330,6 +331,11 @@ async def test_killed_while_copying_leaves_no_partial_file_and_no_false_result(s
         time.sleep(0.001)  # blocking on purpose: the kill must follow the partial file's creation at once
     tree = site.sigkill(daemon)
     assert site.db_state(job_id) == "copying"
+    return job_id, tree
+
+
+async def test_killed_while_copying_leaves_no_partial_file_and_no_false_result(site: Site) -> None:
+    job_id, tree = await kill_while_copying(site)
     assert site.temp_files() != []  # the half-written copy the restart must remove
     await assert_recovered(site, job_id, tree, {"interrupted", "done"})
     job = await site.job(job_id)
@@ -597,15 +603,8 @@ async def test_killed_while_copying_the_trained_lora_is_published_at_the_restart
     """Training was over: the LoRA lay complete in the job's folder while the daemon copied it into ED's. A restart
     finishes the copy; the job is done, not interrupted with its finished training thrown away (a job without a
     saved state would have had to train again from the first step, which empties its output folder)."""
-    daemon = await site.start({**FAST, "KOHYA_DOUBLE_LORA_MB": "150"})
-    job_id = await site.submit(train_form(8, name="Copy Me", params='{"epochs": 1}'))
+    job_id, _ = await kill_while_copying(site)
     lora_dir = site.config.ed_lora_dir
-    end = time.monotonic() + 30
-    while not any(OUR_TEMP.fullmatch(name) for name in os.listdir(lora_dir)):
-        assert time.monotonic() < end, (await site.job(job_id))["state"]
-        time.sleep(0.001)  # blocking on purpose: the kill must follow the partial file's creation at once
-    site.sigkill(daemon)
-    assert site.db_state(job_id) == "copying"
     trained = site.config.data_dir / "jobs" / job_id / "output" / "Copy_Me.safetensors"
     await site.start(FAST)
     job = await site.job(job_id)
