@@ -474,6 +474,11 @@ async def test_a_resume_that_cannot_find_its_base_model_keeps_the_saved_state_fo
     states = list((site.config.data_dir / "jobs" / job_id / "output").glob("*-state"))
     assert states, "the saved state was removed"
     assert "is kept for a resume" in daemon.output()
+    assert rec["notices"][-2].startswith("Resumed automatically after the daemon restarted"), rec["notices"]
+    assert rec["notices"][-1] == (f"Stopped before training: The base model {model} no longer exists. The state "
+                                  f"saved after epoch {rec['state_epoch']} is kept for Resume."), rec["notices"]
+    kinds = [e["data"]["kind"] for e in await events(site, job_id) if e["type"] == "notice"]
+    assert kinds == ["auto_resumed", "state_kept"], kinds
 
     away.rename(model)
     status, body = await call(site, "POST", f"/jobs/{job_id}/resume")

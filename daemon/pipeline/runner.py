@@ -477,14 +477,15 @@ class JobRunner:
                 rec.resume_next = False
                 rec.auto_resumes = 0  # not the job taking the daemon down: the cap on automatic resumes is for that
                 await asyncio.to_thread(train_state.record_states, rec, paths.output, output_name(job))
-                await reporter.recovery_changed()
                 kept = f"the training saved after epoch {state.epoch} is kept."
                 hint = (f"Put the base model back at {job.base_model} (or reconnect its drive), then press Resume: "
                         f"{kept}" if error.kind == "model_not_found"
                         else f"{error.hint} Then press Resume: {kept}".strip())
                 log.warning("job %s: %s; its saved state (epoch %d) is kept for a resume", job.id, error.message,
                             state.epoch)
-                await reporter.log_lines([f"{error.message} The saved training state is kept: {hint}"], force=True)
+                # a notice, so that the job's list of what happened reads on from "Resumed ..." to why it stopped
+                await reporter.notice("state_kept", f"Stopped before training: {error.message} The state saved after "
+                                                    f"epoch {state.epoch} is kept for Resume.")
                 await reporter.finish(JobState.INTERRUPTED, error=JobError(error.kind, error.message, hint))
                 return
         await self._finish(reporter, JobState.ERROR, error=error)
