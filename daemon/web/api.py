@@ -36,7 +36,7 @@ from daemon.pipeline.params import DEFAULT_PRESET, presets_for, resolve_params
 from daemon.pipeline.runner import job_paths
 from daemon.web.keys import CONFIG, GPU, QUEUE, STORE
 from daemon.web.tagger_api import TAGGER
-from daemon.web.uploads import UPLOAD_SLOTS, UploadLimits, read_train_form
+from daemon.web.uploads import UPLOAD_SLOTS, read_train_form, upload_limits
 
 log = logging.getLogger(__name__)
 
@@ -228,11 +228,6 @@ async def train(request: web.Request) -> web.Response:
                 shutil.rmtree(paths.root, ignore_errors=True)
             raise
     return web.json_response({"job_id": job.id, "state": job.state.value}, status=202)
-
-
-def upload_limits(config: Config) -> UploadLimits:
-    return UploadLimits(max_file=config.max_image_bytes, max_total=config.max_request_bytes,
-                        idle_timeout_s=config.upload_stall_s, total_timeout_s=config.upload_timeout_s)
 
 
 MAX_BASE_MODEL_CHARS = 255

@@ -13,9 +13,8 @@ from daemon.errors import BadInput
 from daemon.pipeline.dataset import prep_workers
 from daemon.pipeline.faces import find_faces
 from daemon.pipeline.params import INT_RANGES
-from daemon.web.api import upload_limits
 from daemon.web.keys import CONFIG
-from daemon.web.uploads import UPLOAD_SLOTS, read_train_form
+from daemon.web.uploads import UPLOAD_SLOTS, check_body_headers, read_train_form, upload_limits
 
 routes = web.RouteTableDef()
 
@@ -48,8 +47,7 @@ async def check_pictures(request: web.Request) -> web.Response:
     """Warnings about the pictures (never blocking): the work runs in threads, the event loop stays free."""
     config = request.app[CONFIG].current
     resolution = check_resolution(request.query.get("resolution"))
-    if not request.content_type.startswith("multipart/form-data"):
-        raise BadInput("POST /pictures/check expects multipart/form-data with the pictures in 'images'.")
+    check_body_headers(request)
     with request.app[UPLOAD_SLOTS].take(config.max_uploads):
         form = await read_train_form(request, tmp_root=config.data_dir / "tmp", limits=upload_limits(config),
                                      text_fields=frozenset())

@@ -15,7 +15,7 @@ from daemon.pipeline import dataset
 from daemon.pipeline.tagger import DEFAULT_THRESHOLD, MAX_THRESHOLD, MIN_THRESHOLD
 from daemon.pipeline.tagger_run import TaggerRuns
 from daemon.web.keys import CONFIG, HUB, QUEUE
-from daemon.web.uploads import UPLOAD_SLOTS, UploadLimits, read_train_form
+from daemon.web.uploads import UPLOAD_SLOTS, check_body_headers, read_train_form, upload_limits
 
 routes = web.RouteTableDef()
 TAGGER = web.AppKey("tagger_runs", TaggerRuns)
@@ -61,12 +61,9 @@ def _check_text(name: str, value: str) -> None:
 async def start_run(request: web.Request) -> web.Response:
     config = request.app[CONFIG].current
     runs = request.app[TAGGER]
-    if not request.content_type.startswith("multipart/form-data"):
-        raise BadInput("POST /tagger/runs expects multipart/form-data with the pictures as 'images'.")
-    limits = UploadLimits(max_file=config.max_image_bytes, max_total=config.max_request_bytes,
-                          idle_timeout_s=config.upload_stall_s, total_timeout_s=config.upload_timeout_s)
+    check_body_headers(request)
     with request.app[UPLOAD_SLOTS].take(config.max_uploads):
-        form = await read_train_form(request, tmp_root=config.data_dir / "tmp", limits=limits,
+        form = await read_train_form(request, tmp_root=config.data_dir / "tmp", limits=upload_limits(config),
                                      check_text=_check_text, text_fields=TEXT_FIELDS)
         try:
             threshold = parse_threshold(form.fields.get("threshold"))

@@ -24,6 +24,7 @@ from aiohttp.multipart import BadContentDispositionHeader, BadContentDisposition
 from aiohttp.web_protocol import RequestPayloadError
 
 from daemon.aio import within
+from daemon.config import Config
 from daemon.errors import BadInput, RequestTimeout, TooMany, UnsupportedMedia, disk_errors
 from daemon.jobs.fields import MAX_CAPTION_CHARS
 from daemon.pipeline.dataset import MAX_IMAGES, Upload, display_name
@@ -86,13 +87,18 @@ class UploadSlots:
 UPLOAD_SLOTS = web.AppKey("upload_slots", UploadSlots)
 
 
+def upload_limits(config: Config) -> UploadLimits:
+    return UploadLimits(max_file=config.max_image_bytes, max_total=config.max_request_bytes,
+                        idle_timeout_s=config.upload_stall_s, total_timeout_s=config.upload_timeout_s)
+
+
 async def read_train_form(request: web.Request, *, tmp_root: Path, limits: UploadLimits,
                           check_text: TextCheck | None = None,
                           text_fields: frozenset[str] = TEXT_FIELDS) -> TrainForm:
     """Store the form's files under `tmp_root`; each text field is passed to `check_text` as it arrives,
     so a bad name sent before the pictures is refused before any picture is stored. Other forms with pictures
     name their own `text_fields` (the tagger's: threshold; the picture checks': none)."""
-    _check_body_headers(request)
+    check_body_headers(request)
     tmp_dir = tmp_root / f"upload-{secrets.token_hex(8)}"
     with disk_errors(tmp_root):
         tmp_root.mkdir(parents=True, exist_ok=True)
@@ -110,7 +116,8 @@ async def read_train_form(request: web.Request, *, tmp_root: Path, limits: Uploa
     return form
 
 
-def _check_body_headers(request: web.Request) -> None:
+def check_body_headers(request: web.Request) -> None:
+    """A multipart body sent as is; routes call it before they take an upload slot, read_train_form again."""
     if not request.content_type.startswith("multipart/form-data"):
         raise BadInput(f"{request.method} {request.path} expects multipart/form-data, the pictures as `images` parts.")
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
