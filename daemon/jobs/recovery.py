@@ -57,8 +57,8 @@ def finish_copy(config: Config, job: Job, stem: str) -> Path | None:
     output = job_paths(config, job.id).output / f"{stem}.safetensors"
     arch = job.params.get("arch")
     try:
-        publish.verify_lora(output, expected_arch=arch if isinstance(arch, str) else None)
-        return publish.publish(output, config.ed_lora_dir, stem)
+        return publish.publish_verified(output, config.ed_lora_dir, stem,
+                                        expected_arch=arch if isinstance(arch, str) else None)
     except publish.PublishError as exc:
         log.warning("job %s: its trained LoRA could not be published after the restart: %s", job.id, exc.message)
         return None

@@ -235,6 +235,13 @@ def publish(source: Path, lora_dir: Path, stem: str) -> Path:
             tmp.unlink()
 
 
+def publish_verified(source: Path, lora_dir: Path, stem: str, *, expected_arch: str | None) -> Path:
+    """verify_lora, then publish: a file that is not a complete LoRA of the job's family never reaches ED's folder
+    (a job's final LoRA, at the end of its run or when a restart finishes its copy)."""
+    verify_lora(source, expected_arch=expected_arch)
+    return publish(source, lora_dir, stem)
+
+
 def find_published(source: Path, lora_dir: Path, stem: str, *, taken: frozenset[Path] = frozenset()) -> Path | None:
     """The file publish(source, lora_dir, stem) created, if it got that far: one of its names, same bytes.
 

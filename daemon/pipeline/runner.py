@@ -470,13 +470,13 @@ class JobRunner:
         resume) continues from it once the cause is fixed. Every other failure ends the job, states removed."""
         job = reporter.job
         if error.kind in FIXABLE_AROUND_THE_RUN:
-            paths = job_paths(self._config, job.id)
-            state = await asyncio.to_thread(train_state.find_resume_state, paths.output, output_name(job))
+            rec = job.recovery
+            # (when there is no state, _finish below sets the record again as the job ends)
+            state = await asyncio.to_thread(train_state.record_states, rec, job_paths(self._config, job.id).output,
+                                            output_name(job))
             if state is not None:
-                rec = job.recovery
                 rec.resume_next = False
                 rec.auto_resumes = 0  # not the job taking the daemon down: the cap on automatic resumes is for that
-                await asyncio.to_thread(train_state.record_states, rec, paths.output, output_name(job))
                 kept = f"the training saved after epoch {state.epoch} is kept."
                 hint = (f"Put the base model back at {job.base_model} (or reconnect its drive), then press Resume: "
                         f"{kept}" if error.kind == "model_not_found"
@@ -811,8 +811,7 @@ class JobRunner:
 
     def _publish(self, job: Job, result: Path, arch: str) -> Path:
         try:
-            publish.verify_lora(result, expected_arch=arch)
-            return publish.publish(result, self._config.ed_lora_dir, output_name(job))
+            return publish.publish_verified(result, self._config.ed_lora_dir, output_name(job), expected_arch=arch)
         except publish.PublishError as exc:
             raise JobFailed(JobError("publish_failed", exc.message, exc.hint or "")) from exc
 
