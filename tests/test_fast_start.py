@@ -140,6 +140,26 @@ async def _noop() -> None:
     return None
 
 
+async def test_a_guard_thrown_away_with_its_loop_awaits_nothing(tmp_path: Path, store: JobStore) -> None:
+    """A prestarted trainer whose job never reached the go (the daemon stopping between prep and training), its
+    guard still pending when the event loop is closed: the loop throws the guard's coroutine away (GeneratorExit),
+    and a guard that awaited its clean-up then was a RuntimeError on the console (and an INTERNALERROR in pytest)."""
+    cfg = make_config(tmp_path, port=free_port())
+    fs = FastStart(cfg, store)
+    await fs.prepare(_noop, job_id="j1", base_model=str(cfg.base_model), arch="sd1", job_root=tmp_path,
+                     images=tmp_path / "img", cpu=True, cancel=asyncio.Event())
+    pre = fs.prestarted
+    assert pre is not None and pre.guard is not None
+    try:
+        # what a closing loop does to a pending task's coroutine: one guard of our own, suspended, then closed
+        guard = fs._kill_on_cancel(pre, "j1", asyncio.Event())
+        guard.send(None)  # runs up to its wait
+        guard.close()  # raised RuntimeError ("coroutine ignored GeneratorExit") when the clean-up awaited here
+    finally:
+        await fs.discard("j1")  # the runner's clean-up on cancellation
+    assert fs.prestarted is None and pre.proc.returncode is not None
+
+
 async def test_a_failed_prep_kills_the_prestarted_trainer(tmp_path: Path, store: JobStore) -> None:
     cfg = make_config(tmp_path, port=free_port())
     fs = FastStart(cfg, store)

@@ -346,10 +346,17 @@ class FastStart:
     async def _kill_on_cancel(self, pre: Prestarted, job_id: str, cancel: asyncio.Event) -> None:
         try:
             await cancel.wait()
-        finally:
-            # Also when the guard itself is cancelled by the loop shutting down with the job unfinished.
+        except GeneratorExit:
+            # Thrown away with a closed event loop, never cancelled: nothing can be awaited any more (an await here
+            # is a RuntimeError); the prestarted trainer ends itself when the daemon does (its parent check).
+            raise
+        except asyncio.CancelledError:
+            # the loop shutting down with the job unfinished
             if self.prestarted is pre:
                 await self.discard(job_id)
+            raise
+        if self.prestarted is pre:
+            await self.discard(job_id)
 
     @staticmethod
     async def _kill_waiting(waiting: Waiting) -> None:

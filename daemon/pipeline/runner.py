@@ -383,6 +383,9 @@ class JobRunner:
             await self._fail(reporter, JobError("setup", exc.message, exc.hint or ""))
         except asyncio.CancelledError:
             await reporter.stop_timers()
+            # stopped between prep and the go (the daemon shutting down): the prestarted trainer and its guard go
+            # now, not with the event loop
+            await self._fast.discard(job.id)
             await self._interrupted(job, copying)
             raise
         except Exception as exc:
