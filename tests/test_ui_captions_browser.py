@@ -99,7 +99,7 @@ def test_captions_are_edited_under_each_picture_and_the_job_writes_them_trigger_
     assert page.evaluate("window.CharacterLoRA.state.images.map((i) => i.caption)") == want
     page.screenshot(path=str(shots() / "captions-form.png"), full_page=True)
 
-    page.wait_for_function("!document.querySelector('[data-clora=start]').disabled", timeout=30000)
+    page.wait_for_function("document.querySelector('[data-clora=start]')?.disabled === false", timeout=30000)
     page.click("[data-clora=start]")
     wait_job_done(page, "Captioned Hero")
     job_id = page.evaluate("window.CharacterLoRA.selectedJob().id")

@@ -111,7 +111,7 @@ def test_face_crop_frames_the_faces_and_the_job_crops(face_env: Env, page: Any) 
     page.fill("#clora-p-epochs", "1")
     page.locator("[data-clora=root]").screenshot(path=str(artifacts_dir() / "face-crop-form.png"))
     page.locator("#clora-p-epochs").press("Tab")  # the form settles (a field's hint goes) before the click
-    page.wait_for_function("!document.querySelector('[data-clora=start]').disabled", timeout=30000)
+    page.wait_for_function("document.querySelector('[data-clora=start]')?.disabled === false", timeout=30000)
     page.click("[data-clora=start]")
     wait_job_done(page, "Face Hero")
     job = next(j for j in daemon_json(env, "GET", "/jobs")["jobs"] if j["name"] == "Face Hero")

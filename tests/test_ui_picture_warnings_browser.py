@@ -84,7 +84,7 @@ def test_warnings_show_on_their_cards_and_start_still_works(env: Env, page: Any)
 
     # warnings never block: Start is enabled and the job starts with the pictures as they are
     drop_images(page, [pictures()[7]])
-    page.wait_for_function("!document.querySelector('[data-clora=start]').disabled", timeout=30000)
+    page.wait_for_function("document.querySelector('[data-clora=start]')?.disabled === false", timeout=30000)
     page.click("[data-clora=start]")
     page.wait_for_function("document.querySelectorAll('[data-clora=thumb]').length === 0", timeout=60000)
     page.wait_for_selector("[data-clora=job-row]", timeout=30000)

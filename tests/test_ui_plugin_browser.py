@@ -243,6 +243,8 @@ def open_tab(page: Any, url: str) -> None:
     page.wait_for_function("window.__edFake && window.__edFake.ready")
     page.locator("#tab-character-lora").click()
     page.locator("#tab-content-character-lora.active").wait_for()
+    # the loader's modules fill the tab after createTab made it: wait for our root before reading any part of it
+    page.locator("#tab-content-character-lora [data-clora=root]").wait_for()
 
 
 def image_payload(count: int, start: int = 0) -> list[dict[str, str]]:
@@ -312,7 +314,7 @@ def test_train_from_the_tab_end_to_end(env: Env, page: Any) -> None:
     page.select_option("#clora-base-model", "tiny-sd21")
     why = daemon_json(env, "GET", "/fit?base_model=tiny-sd21")["why"]
     assert "SD 2.x" in why
-    page.wait_for_function("(why) => document.querySelector('[data-error-for=base_model]').textContent === why",
+    page.wait_for_function("(why) => document.querySelector('[data-error-for=base_model]')?.textContent === why",
                            arg=why)
     page.select_option("#clora-base-model", "tiny-sd15")
     assert page.inner_text("[data-error-for=base_model]") == ""
@@ -351,7 +353,7 @@ def test_train_from_the_tab_end_to_end(env: Env, page: Any) -> None:
     assert page.is_disabled("[data-clora=start]")
     drop_images(page, image_payload(8))
     page.wait_for_function("document.querySelectorAll('[data-clora=thumb]').length === 8")
-    page.wait_for_function("!document.querySelector('[data-clora=start]').disabled")
+    page.wait_for_function("document.querySelector('[data-clora=start]')?.disabled === false")
     assert page.inner_text("[data-clora=count]").startswith("8")
     get_models_before = len(calls(page, "getModels"))
 
@@ -363,7 +365,7 @@ def test_train_from_the_tab_end_to_end(env: Env, page: Any) -> None:
         timeout=60000,
     )
     assert page.inner_text("[data-clora=job-state]") == "Training"
-    page.wait_for_function("/\\d/.test(document.querySelector('[data-clora=stat-loss]').textContent)", timeout=30000)
+    page.wait_for_function("/\\d/.test(document.querySelector('[data-clora=stat-loss]')?.textContent)", timeout=30000)
     assert page.inner_text("[data-clora=stat-epoch]").endswith("/ 2")
     assert page.inner_text("[data-clora=log]").strip()
     assert page.is_visible("[data-clora=cancel]")
@@ -384,7 +386,7 @@ def test_train_from_the_tab_end_to_end(env: Env, page: Any) -> None:
     # before the reload, else from its `sample` event
     page.wait_for_function(
         "document.querySelectorAll('[data-clora=sample]').length >= 1"
-        " && document.querySelector('[data-clora=job-state]').textContent === 'Training'",
+        " && document.querySelector('[data-clora=job-state]')?.textContent === 'Training'",
         timeout=30000,
     )
     assert sample_labels(page)[0] == "epoch 1"
@@ -542,13 +544,13 @@ def test_the_step_estimate_counts_kohyas_buckets_and_elongated_pictures_are_mark
     page.set_input_files("[data-clora=file-input]", paths)
     page.wait_for_function("document.querySelectorAll('[data-clora=thumb]').length === 8")
     # kohya never mixes buckets in a batch: 2 × (ceil(5·25/2) + ceil(3·25/2)) = 202, not 2 × ceil(8·25/2) = 200
-    page.wait_for_function("document.querySelector('[data-clora=preset-help]').textContent.includes('202 steps')")
+    page.wait_for_function("document.querySelector('[data-clora=preset-help]')?.textContent.includes('202 steps')")
     strip = tmp_path / "strip.png"
     strip.write_bytes(picture_bytes(9, size=(64, 400)))  # 1:6.25, which the daemon refuses
     page.set_input_files("[data-clora=file-input]", [str(strip)])
     page.wait_for_function("document.querySelectorAll('[data-clora=thumb]').length === 9")
     page.wait_for_function(
-        "document.querySelector('[data-clora=images-reason]').textContent.includes('more elongated than 1:6')")
+        "document.querySelector('[data-clora=images-reason]')?.textContent.includes('more elongated than 1:6')")
     assert page.is_disabled("[data-clora=start]")
 
 
@@ -597,7 +599,7 @@ def test_cancel_from_the_tab(env: Env, page: Any) -> None:
     assert page.is_disabled("[data-clora=start]")
     assert "Preview every N epochs must be from 0 (off)" in page.inner_text("[data-clora=start-reason]")
     page.fill("#clora-p-sample_every_n_epochs", "5")
-    page.wait_for_function("!document.querySelector('[data-clora=start]').disabled")
+    page.wait_for_function("document.querySelector('[data-clora=start]')?.disabled === false")
     page.click("[data-clora=start]")
     wait_state(page, "Training", timeout=60000)
     # none yet (epoch 5 is far off): a muted line says when they come
@@ -1007,7 +1009,7 @@ def test_speed_tile_shows_previews_and_the_layout_fits_ed(env: Env, page: Any) -
                        ("sample_every_n_epochs", "1")):
         page.fill(f"#clora-p-{key}", value)
     drop_images(page, image_payload(8))
-    page.wait_for_function("!document.querySelector('[data-clora=start]').disabled", timeout=30000)
+    page.wait_for_function("document.querySelector('[data-clora=start]')?.disabled === false", timeout=30000)
     page.click("[data-clora=start]")
     # while kohya draws the previews the Speed tile says so, instead of a rate that seems stuck
     page.wait_for_selector("[data-clora=stat-rate][data-phase=preview]", timeout=60000)
@@ -1158,7 +1160,7 @@ def test_sdxl_trains_from_the_tab_to_eds_lora_list_with_its_memory_tier(env: Env
     for key, value in (("epochs", "1"), ("repeats", "1"), ("resolution", "256"), ("sample_every_n_epochs", "0")):
         page.fill(f"#clora-p-{key}", value)
     drop_images(page, image_payload(8, start=60))
-    page.wait_for_function("!document.querySelector('[data-clora=start]').disabled", timeout=30000)
+    page.wait_for_function("document.querySelector('[data-clora=start]')?.disabled === false", timeout=30000)
     # a GPU tier left chosen (e.g. from a daemon on another machine): the daemon's refusal blocks Start
     with pytest.raises(urllib.error.HTTPError) as refused:
         fit_json(env, base_model="tiny-sdxl", preset="balanced", memory_tier="24gb", images=8)
@@ -1175,7 +1177,7 @@ def test_sdxl_trains_from_the_tab_to_eds_lora_list_with_its_memory_tier(env: Env
     assert page.is_disabled("[data-clora=start]") and page.inner_text("[data-clora=start-reason]") == error
     page.select_option("#clora-memory-tier", "cpu")
     wait_fit_line(page, chosen["reason"])
-    page.wait_for_function("!document.querySelector('[data-clora=start]').disabled")
+    page.wait_for_function("document.querySelector('[data-clora=start]')?.disabled === false")
     page.evaluate(RECORD_TRAIN_PARAMS)
     page.click("[data-clora=start]")
     page.wait_for_function("window.__trainParams.length === 1")
@@ -1301,7 +1303,7 @@ def test_a_gpu_daemon_picks_the_tier_by_memory_and_advanced_overrides_it(gpu_env
     shown_lr = float(page.input_value("#clora-p-unet_lr"))
     assert q["unet_lr"] < shown_lr < p["unet_lr"]
     drop_images(page, image_payload(8, start=80))
-    page.wait_for_function("!document.querySelector('[data-clora=start]').disabled", timeout=30000)
+    page.wait_for_function("document.querySelector('[data-clora=start]')?.disabled === false", timeout=30000)
     estimate = int(re.search(r"≈ (\d+) steps", page.inner_text("[data-clora=preset-help]")).group(1))  # type: ignore[union-attr]
     page.evaluate(RECORD_TRAIN_PARAMS)
     page.click("[data-clora=start]")
@@ -1380,7 +1382,7 @@ def test_recovery_views_from_the_job_json_and_notice_frames(env: Env, page: Any)
     assert 400 <= refused.value.code < 500
     sentence = json.loads(refused.value.read())["error"]
     page.click("[data-clora=resume]")
-    page.wait_for_function("document.querySelector('[data-clora=resume-error]').textContent !== ''")
+    page.wait_for_function("(document.querySelector('[data-clora=resume-error]')?.textContent || '') !== ''")
     assert page.inner_text("[data-clora=resume-error]").startswith("Could not resume: " + sentence)
     assert page.is_enabled("[data-clora=resume]") and page.inner_text("[data-clora=resume]").strip() == "Resume"
 
@@ -1481,7 +1483,7 @@ def start_short_job(page: Any, name: str, trigger: str, params: dict[str, str], 
     for key, value in params.items():
         page.fill(f"#clora-p-{key}", value)
     drop_images(page, image_payload(8, start=start))
-    page.wait_for_function("!document.querySelector('[data-clora=start]').disabled", timeout=30000)
+    page.wait_for_function("document.querySelector('[data-clora=start]')?.disabled === false", timeout=30000)
     page.click("[data-clora=start]")
 
 
@@ -1577,7 +1579,7 @@ def test_an_out_of_memory_retry_is_shown_while_it_runs_then_done(page: Any, tmp_
             assert page.inner_text("[data-clora=job-state]") == "Training"
             # the retried run's params (fetched after the notice), not the ones /train stored first
             page.wait_for_function(
-                "document.querySelector('[data-clora=job-settings]').textContent"
+                "document.querySelector('[data-clora=job-settings]')?.textContent"
                 ".startsWith('SD 1.x · 256 px · memory tier 16 GB · batch 4')", timeout=15000)
             page.screenshot(path=str(artifacts_dir() / "oom-retry-running.png"), full_page=True)
 

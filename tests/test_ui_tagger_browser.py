@@ -78,10 +78,11 @@ def taggers_running(root: Path) -> list[int]:
 def test_automatic_tags_from_the_tab(tag_env: Env, page: Any) -> None:
     open_tab(page, tag_env.ed_url)
     start = page.locator("[data-clora=tagger-start]")
-    page.wait_for_function("document.querySelector('[data-clora=tagger-reason]').textContent === 'Add pictures first.'")
+    page.wait_for_function(
+        "document.querySelector('[data-clora=tagger-reason]')?.textContent === 'Add pictures first.'")
     assert start.is_disabled()
     drop_images(page, coloured([RED, DARK_RED, PINK, BLUE]))
-    page.wait_for_function("!document.querySelector('[data-clora=tagger-start]').disabled")
+    page.wait_for_function("document.querySelector('[data-clora=tagger-start]')?.disabled === false")
     # the model is not cached yet: the tab says the first use downloads it
     assert "downloads the tagger model" in page.inner_text("[data-clora=tagger-note]")
 
@@ -89,7 +90,7 @@ def test_automatic_tags_from_the_tab(tag_env: Env, page: Any) -> None:
     page.wait_for_selector("[data-clora=tagger-progress][data-phase=tagging]", timeout=30000)
     page.wait_for_function(
         "/^Tagging: [1-3] \\/ 4 pictures$/"
-        ".test(document.querySelector('[data-clora=tagger-progress] span').textContent)", timeout=30000)
+        ".test(document.querySelector('[data-clora=tagger-progress] span')?.textContent)", timeout=30000)
     page.screenshot(path=str(artifacts_dir() / "tagger-progress.png"))
 
     page.wait_for_selector("[data-clora=tagger-picker]:not([hidden])", timeout=30000)
@@ -128,14 +129,14 @@ def test_automatic_tags_from_the_tab(tag_env: Env, page: Any) -> None:
                          "1girl, simple background, smile", "1girl, blue hair, simple background"])
 
     # the model is cached now: no download note any more; the run was read and freed on the daemon
-    page.wait_for_function("document.querySelector('[data-clora=tagger-note]').textContent === ''")
+    page.wait_for_function("document.querySelector('[data-clora=tagger-note]')?.textContent === ''")
     assert daemon_json(tag_env, "GET", "/tagger")["model_cached"] is True
 
 
 def test_cancel_tagging_from_the_tab(tag_env: Env, page: Any) -> None:
     open_tab(page, tag_env.ed_url)
     drop_images(page, coloured([RED] * 12, prefix="many"))
-    page.wait_for_function("!document.querySelector('[data-clora=tagger-start]').disabled")
+    page.wait_for_function("document.querySelector('[data-clora=tagger-start]')?.disabled === false")
     page.locator("[data-clora=tagger-start]").click()
     page.wait_for_selector("[data-clora=tagger-progress][data-phase=tagging]", timeout=30000)
     assert taggers_running(tag_env.daemon_config.parent.parent)
@@ -148,7 +149,7 @@ def test_cancel_tagging_from_the_tab(tag_env: Env, page: Any) -> None:
     while taggers_running(tag_env.daemon_config.parent.parent):
         assert time.monotonic() < end, "the tagger still runs after the cancel"
         time.sleep(0.1)
-    page.wait_for_function("!document.querySelector('[data-clora=tagger-start]').disabled")
+    page.wait_for_function("document.querySelector('[data-clora=tagger-start]')?.disabled === false")
 
 
 def test_the_button_says_why_the_tagger_cannot_run(env: Env, page: Any) -> None:
@@ -156,7 +157,7 @@ def test_the_button_says_why_the_tagger_cannot_run(env: Env, page: Any) -> None:
     open_tab(page, env.ed_url)
     drop_images(page, coloured([RED, BLUE]))
     page.wait_for_function(
-        "document.querySelector('[data-clora=tagger-reason]').textContent.startsWith('Tagger script missing: ')")
+        "document.querySelector('[data-clora=tagger-reason]')?.textContent.startsWith('Tagger script missing: ')")
     reason = page.inner_text("[data-clora=tagger-reason]")
     assert "tag_images_by_wd14_tagger.py does not exist" in reason and "kohya.workspace" in reason
     assert page.locator("[data-clora=tagger-start]").is_disabled()
