@@ -4,6 +4,7 @@ using it. Set-up and helpers: tests/test_ui_plugin_browser.py."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -61,9 +62,24 @@ def test_loss_chart_and_publishing_an_epoch(env: Env, page: Any) -> None:
     # epoch 2's file is listed (with its preview and loss) and can be published while the job still runs
     card = page.locator("[data-clora=epoch-card][data-epoch='2']")
     card.wait_for(timeout=60000)
+    # ED's model list is slow to refresh this time: the card must not say "published" (nor offer "Use it") before
+    # ED lists the LoRA and has its trigger word
+    page.evaluate("""() => {
+        const edGetModels = window.getModels
+        window.__modelsGate = new Promise((open) => { window.__openModels = open })
+        window.getModels = async (...args) => { await window.__modelsGate; return edGetModels(...args) }
+    }""")
     card.locator("[data-clora=epoch-publish]").click()
-    card.locator("[data-clora=epoch-published]").wait_for(timeout=30000)
     lora_id = "Quality_Loop-e02"
+    deadline = time.monotonic() + 30
+    while not (env.lora_dir / f"{lora_id}.safetensors").is_file() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert (env.lora_dir / f"{lora_id}.safetensors").is_file()
+    time.sleep(0.5)  # frames and renders that follow the daemon's answer
+    assert card.locator("[data-clora=epoch-published]").count() == 0
+    assert card.locator("[data-clora=epoch-publish]").inner_text().strip() == "Publishing…"
+    page.evaluate("window.__openModels()")
+    card.locator("[data-clora=epoch-published]").wait_for(timeout=30000)
     assert lora_id in card.inner_text()
     assert (env.lora_dir / f"{lora_id}.safetensors").is_file()
     # ED's list was refreshed and has it; the trigger word went into ED's Bucket for it

@@ -137,11 +137,14 @@ export async function publishEpoch(job, epoch) {
     scheduleRender()
     try {
         const body = await client.request("POST", "/jobs/" + encodeURIComponent(job.id) + "/checkpoints/" + epoch + "/publish", null, { timeoutMs: 120000 })
-        const entry = savedOf(job.id)
-        for (const row of entry.rows) if (row.epoch === epoch) row.published = { lora_id: body.lora_id, artifact: body.artifact }
-        publishing.delete(key)
-        await refreshEdModels()
-        await storeKeywords(epochJob(job, body))
+        try {
+            await refreshEdModels()
+            await storeKeywords(epochJob(job, body))
+        } finally {
+            // the card says "published" (and offers "Use it") only once ED lists the LoRA and has its trigger word
+            for (const row of savedOf(job.id).rows) if (row.epoch === epoch) row.published = { lora_id: body.lora_id, artifact: body.artifact }
+            publishing.delete(key)
+        }
         if (edKnowsLora(body.lora_id) === false) {
             toast("Epoch " + epoch + " is published as " + body.lora_id + ", but Easy Diffusion does not list it yet. Check that the daemon's LoRA folder is Easy Diffusion's models/lora.", true)
         } else {

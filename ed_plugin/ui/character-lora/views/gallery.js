@@ -208,7 +208,8 @@ function epochCard(job, p, row, samples, busy, points, keep) {
         return node.btn
     })
     const loss = typeof row.loss === "number" ? row.loss : epochMean(points, row.epoch)
-    const published = row.published
+    // a list fetched while this tab's publish still refreshes ED's models must not offer "Use it" early
+    const published = busy === true ? null : row.published
     const ownFinal = row.final && job.state === "done" && published && published.lora_id === job.lora_id
     const actions = []
     if (published) {
