@@ -117,7 +117,8 @@ async def read_train_form(request: web.Request, *, tmp_root: Path, limits: Uploa
 
 
 def check_body_headers(request: web.Request) -> None:
-    """A multipart body sent as is; routes call it before they take an upload slot, read_train_form again."""
+    """A multipart body sent as is. read_train_form checks it; /pictures/check and /tagger/runs also check before
+    they take an upload slot, so a wrong body is refused as such even while every slot is busy."""
     if not request.content_type.startswith("multipart/form-data"):
         raise BadInput(f"{request.method} {request.path} expects multipart/form-data, the pictures as `images` parts.")
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
